@@ -1,0 +1,150 @@
+// The only translation unit that sees at::Tensor: argument checks, output allocation, stream
+// selection, then a call into the torch-free launchers of the kernel files.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#ifdef LIGHTLLM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "blockwise.h"
+
+namespace {
+
+using lightllm::FloatType;
+
+FloatType float_type_of(at::ScalarType t, const char* op, const char* what) {
+  switch (t) {
+    case at::kFloat: return FloatType::kFloat32;
+    case at::kHalf: return FloatType::kFloat16;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", what, " must be float32, float16 or bfloat16, got ", t);
+  }
+}
+
+void check_blocksize(const char* op, int64_t blocksize) {
+  TORCH_CHECK(blocksize >= 64 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, op,
+              ": blocksize must be a power of two from 64 to 4096, got ", blocksize);
+}
+
+void check_map(const char* op, const at::Tensor& map, const at::Tensor& like) {
+  TORCH_CHECK(map.scalar_type() == at::kFloat && map.dim() == 1 && map.numel() == 256, op,
+              ": code must be a 1-D float32 tensor of 256 values, got ", map.scalar_type(), " of shape ",
+              map.sizes());
+  TORCH_CHECK(map.device() == like.device(), op, ": code is on ", map.device(), " but the data is on ",
+              like.device());
+}
+
+// Blocks per task for torch's CPU thread pool: about 64K values each.
+int64_t cpu_grain(int64_t blocksize) { return std::max<int64_t>(1, 65536 / blocksize); }
+
+#ifdef LIGHTLLM_WITH_CUDA
+void check_launch(const char* op, int error) {
+  TORCH_CHECK(error == 0, op, ": CUDA launch failed: ", lightllm::cuda_error_string(error));
+}
+#endif
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map,
+                                                      int64_t blocksize) {
+  constexpr const char* op = "quantize_blockwise";
+  const FloatType x_type = float_type_of(x.scalar_type(), op, "x");
+  check_blocksize(op, blocksize);
+  check_map(op, map, x);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor mapc = map.contiguous();
+  const int64_t n = xc.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, x.options().dtype(at::kFloat));
+  if (n == 0) return {codes, absmax};
+
+  if (xc.is_cuda()) {
+#ifdef LIGHTLLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(xc.device());
+    check_launch(op, lightllm::launch_quantize_blockwise(
+                         xc.data_ptr(), x_type, mapc.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+                         absmax.data_ptr<float>(), n, blocksize, c10::cuda::getCurrentCUDAStream().stream()));
+#else
+    TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
+#endif
+  } else {
+    TORCH_CHECK(xc.is_cpu(), op, ": unsupported device ", xc.device());
+    const void* xp = xc.data_ptr();
+    const float* mp = mapc.data_ptr<float>();
+    uint8_t* cp = codes.data_ptr<uint8_t>();
+    float* ap = absmax.data_ptr<float>();
+    at::parallel_for(0, nblocks, cpu_grain(blocksize), [&](int64_t begin, int64_t end) {
+      lightllm::quantize_blockwise_cpu(xp, x_type, mp, cp, ap, n, blocksize, begin, end);
+    });
+  }
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& map,
+                                int64_t blocksize, at::ScalarType dtype) {
+  constexpr const char* op = "dequantize_blockwise";
+  const FloatType out_type = float_type_of(dtype, op, "dtype");
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ", absmax.scalar_type());
+  check_blocksize(op, blocksize);
+  check_map(op, map, codes);
+  TORCH_CHECK(absmax.device() == codes.device(), op, ": absmax is on ", absmax.device(), " but codes are on ",
+              codes.device());
+  const int64_t n = codes.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == nblocks, op, ": absmax must hold ceil(", n, " / ", blocksize, ") = ", nblocks,
+              " values, got ", absmax.numel());
+  const at::Tensor cc = codes.contiguous();
+  const at::Tensor ac = absmax.contiguous();
+  const at::Tensor mapc = map.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  if (n == 0) return out;
+
+  if (cc.is_cuda()) {
+#ifdef LIGHTLLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(cc.device());
+    check_launch(op, lightllm::launch_dequantize_blockwise(
+                         cc.data_ptr<uint8_t>(), ac.data_ptr<float>(), mapc.data_ptr<float>(), out.data_ptr(),
+                         out_type, n, blocksize, c10::cuda::getCurrentCUDAStream().stream()));
+#else
+    TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
+#endif
+  } else {
+    TORCH_CHECK(cc.is_cpu(), op, ": unsupported device ", cc.device());
+    const uint8_t* cp = cc.data_ptr<uint8_t>();
+    const float* ap = ac.data_ptr<float>();
+    const float* mp = mapc.data_ptr<float>();
+    void* op_out = out.data_ptr();
+    at::parallel_for(0, nblocks, cpu_grain(blocksize), [&](int64_t begin, int64_t end) {
+      lightllm::dequantize_blockwise_cpu(cp, ap, mp, op_out, out_type, n, blocksize, begin, end);
+    });
+  }
+  return out;
+}
+
+bool built_with_cuda() {
+#ifdef LIGHTLLM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lightllm native kernels (C++ CPU and CUDA)";
+  m.def("quantize_blockwise", &quantize_blockwise, "block-wise 8-bit quantization (CPU or CUDA tensor)",
+        py::arg("x"), py::arg("code"), py::arg("blocksize"));
+  m.def("dequantize_blockwise", &dequantize_blockwise, "block-wise 8-bit dequantization (CPU or CUDA tensor)",
+        py::arg("codes"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("dtype"));
+  m.def("built_with_cuda", &built_with_cuda);
+  m.attr("torch_version") = LIGHTLLM_TORCH_VERSION;
+#ifdef LIGHTLLM_WITH_CUDA
+  m.attr("cuda_gencode") = LIGHTLLM_CUDA_GENCODE;
+#else
+  m.attr("cuda_gencode") = "";
+#endif
+}

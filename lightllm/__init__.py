@@ -1,0 +1,31 @@
+"""lightllm: quantized matmul, 8-bit optimizers and parameter-efficient tuning for LLMs.
+
+Layers: kernels (``csrc/`` as lightllm._C, ``kernels/`` as lightllm.kernels) -> ops
+(``torch.ops.lightllm.*``, lightllm.ops) -> functional API (lightllm.functional) -> modules.
+"""
+
+import logging
+
+from . import ops  # noqa: F401  (registers the custom ops)
+from . import functional
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+logging.getLogger("lightllm").addHandler(logging.NullHandler())
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "functional",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "__version__",
+]

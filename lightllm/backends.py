@@ -1,0 +1,212 @@
+"""Backend selection for lightllm's ops.
+
+Every op has a pure-PyTorch reference ("torch") and device kernels: "triton" (CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1), "cuda" (the extension's CUDA kernels) and "cpp" (the
+extension's C++ CPU kernels). The backend that runs is, in order of precedence:
+
+1. the innermost ``with lightllm.use_backend(name):``
+2. ``lightllm.set_backend(name)``
+3. the environment variable ``LIGHTLLM_BACKEND``
+4. the automatic default for the op and the tensor's device (``"auto"``).
+
+A backend chosen by name must be able to run the op on the tensor's device; otherwise the call
+raises :class:`BackendUnavailableError` saying why, rather than quietly running something else.
+
+The automatic default on a GPU is a kernel only if it appears in :data:`GPU_VERIFIED`, i.e. it
+passed the GPU tests on a real card (the card and commit are recorded there and in
+benchmarks/RESULTS.md). Otherwise the reference runs. On the CPU it is the fastest CPU path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from . import _native
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+_CHOICES = BACKENDS + ("auto",)
+
+# (op, backend) -> record of the GPU run that verified it. Only these may be a GPU default.
+# Nothing has run on a real card yet: every GPU default is the reference until this is filled in
+# from a device_check.sh run (see benchmarks/RESULTS.md).
+GPU_VERIFIED: dict[tuple[str, str], dict[str, str]] = {}
+
+# Preferred order among verified GPU kernels, fastest first.
+_GPU_PREFERENCE = ("cuda", "triton")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run here (not built, no device, or no implementation)."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    fn: Callable
+    devices: tuple[str, ...]  # device types the implementation accepts
+
+
+# op name -> backend -> implementation
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+_global_choice: str | None = None
+_scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightllm_backend", default=None)
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in _CHOICES:
+        raise ValueError(f"unknown lightllm backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    return name.lower()
+
+
+def register(op: str, backend: str, devices: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op`` for ``devices``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, devices)
+        return fn
+
+    return deco
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the backend for all ops in this process ("cuda", "triton", "cpp", "torch", or "auto")."""
+    global _global_choice
+    if name is None:
+        _global_choice = None
+        return
+    choice = _validate(name)
+    if choice != "auto" and choice not in available_backends():
+        raise BackendUnavailableError(f"backend {choice!r} is not available here: {why_unavailable(choice)}")
+    _global_choice = None if choice == "auto" else choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run ops inside the block with ``name`` ("auto" restores the defaults)."""
+    choice = _validate(name)
+    if choice != "auto" and choice not in available_backends():
+        raise BackendUnavailableError(f"backend {choice!r} is not available here: {why_unavailable(choice)}")
+    token = _scoped_choice.set(choice)
+    try:
+        yield
+    finally:
+        _scoped_choice.reset(token)
+
+
+def get_backend() -> str:
+    """The backend chosen by name ("auto" when the per-op defaults apply)."""
+    scoped = _scoped_choice.get()
+    if scoped is not None:
+        return scoped
+    if _global_choice is not None:
+        return _global_choice
+    env = os.environ.get("LIGHTLLM_BACKEND", "").strip()
+    if env:
+        try:
+            return _validate(env)
+        except ValueError as exc:
+            raise ValueError(f"LIGHTLLM_BACKEND: {exc}") from None
+    return "auto"
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def why_unavailable(backend: str) -> str | None:
+    """None if ``backend`` can run in this process, else the reason."""
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        return None if _native.has_cpp() else f"lightllm._C is not loaded ({_native.load_error})"
+    if backend == "cuda":
+        if not _native.has_cpp():
+            return f"lightllm._C is not loaded ({_native.load_error})"
+        if not _native.has_cuda_kernels():
+            return "lightllm._C was built without CUDA kernels (no CUDA toolkit at build time, or LIGHTLLM_SKIP_CUDA_BUILD=1)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return "no CUDA device is visible (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def available_backends() -> list[str]:
+    """Backends that can run in this process, fastest first."""
+    return [b for b in BACKENDS if why_unavailable(b) is None]
+
+
+def _runs_on(backend: str, impl: Implementation, device_type: str) -> bool:
+    if device_type not in impl.devices:
+        return False
+    if backend == "triton" and device_type == "cpu":
+        return triton_interpreted()
+    return True
+
+
+def default_backend(op: str, device_type: str) -> str:
+    """The automatic choice for ``op`` on ``device_type`` (see the module docstring)."""
+    impls = _REGISTRY.get(op, {})
+    if device_type == "cuda":
+        for backend in _GPU_PREFERENCE:
+            if (op, backend) in GPU_VERIFIED and backend in impls and why_unavailable(backend) is None:
+                return backend
+        return "torch"
+    if device_type == "cpu" and "cpp" in impls and why_unavailable("cpp") is None:
+        return "cpp"
+    return "torch"
+
+
+def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
+    """The backend name and implementation that will run ``op`` for tensors on ``device``."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementations registered for op {op!r}")
+    choice = get_backend()
+    backend = default_backend(op, device.type) if choice == "auto" else choice
+    reason = why_unavailable(backend)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
+    impl = impls.get(backend)
+    if impl is None:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} has no implementation of this op")
+    if not _runs_on(backend, impl, device.type):
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r} cannot run on {device.type} tensors"
+            + (" (Triton runs on the CPU only with TRITON_INTERPRET=1)" if backend == "triton" else "")
+        )
+    return backend, impl.fn
+
+
+def op_table() -> list[dict]:
+    """Per op: implemented backends, the defaults for CPU and CUDA, and GPU verification records."""
+    rows = []
+    for op, impls in sorted(_REGISTRY.items()):
+        rows.append(
+            {
+                "op": op,
+                "implemented": [b for b in BACKENDS if b in impls],
+                "default_cpu": default_backend(op, "cpu"),
+                "default_cuda": default_backend(op, "cuda"),
+                "gpu_verified": {b: GPU_VERIFIED[(op, b)] for b in BACKENDS if (op, b) in GPU_VERIFIED},
+            }
+        )
+    return rows

@@ -1,0 +1,155 @@
+"""What users call directly: argument checks, then the ``lightllm::`` ops.
+
+Block-wise quantization follows bitsandbytes (``bitsandbytes.functional``): the same dynamic map,
+the same block layout and absmax, so codes and absmax move between the two libraries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.lightllm.*)
+from .ops.blockwise import _PerMapCache
+
+__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The dynamic ("dynamic tree") quantization map: 256 sorted float32 values in [-1, 1].
+
+    For each exponent ``i`` the values are the midpoints of an even split of [0.1, 1] scaled by
+    ``10 ** (i - (max_exponent_bits - 1))``: ``2**(i + total_bits - 1 - max_exponent_bits)`` of them
+    per decade, mirrored when ``signed``; an unsigned map spends the sign bit on one more fraction
+    bit. 0 and 1 are added; maps of fewer than 8 bits are padded to 256 entries with zeros. The
+    values equal bitsandbytes' ``create_dynamic_map`` exactly.
+    """
+    non_sign_bits = total_bits - 1
+    if not 1 <= total_bits <= 8:
+        raise ValueError(f"create_dynamic_map: total_bits must be 1..8, got {total_bits}")
+    if not 1 <= max_exponent_bits <= non_sign_bits:
+        raise ValueError(
+            f"create_dynamic_map: max_exponent_bits must be 1..{non_sign_bits} for total_bits={total_bits}, "
+            f"got {max_exponent_bits}"
+        )
+    values: list[float] = []
+
+    def add_decade(exponent: int, count: int) -> None:
+        edges = torch.linspace(0.1, 1, count + 1, dtype=torch.float32)
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (exponent - (max_exponent_bits - 1))
+        values.extend((scale * centres).tolist())
+        if signed:
+            values.extend((-scale * centres).tolist())
+
+    fraction_shift = 0 if signed else 1
+    for exponent in range(max_exponent_bits):
+        add_decade(exponent, 2 ** (exponent + non_sign_bits - max_exponent_bits + fraction_shift))
+    # Values whose exponent bits are all zero and that have no indicator bit.
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    if extra > 0:
+        add_decade(max_exponent_bits - 1, extra)
+    values += [0.0, 1.0]
+    if len(values) != 2**total_bits:
+        raise ValueError(
+            f"create_dynamic_map: signed={signed}, max_exponent_bits={max_exponent_bits}, total_bits={total_bits} "
+            f"gives {len(values)} values, not {2**total_bits}"
+        )
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+def _check_blocksize(op: str, blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{op}: blocksize must be an int, got {type(blocksize).__name__}")
+    if not (64 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"{op}: blocksize must be a power of two from 64 to 4096, got {blocksize}")
+    return blocksize
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _map_is_sorted(code: torch.Tensor) -> torch.Tensor:
+    # Cached per map object and version: on a GPU this check costs one host synchronization per map.
+    return torch.tensor(bool((code[1:] >= code[:-1]).all()))
+
+
+_sorted_cache = _PerMapCache(_map_is_sorted)
+_default_maps: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def _default_map(signed: bool, device: torch.device) -> torch.Tensor:
+    key = (signed, device)
+    if key not in _default_maps:
+        _default_maps[key] = create_dynamic_map(signed).to(device)
+    return _default_maps[key]
+
+
+def _resolve_map(op: str, code, device: torch.device) -> torch.Tensor:
+    if code is None:
+        return _default_map(True, device)
+    _check_tensor(op, "code", code)
+    if code.dtype != torch.float32 or code.dim() != 1 or code.numel() != 256:
+        raise ValueError(
+            f"{op}: code must be a 1-D float32 tensor of 256 values, got {code.dtype} of shape {tuple(code.shape)}"
+        )
+    if code.device != device:
+        raise ValueError(f"{op}: code is on {code.device} but the data is on {device}")
+    if not bool(_sorted_cache(code)):
+        raise ValueError(f"{op}: code must be sorted in ascending order and free of NaN (as create_dynamic_map returns)")
+    return code.contiguous()
+
+
+# ---- block-wise quantization ----------------------------------------------------------------
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096):
+    """Quantize ``x`` to 8-bit codes, one float32 absmax per ``blocksize`` values.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape (non-contiguous is fine).
+        code: the 256-value sorted map (default: ``create_dynamic_map(signed=True)``), on x's device.
+        blocksize: a power of two from 64 to 4096 (the 8-bit optimizers use 256).
+
+    Returns:
+        ``(codes, absmax)``: uint8 codes with x's shape and float32 absmax of
+        ``ceil(x.numel() / blocksize)`` values. NaN or inf in a block makes that whole block
+        dequantize to non-finite values; other blocks are unaffected.
+    """
+    op = "quantize_blockwise"
+    _check_tensor(op, "x", x)
+    if x.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    blocksize = _check_blocksize(op, blocksize)
+    code = _resolve_map(op, code, x.device)
+    return torch.ops.lightllm.quantize_blockwise(x, code, blocksize)
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
+                         blocksize: int = 4096, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax`` per block, as ``dtype``."""
+    op = "dequantize_blockwise"
+    _check_tensor(op, "codes", codes)
+    _check_tensor(op, "absmax", absmax)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"{op}: codes must be uint8, got {codes.dtype}")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"{op}: absmax must be float32, got {absmax.dtype}")
+    if dtype not in _FLOAT_TYPES:
+        raise TypeError(f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    blocksize = _check_blocksize(op, blocksize)
+    if absmax.device != codes.device:
+        raise ValueError(f"{op}: absmax is on {absmax.device} but codes are on {codes.device}")
+    n_blocks = -(-codes.numel() // blocksize)
+    if absmax.numel() != n_blocks:
+        raise ValueError(
+            f"{op}: absmax must hold ceil({codes.numel()} / {blocksize}) = {n_blocks} values for codes of shape "
+            f"{tuple(codes.shape)}, got {absmax.numel()}"
+        )
+    code = _resolve_map(op, code, codes.device)
+    return torch.ops.lightllm.dequantize_blockwise(codes, absmax.reshape(-1), code, blocksize, dtype)

@@ -1,0 +1,157 @@
+"""Build script: setuptools drives CMake, which is the one build definition of lightllm._C.
+
+Environment switches (read at build time):
+  LIGHTLLM_SKIP_NATIVE_BUILD=1  pure-Python install (reference and Triton backends only)
+  LIGHTLLM_SKIP_CUDA_BUILD=1    build the C++ CPU kernels only
+  CUDA_HOME                     CUDA toolkit root (default: the toolkit of `nvcc` on PATH, then
+                                /usr/local/cuda); torch's own guess can name the wrong root
+  TORCH_CUDA_ARCH_LIST          e.g. "8.0;9.0a" or "9.0a+PTX" (default: 8.0, 9.0a, PTX of 9.0)
+  MAX_JOBS                      parallel compile jobs (default: number of CPUs)
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# pip runs setup.py once for metadata and once more to build: speak only in the building run.
+_BUILDING = any(cmd in sys.argv for cmd in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"))
+
+
+def _say(message: str) -> None:
+    # pip shows a build's output with -v or on failure; `python -m lightllm info` tells it later too.
+    if _BUILDING:
+        print(f"lightllm setup: {message}", file=sys.stderr, flush=True)
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None. Decided by the toolkit on disk, never by a visible GPU."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for root in candidates:
+        if (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file():
+            return root
+    return None
+
+
+def cuda_gencode_flags(arch_list: str) -> str:
+    """Translate TORCH_CUDA_ARCH_LIST ("8.0;9.0a+PTX", spaces or semicolons) to nvcc -gencode flags."""
+    flags = []
+    for item in arch_list.replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        arch = item[: -len("+PTX")] if ptx else item
+        suffix = "a" if arch.endswith("a") else ""
+        digits = arch.rstrip("a").replace(".", "")
+        if not digits.isdigit():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not like '8.0', '9.0a' or '9.0+PTX'")
+        flags.append(f"-gencode=arch=compute_{digits}{suffix},code=sm_{digits}{suffix}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{digits}{suffix},code=compute_{digits}{suffix}")
+    return ";".join(flags)
+
+
+# sm_80 code also runs on sm_86/sm_89; sm_90a enables Hopper-only instructions; compute_90 PTX
+# lets newer cards JIT. Every extra architecture multiplies CI's compile time on 2 cores.
+DEFAULT_GENCODE = (
+    "-gencode=arch=compute_80,code=sm_80;"
+    "-gencode=arch=compute_90a,code=sm_90a;"
+    "-gencode=arch=compute_90,code=compute_90"
+)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            import torch  # noqa: F401  (the extension links against this torch)
+        except ImportError:
+            _say(
+                "torch is not importable in the build environment, so the native extension is "
+                "skipped (pure-Python install). Install torch first and build with "
+                "`pip install --no-build-isolation`."
+            )
+            return
+
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("building lightllm._C needs CMake >= 3.22: pip install -r requirements-build.txt")
+
+        out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        # A build folder inside the source tree keeps re-installs incremental.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DLIGHTLLM_OUTPUT_DIR={out_path.parent}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+
+        cuda_home = None if _env_flag("LIGHTLLM_SKIP_CUDA_BUILD") else find_cuda_home()
+        import torch
+
+        if _env_flag("LIGHTLLM_SKIP_CUDA_BUILD"):
+            _say("LIGHTLLM_SKIP_CUDA_BUILD=1: building the C++ CPU kernels only, no CUDA kernels.")
+        elif cuda_home is None:
+            _say("no CUDA toolkit found (set CUDA_HOME): building the C++ CPU kernels only.")
+        elif torch.version.cuda is None:
+            _say(f"torch {torch.__version__} is a CPU-only build: building the C++ CPU kernels only.")
+            cuda_home = None
+        if cuda_home is not None:
+            arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+            gencode = cuda_gencode_flags(arch_list) if arch_list else DEFAULT_GENCODE
+            args += [
+                "-DLIGHTLLM_WITH_CUDA=ON",
+                f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
+                f"-DCUDAToolkit_ROOT={cuda_home}",
+                f"-DLIGHTLLM_CUDA_GENCODE={gencode}",
+            ]
+        else:
+            args.append("-DLIGHTLLM_WITH_CUDA=OFF")
+
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_dir), *args])
+        subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs])
+
+
+def native_extensions():
+    if _env_flag("LIGHTLLM_SKIP_NATIVE_BUILD"):
+        _say("LIGHTLLM_SKIP_NATIVE_BUILD=1: pure-Python install (reference and Triton backends).")
+        return []
+    return [CMakeExtension("lightllm._C")]
+
+
+setup(
+    # Triton kernels live in the top-level folder kernels/ but install as lightllm.kernels:
+    # a top-level `kernels` module would shadow Hugging Face's `kernels` package.
+    packages=["lightllm", "lightllm.ops", "lightllm.kernels"],
+    package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},
+    ext_modules=native_extensions(),
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)

@@ -1,0 +1,37 @@
+import os
+
+# Triton kernels run on the CPU through the interpreter when there is no GPU. This must be set
+# before triton is first imported, so it happens here, before torch or lightllm are imported.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lightllm  # noqa: E402
+from lightllm import backends  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def cpu_backends() -> list[str]:
+    """Backends that this process can run on CPU tensors (triton only under the interpreter)."""
+    return [b for b in lightllm.available_backends() if b != "cuda" and (b != "triton" or backends.triton_interpreted())]
+
+
+def gpu_backends() -> list[str]:
+    return [b for b in ("cuda", "triton", "torch") if backends.why_unavailable(b) is None]
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend_choice():
+    lightllm.set_backend(None)
+    yield
+    lightllm.set_backend(None)

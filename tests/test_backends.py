@@ -1,0 +1,113 @@
+"""Backend selection: names, precedence, availability errors, defaults, and the info command."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lightllm
+from lightllm import backends
+from lightllm import functional as F
+
+
+def test_reference_is_always_available():
+    assert "torch" in lightllm.available_backends()
+    assert backends.why_unavailable("torch") is None
+
+
+def test_cpp_backend_present_when_extension_is_built():
+    assert ("cpp" in lightllm.available_backends()) == (lightllm._native.native_module() is not None)
+
+
+def test_unknown_backend_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown lightllm backend 'cudnn'"):
+        lightllm.set_backend("cudnn")
+    with pytest.raises(ValueError, match="unknown lightllm backend"):
+        with lightllm.use_backend("fast"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_unavailable_backend_says_why():
+    with pytest.raises(lightllm.BackendUnavailableError, match="'cuda' is not available here: .*CUDA"):
+        lightllm.set_backend("cuda")
+
+
+def test_precedence_scoped_over_global_over_environment(monkeypatch):
+    monkeypatch.setenv("LIGHTLLM_BACKEND", "torch")
+    assert lightllm.get_backend() == "torch"
+    lightllm.set_backend("auto")
+    assert lightllm.get_backend() == "torch", "'auto' clears set_backend, the environment still applies"
+    lightllm.set_backend("torch")
+    with lightllm.use_backend("auto"):
+        assert lightllm.get_backend() == "auto"
+        with lightllm.use_backend("torch"):
+            assert lightllm.get_backend() == "torch"
+        assert lightllm.get_backend() == "auto"
+    assert lightllm.get_backend() == "torch"
+    lightllm.set_backend(None)
+    monkeypatch.delenv("LIGHTLLM_BACKEND")
+    assert lightllm.get_backend() == "auto"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with lightllm.use_backend("torch"):
+            raise RuntimeError("boom")
+    assert lightllm.get_backend() == "auto"
+
+
+def test_environment_choice_is_used_by_ops(monkeypatch):
+    monkeypatch.setenv("LIGHTLLM_BACKEND", "torch")
+    assert backends.resolve("quantize_blockwise", torch.device("cpu"))[0] == "torch"
+    monkeypatch.setenv("LIGHTLLM_BACKEND", "turbo")
+    with pytest.raises(ValueError, match="LIGHTLLM_BACKEND: unknown lightllm backend 'turbo'"):
+        F.quantize_blockwise(torch.randn(100), blocksize=64)
+
+
+def test_forced_backend_that_cannot_run_on_the_device_raises(monkeypatch):
+    # Triton runs CPU tensors only under the interpreter; without it, naming triton is an error.
+    if "triton" not in lightllm.available_backends():
+        pytest.skip("triton is not installed")
+    with lightllm.use_backend("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        if torch.cuda.is_available():
+            with pytest.raises(lightllm.BackendUnavailableError, match="cannot run on cpu tensors"):
+                F.quantize_blockwise(torch.randn(100), blocksize=64)
+        else:
+            with pytest.raises(lightllm.BackendUnavailableError, match="triton.*not available"):
+                F.quantize_blockwise(torch.randn(100), blocksize=64)
+
+
+def test_cpu_default_is_the_native_kernel_when_built():
+    expected = "cpp" if "cpp" in lightllm.available_backends() else "torch"
+    assert backends.default_backend("quantize_blockwise", "cpu") == expected
+    assert backends.resolve("dequantize_blockwise", torch.device("cpu"))[0] == expected
+
+
+def test_gpu_default_names_only_verified_kernels(monkeypatch):
+    # Nothing verified: the reference, whatever is built.
+    monkeypatch.setattr(backends, "GPU_VERIFIED", {})
+    assert backends.default_backend("quantize_blockwise", "cuda") == "torch"
+    # A verified kernel becomes the default only where it can run.
+    monkeypatch.setattr(backends, "GPU_VERIFIED", {("quantize_blockwise", "cuda"): {"card": "test", "commit": "x"}})
+    monkeypatch.setattr(backends, "why_unavailable", lambda b: None)
+    assert backends.default_backend("quantize_blockwise", "cuda") == "cuda"
+    assert backends.default_backend("dequantize_blockwise", "cuda") == "torch"
+    monkeypatch.setattr(backends, "why_unavailable", lambda b: "not built" if b == "cuda" else None)
+    assert backends.default_backend("quantize_blockwise", "cuda") == "torch"
+
+
+def test_every_registered_op_has_a_reference():
+    for row in backends.op_table():
+        assert "torch" in row["implemented"], row
+
+
+def test_info_command_reports_backends_and_verification():
+    out = subprocess.run([sys.executable, "-m", "lightllm", "info"], capture_output=True, text=True, check=True).stdout
+    assert f"lightllm {lightllm.__version__}" in out
+    assert "torch (available)" in out
+    assert "quantize_blockwise" in out and "dequantize_blockwise" in out
+    help_text = subprocess.run([sys.executable, "-m", "lightllm", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "info" in help_text

@@ -1,0 +1,116 @@
+"""Installation: kernels/ must import as lightllm.kernels from a wheel and from an editable install,
+and the pure-Python and CPU-only builds must import and say what they skipped.
+
+Builds run on a copy of the source tree, so the checkout under test is never touched, and with
+the native build skipped where the point is packaging (CI compiles the extension once, not again).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import sys
+for i, finder in enumerate(list(sys.meta_path)):
+    # An editable install's finder goes to the end of meta_path; put ours first so an outer
+    # install of lightllm on the inherited path cannot answer instead.
+    if getattr(finder, "__module__", "").startswith("__editable___lightllm"):
+        sys.meta_path.insert(0, sys.meta_path.pop(i))
+import lightllm, lightllm.kernels, lightllm.kernels.blockwise
+print(lightllm.__file__)
+print(lightllm.kernels.__file__)
+print(",".join(lightllm.available_backends()))
+"""
+
+
+def copy_source(dest: Path) -> Path:
+    src = dest / "src"
+    shutil.copytree(
+        ROOT, src,
+        ignore=shutil.ignore_patterns(".git", "build", "dist", "*.so", "__pycache__", "*.egg-info", ".ci-venv", "results"),
+    )
+    return src
+
+
+def build_env(**flags: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTLLM_")}
+    env.update(flags)
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def run(cmd, cwd, env=None, timeout=900):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_wheel_installs_kernels_as_a_subpackage(tmp_path):
+    src = copy_source(tmp_path)
+    out = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path / "wheels"), str(src)],
+              cwd=tmp_path, env=build_env(LIGHTLLM_SKIP_NATIVE_BUILD="1"))
+    assert out.count("LIGHTLLM_SKIP_NATIVE_BUILD=1: pure-Python install") == 1
+    (wheel,) = (tmp_path / "wheels").glob("lightllm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lightllm/kernels/__init__.py" in names and "lightllm/kernels/blockwise.py" in names
+    assert not any(n.startswith("kernels/") for n in names), "no top-level `kernels` package may be installed"
+    assert not any(n.endswith(".so") for n in names)
+    site = tmp_path / "unpacked"
+    zipfile.ZipFile(wheel).extractall(site)
+    # -I: no current directory or user site on the path; the unpacked wheel goes first, and an
+    # editable install of this checkout (a meta-path finder) must not fill in lightllm._C.
+    prelude = (
+        f"import sys; sys.path.insert(0, {str(site)!r})\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable___lightllm')]\n"
+    )
+    lines = run([sys.executable, "-I", "-c", prelude + CHECK],
+                cwd=tmp_path).split("\n")
+    assert lines[0].startswith(str(site / "lightllm")) and lines[1].startswith(str(site / "lightllm" / "kernels"))
+    assert "cpp" not in lines[2].split(",") and "torch" in lines[2].split(",")
+
+
+def _venv_over_this_environment(path: Path) -> Path:
+    """A fresh venv that sees this environment's packages (torch, pip, setuptools, ...) as plain path
+    entries, so this environment's own lightllm install (an editable finder, run from a .pth) stays
+    out, and pip, finding that install outside the venv, leaves it alone."""
+    venv.EnvBuilder(with_pip=False).create(path)
+    python = path / "bin" / "python"
+    target_site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=path).strip()
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(target_site, "outer_environment.pth").write_text("\n".join(sorted(outer)) + "\n")
+    return python
+
+
+def test_editable_install_imports_kernels(tmp_path):
+    src = copy_source(tmp_path)
+    python = _venv_over_this_environment(tmp_path / "venv")
+    out = run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-v", "-e", str(src)],
+              cwd=tmp_path, env=build_env(LIGHTLLM_SKIP_NATIVE_BUILD="1"))
+    assert out.count("LIGHTLLM_SKIP_NATIVE_BUILD=1: pure-Python install") == 1
+    lines = run([str(python), "-c", CHECK], cwd=tmp_path).split("\n")
+    assert lines[0] == str(src / "lightllm" / "__init__.py")
+    assert lines[1] == str(src / "kernels" / "__init__.py")
+
+
+@pytest.mark.slow
+def test_cpu_only_native_build(tmp_path):
+    """LIGHTLLM_SKIP_CUDA_BUILD=1 builds the C++ CPU kernels alone, says so, and they load."""
+    src = copy_source(tmp_path)
+    python = _venv_over_this_environment(tmp_path / "venv")
+    out = run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-v", "-e", str(src)],
+              cwd=tmp_path, env=build_env(LIGHTLLM_SKIP_CUDA_BUILD="1", MAX_JOBS="2"))
+    assert out.count("LIGHTLLM_SKIP_CUDA_BUILD=1: building the C++ CPU kernels only") == 1
+    check = CHECK + "import lightllm._native as n; print(n.has_cpp(), n.has_cuda_kernels())\n"
+    lines = run([str(python), "-c", check], cwd=tmp_path).split("\n")
+    assert lines[0] == str(src / "lightllm" / "__init__.py")
+    assert "cpp" in lines[2].split(",")
+    assert lines[3] == "True False"
