@@ -1,6 +1,7 @@
 // The only translation unit that sees at::Tensor: argument checks, output allocation, stream
 // selection, then a call into the torch-free launchers of the kernel files.
 #include <ATen/Parallel.h>
+#include <memory>
 #include <torch/extension.h>
 
 #ifdef LIGHTLLM_WITH_CUDA
@@ -72,11 +73,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   } else {
     TORCH_CHECK(xc.is_cpu(), op, ": unsupported device ", xc.device());
     const void* xp = xc.data_ptr();
-    const float* mp = mapc.data_ptr<float>();
+    const std::unique_ptr<lightllm::CodeSearch, void (*)(lightllm::CodeSearch*)> search(
+        lightllm::make_code_search(mapc.data_ptr<float>()), lightllm::free_code_search);
     uint8_t* cp = codes.data_ptr<uint8_t>();
     float* ap = absmax.data_ptr<float>();
     at::parallel_for(0, nblocks, cpu_grain(blocksize), [&](int64_t begin, int64_t end) {
-      lightllm::quantize_blockwise_cpu(xp, x_type, mp, cp, ap, n, blocksize, begin, end);
+      lightllm::quantize_blockwise_cpu(xp, x_type, *search, cp, ap, n, blocksize, begin, end);
     });
   }
   return {codes, absmax};

@@ -16,8 +16,12 @@ namespace lightllm {
 
 enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// CPU: quantizes blocks [block_begin, block_end) of the flat input; callers run ranges in parallel.
-void quantize_blockwise_cpu(const void* x, FloatType x_type, const float* map, uint8_t* codes,
+// CPU: the code search for one map is built once per call (make_code_search, ~17 KB), then
+// quantize_blockwise_cpu handles blocks [block_begin, block_end); callers run ranges in parallel.
+class CodeSearch;
+CodeSearch* make_code_search(const float* map);
+void free_code_search(CodeSearch* search);
+void quantize_blockwise_cpu(const void* x, FloatType x_type, const CodeSearch& search, uint8_t* codes,
                             float* absmax, int64_t n, int64_t blocksize, int64_t block_begin,
                             int64_t block_end);
 void dequantize_blockwise_cpu(const uint8_t* codes, const float* absmax, const float* map, void* out,

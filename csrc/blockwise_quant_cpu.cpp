@@ -3,6 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -21,9 +22,8 @@ inline float load_as_float(const void* base, FloatType type, int64_t i) {
 }
 
 template <typename T>
-void quantize_range(const T* x, const MidpointTree& tree, uint8_t* codes, float* absmax, int64_t n,
+void quantize_range(const T* x, const CodeSearch& search, uint8_t* codes, float* absmax, int64_t n,
                     int64_t blocksize, int64_t block_begin, int64_t block_end) {
-  constexpr int kLanes = 16;  // independent searches interleaved to hide load latency
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize;
     const int64_t len = std::min<int64_t>(blocksize, n - start);
@@ -31,15 +31,7 @@ void quantize_range(const T* x, const MidpointTree& tree, uint8_t* codes, float*
     float m = 0.0f;
     for (int64_t i = 0; i < len; ++i) m = nan_propagating_max(m, std::fabs(static_cast<float>(xb[i])));
     absmax[b] = m;
-    const float inv = m == 0.0f ? 0.0f : 1.0f / m;
-    uint8_t* cb = codes + start;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      float v[kLanes];
-      for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(xb[i + l]) * inv;
-      tree.search<kLanes>(v, cb + i);
-    }
-    for (; i < len; ++i) cb[i] = tree.search_one(static_cast<float>(xb[i]) * inv);
+    search.encode(xb, m == 0.0f ? 0.0f : 1.0f / m, codes + start, len);
   }
 }
 
@@ -56,19 +48,21 @@ void dequantize_range(const uint8_t* codes, const float* absmax, const float* ma
 
 }  // namespace
 
-void quantize_blockwise_cpu(const void* x, FloatType x_type, const float* map, uint8_t* codes,
+CodeSearch* make_code_search(const float* map) { return new CodeSearch(map); }
+void free_code_search(CodeSearch* search) { delete search; }
+
+void quantize_blockwise_cpu(const void* x, FloatType x_type, const CodeSearch& search, uint8_t* codes,
                             float* absmax, int64_t n, int64_t blocksize, int64_t block_begin,
                             int64_t block_end) {
-  MidpointTree tree(map);
   switch (x_type) {
     case FloatType::kFloat16:
-      quantize_range(static_cast<const c10::Half*>(x), tree, codes, absmax, n, blocksize, block_begin, block_end);
+      quantize_range(static_cast<const c10::Half*>(x), search, codes, absmax, n, blocksize, block_begin, block_end);
       break;
     case FloatType::kBFloat16:
-      quantize_range(static_cast<const c10::BFloat16*>(x), tree, codes, absmax, n, blocksize, block_begin, block_end);
+      quantize_range(static_cast<const c10::BFloat16*>(x), search, codes, absmax, n, blocksize, block_begin, block_end);
       break;
     default:
-      quantize_range(static_cast<const float*>(x), tree, codes, absmax, n, blocksize, block_begin, block_end);
+      quantize_range(static_cast<const float*>(x), search, codes, absmax, n, blocksize, block_begin, block_end);
   }
 }
 

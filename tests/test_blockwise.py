@@ -173,6 +173,30 @@ def test_unsigned_map_and_all_zero_block(backend):
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
 
 
+def custom_maps():
+    return {
+        "uniform": torch.linspace(-1, 1, 256),
+        # crowded: most midpoints inside a few float buckets (the CPU kernel's tree fallback)
+        "crowded": torch.cat([torch.linspace(-1, 0.3, 16), 0.3 + torch.linspace(1e-4, 0.01, 239), torch.ones(1)]),
+        # repeated values (a 4-bit dynamic map padded to 256 with zeros, as bitsandbytes builds it)
+        "padded_4bit": F.create_dynamic_map(True, 2, 4),
+    }
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", ["uniform", "crowded", "padded_4bit"])
+def test_custom_maps_match_reference(backend, name):
+    code = custom_maps()[name].float().contiguous()
+    x = random_input((3, 1500), torch.float32, seed=29)
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.3])
+    with lightllm.use_backend(backend):
+        codes, absmax = F.quantize_blockwise(x, code, 512)
+        out = F.dequantize_blockwise(codes, absmax, code, 512)
+    ref_codes, ref_absmax = quantize_blockwise_reference(x, code, 512)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+    assert torch.equal(out, dequantize_blockwise_reference(ref_codes, ref_absmax, code, 512, torch.float32))
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_roundtrip_error_is_within_half_a_step(backend):
     x = random_input((4, 999), torch.float32, seed=9)
