@@ -73,8 +73,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   } else {
     TORCH_CHECK(xc.is_cpu(), op, ": unsupported device ", xc.device());
     const void* xp = xc.data_ptr();
-    const std::unique_ptr<lightllm::CodeSearch, void (*)(lightllm::CodeSearch*)> search(
-        lightllm::make_code_search(mapc.data_ptr<float>()), lightllm::free_code_search);
+    const auto search = lightllm::code_search_for(mapc.data_ptr<float>());
     uint8_t* cp = codes.data_ptr<uint8_t>();
     float* ap = absmax.data_ptr<float>();
     at::parallel_for(0, nblocks, cpu_grain(blocksize), [&](int64_t begin, int64_t end) {

@@ -11,16 +11,16 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 namespace lightllm {
 
 enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// CPU: the code search for one map is built once per call (make_code_search, ~17 KB), then
+// CPU: the code search for a map (~17 KB of tables, cached for the last few maps), then
 // quantize_blockwise_cpu handles blocks [block_begin, block_end); callers run ranges in parallel.
 class CodeSearch;
-CodeSearch* make_code_search(const float* map);
-void free_code_search(CodeSearch* search);
+std::shared_ptr<const CodeSearch> code_search_for(const float* map);
 void quantize_blockwise_cpu(const void* x, FloatType x_type, const CodeSearch& search, uint8_t* codes,
                             float* absmax, int64_t n, int64_t blocksize, int64_t block_begin,
                             int64_t block_end);

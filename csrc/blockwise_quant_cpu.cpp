@@ -4,8 +4,16 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "blockwise.h"
 #include "search_tree.h"
@@ -13,23 +21,62 @@
 namespace lightllm {
 namespace {
 
-inline float load_as_float(const void* base, FloatType type, int64_t i) {
-  switch (type) {
-    case FloatType::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
-    case FloatType::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
+// ---- float16 <-> float32 in bulk --------------------------------------------------------------
+// c10::Half converts in software (~20 integer ops a value); F16C does 8 values in one instruction,
+// with the same IEEE round-to-nearest-even. Chosen at run time, so the build needs no -mf16c.
+#if defined(__x86_64__)
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(in[i].x);
+}
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) out[i].x = _cvtss_sh(in[i], _MM_FROUND_TO_NEAREST_INT);
+}
+const bool kHasF16C = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+#else
+constexpr bool kHasF16C = false;
+void half_to_float_f16c(const c10::Half*, float*, int64_t) {}
+void float_to_half_f16c(const float*, c10::Half*, int64_t) {}
+#endif
+
+template <typename T>
+void to_float(const T* in, float* out, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (kHasF16C) return half_to_float_f16c(in, out, n);
   }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
 
 template <typename T>
+void from_float(const float* in, T* out, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (kHasF16C) return float_to_half_f16c(in, out, n);
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
+}
+
+// ---- kernels ------------------------------------------------------------------------------------
+template <typename T>
 void quantize_range(const T* x, const CodeSearch& search, uint8_t* codes, float* absmax, int64_t n,
                     int64_t blocksize, int64_t block_begin, int64_t block_end) {
+  float buffer[4096];  // one block in float32 (blocksize <= 4096); unused for float32 input
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize;
     const int64_t len = std::min<int64_t>(blocksize, n - start);
-    const T* xb = x + start;
+    const float* xb;
+    if constexpr (std::is_same_v<T, float>) {
+      xb = x + start;
+    } else {
+      to_float(x + start, buffer, len);
+      xb = buffer;
+    }
     float m = 0.0f;
-    for (int64_t i = 0; i < len; ++i) m = nan_propagating_max(m, std::fabs(static_cast<float>(xb[i])));
+    for (int64_t i = 0; i < len; ++i) m = nan_propagating_max(m, std::fabs(xb[i]));
     absmax[b] = m;
     search.encode(xb, m == 0.0f ? 0.0f : 1.0f / m, codes + start, len);
   }
@@ -38,18 +85,46 @@ void quantize_range(const T* x, const CodeSearch& search, uint8_t* codes, float*
 template <typename T>
 void dequantize_range(const uint8_t* codes, const float* absmax, const float* map, T* out, int64_t n,
                       int64_t blocksize, int64_t block_begin, int64_t block_end) {
+  constexpr int64_t kChunk = 512;
+  float values[kChunk];
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize;
     const int64_t len = std::min<int64_t>(blocksize, n - start);
     const float a = absmax[b];
-    for (int64_t i = 0; i < len; ++i) out[start + i] = static_cast<T>(map[codes[start + i]] * a);
+    for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+      const int64_t m = std::min(kChunk, len - c0);
+      const uint8_t* cb = codes + start + c0;
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t i = 0; i < m; ++i) out[start + c0 + i] = map[cb[i]] * a;
+      } else {
+        for (int64_t i = 0; i < m; ++i) values[i] = map[cb[i]] * a;
+        from_float(values, out + start + c0, m);
+      }
+    }
   }
 }
 
 }  // namespace
 
-CodeSearch* make_code_search(const float* map) { return new CodeSearch(map); }
-void free_code_search(CodeSearch* search) { delete search; }
+std::shared_ptr<const CodeSearch> code_search_for(const float* map) {
+  // Building the search table costs ~30 us, more than quantizing a small tensor; keep the last few
+  // maps (compared bit for bit, so any change to a map builds a new table).
+  constexpr size_t kKeep = 4;
+  static std::mutex mutex;
+  static std::vector<std::pair<std::array<float, 256>, std::shared_ptr<const CodeSearch>>> recent;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (size_t i = 0; i < recent.size(); ++i) {
+    if (std::memcmp(recent[i].first.data(), map, sizeof(float) * 256) == 0) {
+      if (i != 0) std::swap(recent[i], recent[0]);
+      return recent[0].second;
+    }
+  }
+  std::array<float, 256> key;
+  std::memcpy(key.data(), map, sizeof(float) * 256);
+  recent.insert(recent.begin(), {key, std::make_shared<const CodeSearch>(map)});
+  if (recent.size() > kKeep) recent.pop_back();
+  return recent[0].second;
+}
 
 void quantize_blockwise_cpu(const void* x, FloatType x_type, const CodeSearch& search, uint8_t* codes,
                             float* absmax, int64_t n, int64_t blocksize, int64_t block_begin,

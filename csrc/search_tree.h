@@ -67,15 +67,14 @@ class CodeSearch {
   bool use_table() const { return steps_ <= kMaxSteps; }
 
   // Codes for n values v[i] = x[i] * inv.
-  template <typename T>
-  void encode(const T* x, float inv, uint8_t* out, int64_t n) const {
+  void encode(const float* x, float inv, uint8_t* out, int64_t n) const {
     if (use_table()) {
       switch (steps_) {
-        case 0: encode_table<T, 0>(x, inv, out, n); break;
-        case 1: encode_table<T, 1>(x, inv, out, n); break;
-        case 2: encode_table<T, 2>(x, inv, out, n); break;
-        case 3: encode_table<T, 3>(x, inv, out, n); break;
-        default: encode_table<T, 4>(x, inv, out, n); break;
+        case 0: encode_table<0>(x, inv, out, n); break;
+        case 1: encode_table<1>(x, inv, out, n); break;
+        case 2: encode_table<2>(x, inv, out, n); break;
+        case 3: encode_table<3>(x, inv, out, n); break;
+        default: encode_table<4>(x, inv, out, n); break;
       }
     } else {
       encode_tree(x, inv, out, n);
@@ -93,30 +92,29 @@ class CodeSearch {
   }
   static uint32_t bucket_of(float v) { return key_of(v) >> (32 - kBucketBits); }
 
-  template <typename T, int STEPS>
-  void encode_table(const T* x, float inv, uint8_t* out, int64_t n) const {
+  template <int STEPS>
+  void encode_table(const float* x, float inv, uint8_t* out, int64_t n) const {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = static_cast<float>(x[i]) * inv;
+      const float v = x[i] * inv;
       unsigned c = start_[bucket_of(v)];
       for (int s = 0; s < STEPS; ++s) c += mid_[c] < v ? 1u : 0u;
       out[i] = v == v ? static_cast<uint8_t>(c) : 0;  // NaN's key is meaningless: code 0
     }
   }
 
-  template <typename T>
-  void encode_tree(const T* x, float inv, uint8_t* out, int64_t n) const {
+  void encode_tree(const float* x, float inv, uint8_t* out, int64_t n) const {
     constexpr int kLanes = 16;  // independent searches interleaved to hide load latency
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
       unsigned t[kLanes];
       float v[kLanes];
-      for (int l = 0; l < kLanes; ++l) { v[l] = static_cast<float>(x[i + l]) * inv; t[l] = 1; }
+      for (int l = 0; l < kLanes; ++l) { v[l] = x[i + l] * inv; t[l] = 1; }
       for (int level = 0; level < 8; ++level)
         for (int l = 0; l < kLanes; ++l) t[l] = 2 * t[l] + (tree_[t[l]] < v[l] ? 1u : 0u);
       for (int l = 0; l < kLanes; ++l) out[i + l] = static_cast<uint8_t>(t[l] - 256);
     }
     for (; i < n; ++i) {
-      const float v = static_cast<float>(x[i]) * inv;
+      const float v = x[i] * inv;
       unsigned t = 1;
       for (int level = 0; level < 8; ++level) t = 2 * t + (tree_[t] < v ? 1u : 0u);
       out[i] = static_cast<uint8_t>(t - 256);

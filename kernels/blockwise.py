@@ -1,9 +1,15 @@
 """Block-wise 8-bit quantization in Triton (semantics in lightllm/ops/blockwise.py).
 
 One program handles a tile of whole quantization blocks laid out as a 2-D [blocks, blocksize]
-array, so the per-block absmax is a row reduction and no block straddles programs. The code is the
-number of map midpoints below the normalized value, found with an 8-step branch-free binary search
-over a 256-entry midpoint table (the 255 midpoints plus +inf), which the GPU serves from L1.
+array, so the per-block absmax is a row reduction and no block straddles programs.
+
+The code of a normalized value v is the number of map midpoints below it. Gathers from the
+(L1-resident) tables are the kernel's main cost besides DRAM, so instead of an 8-step binary
+search it looks up a bucket table indexed by the top 14 bits of v's order-preserving bit pattern
+(sign, exponent, 5 mantissa bits), which gives the number of midpoints below the bucket, then
+counts the few midpoints inside the bucket with STEPS compares: 1 + STEPS gathers, 3 for the
+dynamic maps. Maps that crowd more than MAX_TABLE_STEPS midpoints into one bucket take the
+binary search. The tables are built once per map (see lightllm/ops/blockwise.py).
 """
 
 from __future__ import annotations
@@ -24,16 +30,23 @@ def _tile_values() -> int:
     return _TILE_INTERPRETED if os.environ.get("TRITON_INTERPRET", "") == "1" else _TILE
 
 
+BUCKET_BITS = 14
+MAX_TABLE_STEPS = 4
+
+
 @triton.jit
 def _quantize_blockwise_kernel(
     x_ptr,
     midpoints_ptr,
+    bucket_start_ptr,
     codes_ptr,
     absmax_ptr,
     n_values,
     n_blocks,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
+    STEPS: tl.constexpr,
+    USE_TABLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     blocks = pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -50,11 +63,20 @@ def _quantize_blockwise_kernel(
     inv = tl.where(absmax == 0.0, 0.0, tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe))
     v = x * inv[:, None]
 
-    pos = tl.zeros(v.shape, dtype=tl.int32)
-    for level in tl.static_range(8):
-        step: tl.constexpr = 128 >> level
-        pivot = tl.load(midpoints_ptr + pos + (step - 1))
-        pos = tl.where(pivot < v, pos + step, pos)
+    if USE_TABLE:
+        # Order-preserving key: flip all bits of negatives, only the sign bit of positives.
+        bits = v.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) | -2147483648)
+        pos = tl.load(bucket_start_ptr + ((key >> (32 - 14)) & 0x3FFF)).to(tl.int32)
+        for _ in tl.static_range(STEPS):
+            pos += (tl.load(midpoints_ptr + pos) < v).to(tl.int32)
+        pos = tl.where(v == v, pos, 0)  # a NaN's key is meaningless: code 0
+    else:
+        pos = tl.zeros(v.shape, dtype=tl.int32)
+        for level in tl.static_range(8):
+            step: tl.constexpr = 128 >> level
+            pivot = tl.load(midpoints_ptr + pos + (step - 1))
+            pos = tl.where(pivot < v, pos + step, pos)
 
     tl.store(codes_ptr + offsets, pos.to(tl.uint8), mask=in_range)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
@@ -87,10 +109,13 @@ def _launch_shape(n_values: int, blocksize: int) -> tuple[int, int, int]:
     return n_blocks, blocks_per_program, triton.cdiv(n_blocks, blocks_per_program)
 
 
-def quantize_blockwise(x: torch.Tensor, midpoints: torch.Tensor, blocksize: int):
+def quantize_blockwise(x: torch.Tensor, midpoints: torch.Tensor, bucket_start: torch.Tensor, steps: int,
+                       blocksize: int):
     """Codes (uint8, x's shape) and absmax (float32, one per block).
 
     ``midpoints``: 256 float32 values, the 255 sorted map midpoints followed by +inf.
+    ``bucket_start``: uint8 [2**BUCKET_BITS], midpoints below each bucket; ``steps``: the most
+    midpoints in one bucket (``bucket_start`` is ignored when steps > MAX_TABLE_STEPS).
     """
     x = x.contiguous()
     n = x.numel()
@@ -99,8 +124,9 @@ def quantize_blockwise(x: torch.Tensor, midpoints: torch.Tensor, blocksize: int)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n:
         _quantize_blockwise_kernel[(grid,)](
-            x, midpoints, codes, absmax, n, n_blocks,
-            BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, num_warps=8,
+            x, midpoints, bucket_start, codes, absmax, n, n_blocks,
+            BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program,
+            STEPS=min(steps, MAX_TABLE_STEPS), USE_TABLE=steps <= MAX_TABLE_STEPS, num_warps=8,
         )
     return codes, absmax
 

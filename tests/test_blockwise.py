@@ -116,11 +116,12 @@ def assert_same_as_reference(x, blocksize, backend, out_dtype=None):
         out = F.dequantize_blockwise(ref_codes, ref_absmax, code, blocksize, out_dtype or x.dtype)
     assert codes.dtype == torch.uint8 and codes.shape == x.shape and codes.is_contiguous()
     assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(x.numel() / blocksize),)
-    assert torch.equal(absmax, ref_absmax)
+    exact = dict(rtol=0, atol=0, equal_nan=True)  # bit-for-bit, NaN where the reference has NaN
+    torch.testing.assert_close(absmax, ref_absmax, **exact)
     mismatch = (codes != ref_codes).sum().item()
     assert mismatch == 0, f"{backend}: {mismatch} of {x.numel()} codes differ from the reference"
     assert out.dtype == (out_dtype or x.dtype) and out.shape == x.shape
-    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(out, ref_out, **exact)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -340,6 +341,7 @@ def test_backend_gpu_unaligned_large_and_nonfinite(backend):
     x = random_input((4 * 512,), torch.float32, seed=23, device="cuda")
     x[7], x[600], x[1100] = float("nan"), float("inf"), -float("inf")
     assert_same_as_reference(x, 512, backend)
+    assert_same_as_reference(x.half(), 64, backend)
     for out_dtype in DTYPES:
         assert_same_as_reference(random_input((3, 999), torch.float32, seed=25, device="cuda"), 128, backend, out_dtype)
 

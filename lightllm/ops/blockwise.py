@@ -123,19 +123,34 @@ class _PerMapCache:
         return derived
 
 
-def _triton_midpoints(code: torch.Tensor) -> torch.Tensor:
-    # 255 midpoints + an +inf sentinel: the search's last probe index is 254, the table has 256.
-    return torch.cat([midpoints(code.float()), code.new_full((1,), float("inf"))]).contiguous()
+def _triton_search_tables(code: torch.Tensor):
+    """Midpoints (+inf sentinel), per-bucket start indices and the most midpoints in a bucket.
+
+    Bucket of a float = top 14 bits of its order-preserving bit pattern (see kernels/blockwise.py).
+    Built once per map; the .item() below is the only host synchronization, paid once per map.
+    """
+    from ..kernels.blockwise import BUCKET_BITS
+
+    mid = midpoints(code.float()) + 0.0  # -0 -> +0: keys then order exactly like the floats compare
+    bits = mid.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    key = torch.where(bits >= 2**31, bits ^ 0xFFFFFFFF, bits | 2**31)
+    bucket = key >> (32 - BUCKET_BITS)
+    all_buckets = torch.arange(2**BUCKET_BITS, device=code.device, dtype=torch.int64)
+    bucket_start = torch.searchsorted(bucket, all_buckets, right=False).to(torch.uint8)  # midpoints below
+    steps = int(torch.bincount(bucket, minlength=2**BUCKET_BITS).max().item())
+    table = torch.cat([mid, code.new_full((1,), float("inf"))]).contiguous()  # last probe index is 255
+    return table, bucket_start, steps
 
 
-_midpoint_table = _PerMapCache(_triton_midpoints)
+_search_tables = _PerMapCache(_triton_search_tables)
 
 
 @register(QUANTIZE, "triton", ("cuda", "cpu"))
 def _quantize_triton(x, code, blocksize):
     from ..kernels import blockwise as triton_blockwise
 
-    return triton_blockwise.quantize_blockwise(x, _midpoint_table(code), blocksize)
+    table, bucket_start, steps = _search_tables(code)
+    return triton_blockwise.quantize_blockwise(x, table, bucket_start, steps, blocksize)
 
 
 @register(DEQUANTIZE, "triton", ("cuda", "cpu"))
