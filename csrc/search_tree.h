@@ -16,7 +16,13 @@
 namespace lightllm {
 
 // Midpoint i of the map, computed exactly as the reference does: (map[i] + map[i+1]) * 0.5.
-LIGHTLLM_HD float map_midpoint(const float* map, int i) { return (map[i] + map[i + 1]) * 0.5f; }
+LIGHTLLM_HD float map_midpoint(const float* map, int i) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(__fadd_rn(map[i], map[i + 1]), 0.5f);  // _rn: never contracted into an FMA
+#else
+  return (map[i] + map[i + 1]) * 0.5f;
+#endif
+}
 
 // max that keeps a NaN once it has seen one (fmaxf would drop it).
 LIGHTLLM_HD float nan_propagating_max(float m, float a) { return (a > m || a != a) ? a : m; }

@@ -14,6 +14,7 @@ binary search. The tables are built once per map (see lightllm/ops/blockwise.py)
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -74,9 +75,9 @@ def _quantize_blockwise_kernel(
     else:
         pos = tl.zeros(v.shape, dtype=tl.int32)
         for level in tl.static_range(8):
-            step: tl.constexpr = 128 >> level
-            pivot = tl.load(midpoints_ptr + pos + (step - 1))
-            pos = tl.where(pivot < v, pos + step, pos)
+            # (no `step: tl.constexpr = ...` here: a constexpr cannot be re-bound as the loop unrolls)
+            pivot = tl.load(midpoints_ptr + pos + ((128 >> level) - 1))
+            pos = tl.where(pivot < v, pos + (128 >> level), pos)
 
     tl.store(codes_ptr + offsets, pos.to(tl.uint8), mask=in_range)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
@@ -103,6 +104,11 @@ def _dequantize_blockwise_kernel(
     tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=in_range)
 
 
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device and stream; make that the tensor's device.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch_shape(n_values: int, blocksize: int) -> tuple[int, int, int]:
     n_blocks = triton.cdiv(n_values, blocksize)
     blocks_per_program = max(1, _tile_values() // blocksize)
@@ -123,11 +129,12 @@ def quantize_blockwise(x: torch.Tensor, midpoints: torch.Tensor, bucket_start: t
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n:
-        _quantize_blockwise_kernel[(grid,)](
-            x, midpoints, bucket_start, codes, absmax, n, n_blocks,
-            BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program,
-            STEPS=min(steps, MAX_TABLE_STEPS), USE_TABLE=steps <= MAX_TABLE_STEPS, num_warps=8,
-        )
+        with _on_device_of(x):
+            _quantize_blockwise_kernel[(grid,)](
+                x, midpoints, bucket_start, codes, absmax, n, n_blocks,
+                BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program,
+                STEPS=min(steps, MAX_TABLE_STEPS), USE_TABLE=steps <= MAX_TABLE_STEPS, num_warps=8,
+            )
     return codes, absmax
 
 
@@ -138,8 +145,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
     n_blocks, per_program, grid = _launch_shape(n, blocksize)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     if n:
-        _dequantize_blockwise_kernel[(grid,)](
-            codes, absmax.contiguous(), code.contiguous(), out, n, n_blocks,
-            BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, num_warps=8,
-        )
+        with _on_device_of(codes):
+            _dequantize_blockwise_kernel[(grid,)](
+                codes, absmax.contiguous(), code.contiguous(), out, n, n_blocks,
+                BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, num_warps=8,
+            )
     return out

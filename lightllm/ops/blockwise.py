@@ -127,7 +127,8 @@ def _triton_search_tables(code: torch.Tensor):
     """Midpoints (+inf sentinel), per-bucket start indices and the most midpoints in a bucket.
 
     Bucket of a float = top 14 bits of its order-preserving bit pattern (see kernels/blockwise.py).
-    Built once per map; the .item() below is the only host synchronization, paid once per map.
+    Built once per map; the .item() below is the only host synchronization, paid once per map
+    (so use a new map once before capturing a CUDA graph that quantizes with it).
     """
     from ..kernels.blockwise import BUCKET_BITS
 
