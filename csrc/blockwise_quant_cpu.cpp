@@ -61,6 +61,20 @@ void from_float(const float* in, T* out, int64_t n) {
 }
 
 // ---- kernels ------------------------------------------------------------------------------------
+// Largest |x|, NaN if any value is NaN. Eight independent running maxima: a single one is a
+// loop-carried compare-and-select chain; eight let the compiler use vector max instructions.
+float block_absmax(const float* x, int64_t n) {
+  constexpr int kLanes = 8;
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = nan_propagating_max(lane[l], std::fabs(x[i + l]));
+  float m = 0.0f;
+  for (; i < n; ++i) m = nan_propagating_max(m, std::fabs(x[i]));
+  for (int l = 0; l < kLanes; ++l) m = nan_propagating_max(m, lane[l]);
+  return m;
+}
+
 template <typename T>
 void quantize_range(const T* x, const CodeSearch& search, uint8_t* codes, float* absmax, int64_t n,
                     int64_t blocksize, int64_t block_begin, int64_t block_end) {
@@ -75,8 +89,7 @@ void quantize_range(const T* x, const CodeSearch& search, uint8_t* codes, float*
       to_float(x + start, buffer, len);
       xb = buffer;
     }
-    float m = 0.0f;
-    for (int64_t i = 0; i < len; ++i) m = nan_propagating_max(m, std::fabs(xb[i]));
+    const float m = block_absmax(xb, len);
     absmax[b] = m;
     search.encode(xb, m == 0.0f ? 0.0f : 1.0f / m, codes + start, len);
   }
