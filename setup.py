@@ -149,7 +149,7 @@ def native_extensions():
 setup(
     # Triton kernels live in the top-level folder kernels/ but install as lightllm.kernels:
     # a top-level `kernels` module would shadow Hugging Face's `kernels` package.
-    packages=["lightllm", "lightllm.ops", "lightllm.kernels"],
+    packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.quantization", "lightllm.kernels"],
     package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},
     ext_modules=native_extensions(),
     cmdclass={"build_ext": CMakeBuild},

@@ -7,7 +7,7 @@ Layers: kernels (``csrc/`` as lightllm._C, ``kernels/`` as lightllm.kernels) -> 
 import logging
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from . import functional
+from . import functional, nn, quantization
 from .backends import (
     BackendUnavailableError,
     available_backends,
@@ -24,6 +24,8 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "functional",
+    "nn",
+    "quantization",
     "get_backend",
     "set_backend",
     "use_backend",

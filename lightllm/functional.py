@@ -10,8 +10,16 @@ import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.lightllm.*)
 from .ops.blockwise import _PerMapCache
+from .quantization.gptq_format import dequantize_gptq, pack_gptq, unpack_gptq
 
-__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
+__all__ = [
+    "create_dynamic_map",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "pack_gptq",
+    "unpack_gptq",
+    "dequantize_gptq",
+]
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -1,0 +1,87 @@
+"""QuantLinear: a drop-in for nn.Linear holding a GPTQ-format weight (2, 3, 4 or 8 bits).
+
+Its buffers carry the names and layouts of AutoGPTQ / GPTQModel / transformers checkpoints
+(``qweight``, ``qzeros``, ``scales``, ``g_idx``, ``bias``), so their state dicts load as they are
+and ``state_dict()`` writes the standard format. The weight is frozen; autograd flows to the input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantization import gptq_format
+from ..quantization.gptq_format import GPTQ_BITS, values_per_chunk
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QuantLinear(nn.Module):
+    """``y = x W^T + b`` with W stored in the GPTQ format.
+
+    Args:
+        in_features, out_features: as nn.Linear (K and N).
+        bits: 2, 3, 4 or 8. The packed layouts need K (and N, for the zeros) to be a multiple of
+            16, 32, 8 or 4 respectively.
+        group_size: input columns per quantization group, or -1 for one group (per channel).
+        bias: whether the layer has a bias (float16, as in GPTQ checkpoints).
+        checkpoint_format: "gptq" (v1: stored zero = z - 1, what most tools write) or "gptq_v2".
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128, bias: bool = True,
+                 checkpoint_format: str = "gptq", device=None):
+        super().__init__()
+        if bits not in GPTQ_BITS:
+            raise ValueError(f"QuantLinear: bits must be one of {GPTQ_BITS}, got {bits!r}")
+        if not (group_size == -1 or (isinstance(group_size, int) and group_size > 0)):
+            raise ValueError(f"QuantLinear: group_size must be a positive int or -1, got {group_size!r}")
+        gptq_format._check_format(checkpoint_format)
+        multiple, _ = values_per_chunk(bits)
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if size <= 0 or size % multiple:
+                raise ValueError(f"QuantLinear: {bits}-bit weights need {name} to be a positive multiple of {multiple} "
+                                 f"(the packed layout), got {size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.checkpoint_format = bits, group_size, checkpoint_format
+        groups = -(-in_features // (in_features if group_size == -1 else group_size))
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", gptq_format.default_g_idx(in_features, group_size, device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int = 128, sym: bool = True,
+                    checkpoint_format: str = "gptq") -> "QuantLinear":
+        """Round-to-nearest quantization of ``linear`` (the baseline GPTQ improves on)."""
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+                     checkpoint_format=checkpoint_format, device=weight.device)
+        rtn = gptq_format.quantize_rtn(weight, bits, group_size, sym=sym)
+        packed = gptq_format.pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, checkpoint_format)
+        for name, tensor in packed.items():
+            getattr(module, name).copy_(tensor)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight [out_features, in_features] (in the scales' dtype unless ``dtype``)."""
+        return torch.ops.lightllm.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                                  self.checkpoint_format == "gptq", dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"QuantLinear: input must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: input's last dimension is {x.shape[-1]}, expected in_features = "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
+        if x.device != self.qweight.device:
+            raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self.qweight.device}")
+        y = torch.ops.lightllm.gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales,
+                                           self.g_idx, self.bias, self.bits, self.checkpoint_format == "gptq")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, checkpoint_format={self.checkpoint_format}")

@@ -1,0 +1,80 @@
+"""Ops ``lightllm::gptq_dequantize`` and ``lightllm::gptq_matmul`` over GPTQ-format tensors.
+
+``gptq_matmul(x [M, K], ...) = x @ W^T + bias`` with ``W = gptq_dequantize(...)`` in x's dtype, the
+weight frozen (autograd gives the input's gradient only). The reference dequantizes then calls
+``F.linear``: that is cuBLAS on the dequantized weight, the accuracy bar for the fused kernels.
+Only the reference backend exists so far; the fused dequant-matmul kernels register here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import register, resolve
+from ..quantization.gptq_format import dequantize_gptq
+
+DEQUANTIZE = "gptq_dequantize"
+MATMUL = "gptq_matmul"
+
+
+def _checkpoint_format(zeros_v1: bool) -> str:
+    return "gptq" if zeros_v1 else "gptq_v2"
+
+
+# ---- reference ------------------------------------------------------------------------------
+
+def gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits: int, zeros_v1: bool, dtype: torch.dtype):
+    return dequantize_gptq(qweight, qzeros, scales, g_idx, bits, _checkpoint_format(zeros_v1), dtype)
+
+
+def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, bits: int, zeros_v1: bool):
+    weight = gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+register(DEQUANTIZE, "torch", ("cpu", "cuda"))(gptq_dequantize_reference)
+register(MATMUL, "torch", ("cpu", "cuda"))(gptq_matmul_reference)
+
+
+# ---- the custom ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("lightllm::gptq_dequantize", mutates_args=())
+def gptq_dequantize_op(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int, zeros_v1: bool, dtype: torch.dtype) -> torch.Tensor:
+    _, impl = resolve(DEQUANTIZE, qweight.device)
+    return impl(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
+
+
+@gptq_dequantize_op.register_fake
+def _(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype):
+    return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("lightllm::gptq_matmul", mutates_args=())
+def gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool) -> torch.Tensor:
+    _, impl = resolve(MATMUL, x.device)
+    return impl(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1)
+
+
+@gptq_matmul_op.register_fake
+def _(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1 = inputs
+    ctx.save_for_backward(qweight, qzeros, scales, g_idx)
+    ctx.bits, ctx.zeros_v1, ctx.x_dtype = bits, zeros_v1, x.dtype
+
+
+def _backward(ctx, grad_out):
+    qweight, qzeros, scales, g_idx = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        weight = torch.ops.lightllm.gptq_dequantize(qweight, qzeros, scales, g_idx, ctx.bits, ctx.zeros_v1, grad_out.dtype)
+        grad_x = (grad_out @ weight).to(ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None, None
+
+
+gptq_matmul_op.register_autograd(_backward, setup_context=_setup_context)
