@@ -138,3 +138,107 @@ def test_bad_input_raises_clear_errors():
         with torch.no_grad():
             lin.weight.abs_()  # every group's minimum is >= 0, so asymmetric zeros are 0
         QuantLinear.from_linear(lin, 4, 32, sym=False, checkpoint_format="gptq")
+
+
+def act_order_checkpoint(k=128, n=32, gs=32, bits=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (k, n), generator=gen)
+    zeros = torch.randint(1, 2**bits, (-(-k // gs), n), generator=gen)
+    scales = torch.rand(-(-k // gs), n, generator=gen).half() / 10
+    g_idx = (torch.argsort(torch.randperm(k, generator=gen)) // gs).int()
+    dense = (scales.double()[g_idx.long()] * (q - zeros[g_idx.long()]).double()).t()
+    return pack_gptq(q, zeros, scales, g_idx, bits, "gptq"), dense
+
+
+def test_act_order_keeps_one_permuted_copy_and_saves_the_checkpoint_layout():
+    packed, dense = act_order_checkpoint()
+    module = QuantLinear(128, 32, 4, 32, bias=False)
+    module.load_state_dict(packed)
+    assert not torch.equal(module.qweight, packed["qweight"]), "the kernel layout replaces the checkpoint layout"
+    assert bool((module.g_idx[1:] >= module.g_idx[:-1]).all())
+    saved = module.state_dict()
+    assert torch.equal(saved["qweight"], packed["qweight"]) and torch.equal(saved["g_idx"], packed["g_idx"])
+    torch.testing.assert_close(module.dequantize(torch.float64), dense, rtol=0, atol=0)
+    x = torch.randn(3, 128, dtype=torch.float64)
+    torch.testing.assert_close(module(x.float()).double(), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    module.float()  # cast: still in kernel layout, no re-permutation
+    torch.testing.assert_close(module(x.float()).double(), x @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_buffers_written_from_outside_are_rearranged():
+    packed, dense = act_order_checkpoint(seed=2)
+    module = QuantLinear(128, 32, 4, 32, bias=False)
+    module.load_state_dict(act_order_checkpoint(seed=3)[0])
+    with torch.no_grad():
+        for name, tensor in packed.items():
+            getattr(module, name).copy_(tensor)  # checkpoint layout, written in place
+    x = torch.randn(2, 128, dtype=torch.float64)
+    torch.testing.assert_close(module(x.float()).double(), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(module.state_dict()["qweight"], packed["qweight"])
+
+
+def test_act_order_backward():
+    packed, dense = act_order_checkpoint(seed=4)
+    module = QuantLinear(128, 32, 4, 32, bias=False)
+    module.load_state_dict(packed)
+    x = torch.randn(5, 128, requires_grad=True)
+    g = torch.randn(5, 32)
+    module(x).backward(g)
+    torch.testing.assert_close(x.grad.double(), g.double() @ dense, rtol=1e-5, atol=1e-5)
+
+
+# ---- every backend against the reference ----------------------------------------------------
+
+def _grid(seed, count):
+    """A seeded sample of bits x group size x sym x act-order x M x dtype (the interpreter is slow)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa: E731
+    cases = []
+    for bits in BITS:  # every bit width at least twice
+        for _ in range(count):
+            cases.append((bits, pick([32, 64, 128, -1]), pick([True, False]), pick([True, False]),
+                          pick([1, 2, 3, 7, 16, 33]), pick([torch.float32, torch.float16])))
+    return cases
+
+
+def check_backend(backend, bits, group_size, sym, act_order, m, dtype, device, k=None, n=None):
+    k = k or (96 if bits == 3 else 80)  # not multiples of the tiles (3-bit packing needs 32 | K and N)
+    n = n or 96
+    lin = make_linear(k, n, seed=bits + m)
+    module = QuantLinear.from_linear(lin, bits, group_size, sym=sym, checkpoint_format="gptq_v2").to(device)
+    if act_order:
+        state = module.state_dict()
+        gs = k if group_size == -1 else group_size
+        state["g_idx"] = (torch.argsort(torch.randperm(k, generator=torch.Generator().manual_seed(m))) // gs).int().to(device)
+        module.load_state_dict(state)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).to(dtype).to(device)
+    with lightllm.use_backend("torch"):
+        ref = module(x)
+    with lightllm.use_backend(backend):
+        out = module(x)
+    # Same dequantized weight, same input: the difference is the accumulation order only.
+    w = module.dequantize(torch.float64)
+    exact = x.double() @ w.t() + module.bias.double()
+    err_ref = (ref.double() - exact).abs().max().item()
+    err_out = (out.double() - exact).abs().max().item()
+    eps = torch.finfo(dtype).eps
+    assert err_out <= max(2 * err_ref, 4 * eps * exact.abs().max().item()), (err_out, err_ref)
+
+
+@pytest.mark.parametrize("case", _grid(seed=0, count=2), ids=str)
+def test_triton_matches_reference_cpu(case):
+    if "triton" not in lightllm.available_backends():
+        pytest.skip("triton cannot run here (not installed, or no TRITON_INTERPRET on a CPU-only machine)")
+    check_backend("triton", *case, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_backend_matches_reference_gpu(backend, bits, group_size, sym, act_order):
+    for m in (1, 2, 3, 7, 16, 33, 128):
+        for dtype in DTYPES:
+            check_backend(backend, bits, group_size, sym, act_order, m, dtype, "cuda", k=4160, n=1056)

@@ -3,6 +3,13 @@
 Its buffers carry the names and layouts of AutoGPTQ / GPTQModel / transformers checkpoints
 (``qweight``, ``qzeros``, ``scales``, ``g_idx``, ``bias``), so their state dicts load as they are
 and ``state_dict()`` writes the standard format. The weight is frozen; autograd flows to the input.
+
+Act-order checkpoints (``g_idx`` not monotone) are rearranged once, when loaded: the rows of
+``qweight`` and ``g_idx`` are permuted so that each group's input columns are contiguous, and the
+forward pass gathers the input's columns in the same order. The permuted copy replaces the original
+(one copy of the weight on the device); ``state_dict()`` undoes the permutation. Buffers written
+in place from outside (``module.qweight.copy_(...)``) are taken to be in the checkpoint layout and
+rearranged at the next forward; that check compares version counters on the host, no synchronization.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", gptq_format.default_g_idx(in_features, group_size, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
+        # Act-order: input column order of the kernel layout (None when g_idx is monotone).
+        self.register_buffer("_perm", None, persistent=False)
+        self._layout_stamp = self._stamp()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int, group_size: int = 128, sym: bool = True,
@@ -63,12 +73,58 @@ class QuantLinear(nn.Module):
             getattr(module, name).copy_(tensor)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
+        module._to_kernel_layout()
         return module
+
+    # ---- kernel layout (act-order) ------------------------------------------------------------
+    def _stamp(self):
+        return tuple((t.data_ptr(), t._version) for t in (self.qweight, self.g_idx))
+
+    @torch.no_grad()
+    def _to_kernel_layout(self) -> None:
+        """Buffers in checkpoint layout -> kernel layout (groups contiguous along K). Synchronizes."""
+        self._perm = None
+        g = self.g_idx
+        if g.numel() > 1 and not bool((g[1:] >= g[:-1]).all()):
+            perm = torch.argsort(g, stable=True)
+            q = gptq_format.unpack_int(self.qweight, self.bits, dim=0)
+            self.qweight.copy_(gptq_format.pack_int(q[perm], self.bits, dim=0))
+            self.g_idx.copy_(g[perm])
+            self._perm = perm
+        self._layout_stamp = self._stamp()
+
+    def _checkpoint_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, g_idx) in the checkpoint's column order."""
+        if self._perm is None:
+            return self.qweight, self.g_idx
+        inverse = torch.argsort(self._perm)
+        q = gptq_format.unpack_int(self.qweight, self.bits, dim=0)
+        return gptq_format.pack_int(q[inverse], self.bits, dim=0), self.g_idx[inverse]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._perm is not None:
+            destination[prefix + "qweight"], destination[prefix + "g_idx"] = self._checkpoint_layout()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._to_kernel_layout()
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._layout_stamp = self._stamp()  # moved or cast, still in kernel layout
+        return result
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out_features, in_features] (in the scales' dtype unless ``dtype``)."""
-        return torch.ops.lightllm.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                                                  self.checkpoint_format == "gptq", dtype or self.scales.dtype)
+        self._check_layout()
+        w = torch.ops.lightllm.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                               self.checkpoint_format == "gptq", dtype or self.scales.dtype)
+        return w if self._perm is None else w[:, torch.argsort(self._perm)]
+
+    def _check_layout(self) -> None:
+        if self._layout_stamp != self._stamp():  # written from outside, in checkpoint layout
+            self._to_kernel_layout()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _FLOAT_TYPES:
@@ -78,7 +134,11 @@ class QuantLinear(nn.Module):
                              f"{self.in_features} (input shape {tuple(x.shape)})")
         if x.device != self.qweight.device:
             raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self.qweight.device}")
-        y = torch.ops.lightllm.gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales,
+        self._check_layout()
+        x2 = x.reshape(-1, self.in_features)
+        if self._perm is not None:
+            x2 = x2.index_select(1, self._perm)
+        y = torch.ops.lightllm.gptq_matmul(x2, self.qweight, self.qzeros, self.scales,
                                            self.g_idx, self.bias, self.bits, self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -3,7 +3,8 @@
 ``gptq_matmul(x [M, K], ...) = x @ W^T + bias`` with ``W = gptq_dequantize(...)`` in x's dtype, the
 weight frozen (autograd gives the input's gradient only). The reference dequantizes then calls
 ``F.linear``: that is cuBLAS on the dequantized weight, the accuracy bar for the fused kernels.
-Only the reference backend exists so far; the fused dequant-matmul kernels register here.
+Backends: the reference and a Triton dequant-matmul (kernels/gptq.py); the dequantize op is
+reference-only (it serves the backward pass and ``QuantLinear.dequantize``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, bits: int, ze
 
 register(DEQUANTIZE, "torch", ("cpu", "cuda"))(gptq_dequantize_reference)
 register(MATMUL, "torch", ("cpu", "cuda"))(gptq_matmul_reference)
+
+
+@register(MATMUL, "triton", ("cuda", "cpu"))
+def _gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1):
+    from ..kernels import gptq as triton_gptq
+
+    return triton_gptq.gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1)
 
 
 # ---- the custom ops -------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""GPTQ dequant-matmul in Triton: ``out = x @ W^T (+ bias)`` with W read in the GPTQ layout.
+
+W[n, k] = scales[g[k], n] * (q[k, n] - z[g[k], n]); q packed along K in ``qweight``, z along N in
+``qzeros`` (see lightllm/quantization/gptq_format.py). Each program owns a [BLOCK_M, BLOCK_N] tile
+of the output and walks K: it loads the packed words of a [BLOCK_K, BLOCK_N] weight tile, decodes
+them with shifts and masks, applies the group's zero and scale in float32, and feeds tensor cores
+(tl.dot) with fp32 accumulation. The group index is loaded once per K row, not per element; for
+act-order checkpoints the module permutes K once at load so that a tile's rows share few groups.
+
+Every bit width uses the same decode: along the packed axis the values form one little-endian bit
+stream, value j of a run at bit ``BITS * j``; only 3-bit values can straddle two words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode(words_lo, words_hi, shift, BITS: tl.constexpr):
+    """Values at bit ``shift`` of the 64-bit pair (words_hi:words_lo), int32 in [0, 2**BITS)."""
+    mask = (1 << BITS) - 1
+    low = words_lo >> shift  # arithmetic shift: bits above 31 - shift are sign copies
+    if BITS == 3:
+        straddles = shift > 32 - BITS
+        high_bits = 32 - shift  # how many of the value's bits come from the low word
+        low_part = low & tl.where(straddles, (1 << high_bits) - 1, mask)
+        high_part = tl.where(straddles, words_hi << tl.where(straddles, high_bits, 0), 0)
+        return (low_part | high_part) & mask
+    else:
+        return low & mask
+
+
+@triton.jit
+def _gptq_matmul_kernel(
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, CHUNK_VALUES: tl.constexpr, CHUNK_WORDS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    zeros_words_per_row = N * BITS // 32
+
+    # Where each output column's zero sits in its qzeros row (fixed for the whole K walk).
+    z_bit = BITS * (offs_n % CHUNK_VALUES)
+    z_word = (offs_n // CHUNK_VALUES) * CHUNK_WORDS + z_bit // 32
+    z_shift = z_bit % 32
+    z_hi_ok = n_ok & (z_shift > 32 - BITS)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+
+        q_bit = BITS * (offs_k % CHUNK_VALUES)
+        q_word = (offs_k // CHUNK_VALUES) * CHUNK_WORDS + q_bit // 32
+        q_shift = q_bit % 32
+        tile_ok = k_ok[:, None] & n_ok[None, :]
+        w_lo = tl.load(qweight_ptr + q_word[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0)
+        if BITS == 3:
+            w_hi = tl.load(qweight_ptr + (q_word[:, None] + 1).to(tl.int64) * N + offs_n[None, :],
+                           mask=tile_ok & (q_shift[:, None] > 32 - BITS), other=0)
+        else:
+            w_hi = w_lo
+        q = _decode(w_lo, w_hi, q_shift[:, None], BITS)
+
+        group = tl.load(g_idx_ptr + offs_k, mask=k_ok, other=0)
+        zrow = qzeros_ptr + group[:, None].to(tl.int64) * zeros_words_per_row
+        z_lo = tl.load(zrow + z_word[None, :], mask=tile_ok, other=0)
+        if BITS == 3:
+            z_hi = tl.load(zrow + z_word[None, :] + 1, mask=k_ok[:, None] & z_hi_ok[None, :], other=0)
+        else:
+            z_hi = z_lo
+        z = _decode(z_lo, z_hi, z_shift[None, :], BITS) + ZERO_OFFSET
+        scale = tl.load(scales_ptr + group[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0.0)
+        w = ((q - z).to(tl.float32) * scale.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        if FP32_DOT:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _blocks(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). One config per M bucket; tuned on a GPU later."""
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        return 16, 32, 32, 4
+    if m <= 16:
+        return 16, 64, 128, 4
+    if m <= 64:
+        return 64, 64, 64, 4
+    return 128, 128, 32, 8
+
+
+def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias`` -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    chunk_values = 32 // math.gcd(32, bits)
+    block_m, block_n, block_k, warps = _blocks(m)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        _gptq_matmul_kernel[grid](
+            x, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(),
+            bias.contiguous() if bias is not None else x, out,
+            m, n, k, x.stride(0), out.stride(0),
+            BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
+            ZERO_OFFSET=1 if zeros_v1 else 0, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        )
+    return out
