@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_check.sh [--quick] [--only AREA]...
 #
-# Areas: build, tests, blockwise (default: all). --quick stays under 6 minutes on an H100
+# Areas: build, tests, blockwise, quant (default: all). --quick stays under 6 minutes on an H100
 # including the build; later issues add areas and keep that bound.
 # A bitsandbytes baseline is used when importable; point BNB_PATH at an unpacked (trimmed) wheel
 # to put it on PYTHONPATH, since the device machine has no bitsandbytes and no network.
@@ -56,6 +56,9 @@ if wants tests; then
 fi
 if wants blockwise; then
   step blockwise python benchmarks/bench_blockwise.py $QUICK --device cuda --out "$RESULTS/bench_blockwise.csv"
+fi
+if wants quant; then
+  step quant python benchmarks/bench_quant_matmul.py $QUICK --device cuda --out "$RESULTS/bench_quant_matmul.csv"
 fi
 
 echo

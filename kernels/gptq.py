@@ -39,10 +39,10 @@ def _decode(words_lo, words_hi, shift, BITS: tl.constexpr):
 
 @triton.jit
 def _gptq_matmul_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, lora_s_ptr, lora_b_ptr, out_ptr,
+    M, N, K, R, stride_xm, stride_om, lora_scale,
     BITS: tl.constexpr, CHUNK_VALUES: tl.constexpr, CHUNK_WORDS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -93,6 +93,15 @@ def _gptq_matmul_kernel(
         else:
             acc += tl.dot(x, w)
 
+    if HAS_LORA:
+        # Epilogue: + lora_scale * S[m, :] @ B[n, :]^T, S and B read as float32 (r <= BLOCK_R).
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        s_tile = tl.load(lora_s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        b_tile = tl.load(lora_b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
+        acc += lora_scale * tl.dot(s_tile, b_tile, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
@@ -111,8 +120,10 @@ def _blocks(m: int) -> tuple[int, int, int, int]:
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool) -> torch.Tensor:
-    """``x [M, K] @ W^T + bias`` -> [M, N] in x's dtype."""
+                g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool,
+                lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                lora_scale: float = 0.0) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias + lora_scale * lora_s @ lora_b^T`` -> [M, N] in x's dtype."""
     m, k = x.shape
     n = qweight.shape[1]
     x = x.contiguous()
@@ -122,14 +133,18 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     chunk_values = 32 // math.gcd(32, bits)
     block_m, block_n, block_k, warps = _blocks(m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    has_lora = lora_s is not None
+    rank = lora_s.shape[1] if has_lora else 0
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with guard:
         _gptq_matmul_kernel[grid](
             x, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(),
-            bias.contiguous() if bias is not None else x, out,
-            m, n, k, x.stride(0), out.stride(0),
+            bias.contiguous() if bias is not None else x,
+            lora_s.contiguous() if has_lora else x, lora_b.contiguous() if has_lora else x, out,
+            m, n, k, rank, x.stride(0), out.stride(0), float(lora_scale),
             BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
             ZERO_OFFSET=1 if zeros_v1 else 0, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+            HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(rank)) if has_lora else 16,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
     return out

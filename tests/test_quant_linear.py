@@ -104,8 +104,28 @@ def test_ops_pass_opcheck():
     args = (q.qweight, q.qzeros, q.scales, q.g_idx)
     torch.library.opcheck(torch.ops.lightllm.gptq_dequantize.default, (*args, 4, True, torch.float32))
     x = torch.randn(5, 64, requires_grad=True)
-    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, q.bias.float(), 4, True))
-    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x.detach(), *args, None, 4, True))
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, q.bias.float(), None, None, 0.0, 4, True))
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x.detach(), *args, None, None, None, 0.0, 4, True))
+    s, b = torch.randn(5, 3), torch.randn(32, 3)
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, None, s, b, 0.5, 4, True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rank", [1, 3, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_epilogue(backend, rank, dtype):
+    if backend not in lightllm.available_backends():
+        pytest.skip(f"{backend} cannot run here")
+    q = QuantLinear.from_linear(make_linear(96, 64, seed=rank), 4, 32)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(7, 96, generator=gen).to(dtype)
+    s = torch.randn(7, rank, generator=gen)  # float32, as LoRA's S = x A^T is kept
+    b = torch.randn(64, rank, generator=gen).to(dtype)
+    with lightllm.use_backend(backend):
+        y = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, s, b, 0.25, 4, True)
+    exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.25 * s.double() @ b.double().t()
+    tol = 4 * torch.finfo(dtype).eps * exact.abs().max().item() * (1 if dtype == torch.float32 else 4)
+    assert y.dtype == dtype and (y.double() - exact).abs().max().item() <= tol
 
 
 def test_forced_backend_without_an_implementation_is_an_error():

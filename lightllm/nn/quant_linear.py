@@ -138,8 +138,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self._perm is not None:
             x2 = x2.index_select(1, self._perm)
-        y = torch.ops.lightllm.gptq_matmul(x2, self.qweight, self.qzeros, self.scales,
-                                           self.g_idx, self.bias, self.bits, self.checkpoint_format == "gptq")
+        y = torch.ops.lightllm.gptq_matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
+                                           None, None, 0.0, self.bits, self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

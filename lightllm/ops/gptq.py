@@ -1,7 +1,10 @@
 """Ops ``lightllm::gptq_dequantize`` and ``lightllm::gptq_matmul`` over GPTQ-format tensors.
 
-``gptq_matmul(x [M, K], ...) = x @ W^T + bias`` with ``W = gptq_dequantize(...)`` in x's dtype, the
-weight frozen (autograd gives the input's gradient only). The reference dequantizes then calls
+``gptq_matmul(x [M, K], ...) = x @ W^T + bias + lora_scale * lora_s @ lora_b^T`` with
+``W = gptq_dequantize(...)`` in x's dtype, the weight frozen (autograd gives the input's gradient
+only). The optional rank-r epilogue (``lora_s`` [M, r] in float32, ``lora_b`` [N, r]) lets LoRA on a
+quantized layer read the packed weight once: it is added in float32 before the single rounding
+to x's dtype. The reference dequantizes then calls
 ``F.linear``: that is cuBLAS on the dequantized weight, the accuracy bar for the fused kernels.
 Backends: the reference and a Triton dequant-matmul (kernels/gptq.py); the dequantize op is
 reference-only (it serves the backward pass and ``QuantLinear.dequantize``).
@@ -28,9 +31,15 @@ def gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits: int, zeros_v
     return dequantize_gptq(qweight, qzeros, scales, g_idx, bits, _checkpoint_format(zeros_v1), dtype)
 
 
-def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, bits: int, zeros_v1: bool):
+def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale: float, bits: int,
+                          zeros_v1: bool):
     weight = gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
-    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    if lora_s is None:
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    y = torch.nn.functional.linear(x, weight).float() + lora_scale * (lora_s.float() @ lora_b.float().t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 register(DEQUANTIZE, "torch", ("cpu", "cuda"))(gptq_dequantize_reference)
@@ -38,10 +47,10 @@ register(MATMUL, "torch", ("cpu", "cuda"))(gptq_matmul_reference)
 
 
 @register(MATMUL, "triton", ("cuda", "cpu"))
-def _gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1):
+def _gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale, bits, zeros_v1):
     from ..kernels import gptq as triton_gptq
 
-    return triton_gptq.gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1)
+    return triton_gptq.gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1, lora_s, lora_b, lora_scale)
 
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -60,29 +69,33 @@ def _(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype):
 
 @torch.library.custom_op("lightllm::gptq_matmul", mutates_args=())
 def gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                   g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool) -> torch.Tensor:
+                   g_idx: torch.Tensor, bias: torch.Tensor | None, lora_s: torch.Tensor | None,
+                   lora_b: torch.Tensor | None, lora_scale: float, bits: int, zeros_v1: bool) -> torch.Tensor:
     _, impl = resolve(MATMUL, x.device)
-    return impl(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1)
+    return impl(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale, bits, zeros_v1)
 
 
 @gptq_matmul_op.register_fake
-def _(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1):
+def _(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale, bits, zeros_v1):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1 = inputs
+    x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale, bits, zeros_v1 = inputs
     ctx.save_for_backward(qweight, qzeros, scales, g_idx)
     ctx.bits, ctx.zeros_v1, ctx.x_dtype = bits, zeros_v1, x.dtype
 
 
 def _backward(ctx, grad_out):
+    if any(ctx.needs_input_grad[5:8]):
+        raise NotImplementedError("gptq_matmul: gradients of bias, lora_s and lora_b are not implemented "
+                                  "(the quantized layer's own tensors are frozen)")
     qweight, qzeros, scales, g_idx = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
         weight = torch.ops.lightllm.gptq_dequantize(qweight, qzeros, scales, g_idx, ctx.bits, ctx.zeros_v1, grad_out.dtype)
         grad_x = (grad_out @ weight).to(ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None, None
+    return (grad_x,) + (None,) * 10
 
 
 gptq_matmul_op.register_autograd(_backward, setup_context=_setup_context)
