@@ -560,6 +560,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time cap per case: iteration counts are lowered (not below 3) for slow calls such as "
                         "the reference backend's (default 3 s on CUDA, 1 s with --quick; 0 = no cap)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads (torch.set_num_threads) for a CPU run (default: torch's choice; 1 is "
+                        "steadier when other processes keep a core busy)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights and inputs")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_quant_matmul.csv",
                    help="CSV to append to (default benchmarks/results/bench_quant_matmul.csv); the plot goes "
@@ -583,6 +586,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # before env_tags, which records the thread count
     sched = schedule_for(device, args.quick)
     sched = Schedule(
         warmup=sched.warmup if args.warmup is None else args.warmup,
