@@ -135,8 +135,8 @@ def bits_plan(bits_arg: list[int] | None, ms: list[int]) -> dict[int, list[int]]
 class Layer:
     """One weight shape: a random fp16 ``nn.Linear`` and its GPTQ quantizations, built on demand."""
 
-    def __init__(self, n: int, k: int, group_size: int, device: torch.device, seed: int):
-        self.n, self.k, self.group_size, self.device = n, k, group_size, device
+    def __init__(self, n: int, k: int, group_size: int, sym: bool, device: torch.device, seed: int):
+        self.n, self.k, self.group_size, self.sym, self.device = n, k, group_size, sym, device
         torch.manual_seed(seed)  # nn.Linear's initialization draws from the global generator
         self.linear = nn.Linear(k, n, bias=False, dtype=torch.float16, device=device)
         self._quant: dict[int, QuantLinear] = {}
@@ -145,7 +145,7 @@ class Layer:
     def quant(self, bits: int) -> QuantLinear:
         if bits not in self._quant:
             with torch.no_grad():
-                self._quant[bits] = QuantLinear.from_linear(self.linear, bits, self.group_size)
+                self._quant[bits] = QuantLinear.from_linear(self.linear, bits, self.group_size, sym=self.sym)
         return self._quant[bits]
 
     def dequantized64(self, bits: int) -> torch.Tensor:
@@ -384,7 +384,7 @@ def time_case(fn: Callable[[], object], sched: Schedule, device: torch.device) -
 def run_shape(n: int, k: int, impls: list[Impl], plan: dict[int, list[int]], ms: list[int], args,
               sched: Schedule, device: torch.device, copy_bw: float) -> list[dict]:
     logger.info("shape %dx%d (N x K): building the layer", n, k)
-    layer = Layer(n, k, args.group_size, device, args.seed)
+    layer = Layer(n, k, args.group_size, not args.asym, device, args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     xs = {m: torch.randn(m, k, generator=gen, device=device).to(torch.float16) for m in ms}
     rows = []
@@ -456,9 +456,10 @@ def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, su
     def label(r):
         return f"{r['impl']} w{r['bits']}" if r["impl"].startswith(OURS) else r["impl"]
 
-    points = [r for r in rows if r.get("speedup_vs_cublas_fp16")]
+    # cublas-fp16 itself is the dashed line at 1x.
+    points = [r for r in rows if r.get("speedup_vs_cublas_fp16") and r["impl"] != CUBLAS_FP16]
     if not points:
-        logger.warning("no speedups to plot (no cublas-fp16 rows?)")
+        logger.warning("no speedups to plot (no rows besides cublas-fp16, or no cublas-fp16 rows)")
         return
     series = list(dict.fromkeys(label(r) for r in points))
     colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}
@@ -482,7 +483,7 @@ def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, su
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}x"))
         ax.set_title(f"N x K = {shape}", fontsize=10)
         ax.set_xlabel("M (rows of x)")
         ax.set_ylabel("speedup over cublas-fp16 (device time)")
@@ -550,6 +551,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"bit widths of ours ({', '.join(map(str, GPTQ_BITS))}), each at every M "
                         "(default: 4 at every M and 3 at M=1). The torch-int4 and bnb-nf4 baselines are 4-bit.")
     p.add_argument("--group-size", type=_positive, default=128, help="GPTQ group size (default 128)")
+    p.add_argument("--asym", action="store_true",
+                   help="asymmetric RTN (a zero point per group) instead of the symmetric grid most GPTQ checkpoints "
+                        "use; the kernels' work is the same, but it exercises the zero-point conversions")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
                    help="activation dtype of ours (default float16, the dtype of GPTQ scales)")
     p.add_argument("--impl", nargs="+", default=None, choices=IMPL_CHOICES, metavar="IMPL",

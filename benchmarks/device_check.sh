@@ -59,6 +59,7 @@ if wants blockwise; then
 fi
 if wants quant; then
   step quant python benchmarks/bench_quant_matmul.py $QUICK --device cuda --out "$RESULTS/bench_quant_matmul.csv"
+  step generate python benchmarks/bench_generate.py $QUICK --device cuda --out "$RESULTS/bench_generate.csv"
 fi
 
 echo

@@ -262,3 +262,20 @@ def test_backend_matches_reference_gpu(backend, bits, group_size, sym, act_order
     for m in (1, 2, 3, 7, 16, 33, 128):
         for dtype in DTYPES:
             check_backend(backend, bits, group_size, sym, act_order, m, dtype, "cuda", k=4160, n=1056)
+
+
+def test_quantize_linears_rtn_replaces_layers_in_place():
+    from lightllm.quantization import quantize_linears_rtn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("block", torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)))
+    model.add_module("odd", torch.nn.Linear(64, 20))  # 20 outputs: no 4-bit packed layout
+    model.add_module("lm_head", torch.nn.Linear(20, 32))
+    x = torch.randn(3, 64)
+    dense = model(x)
+    quantize_linears_rtn(model, bits=4, group_size=32, progress=False)
+    assert isinstance(model.block[0], QuantLinear) and isinstance(model.block[2], QuantLinear)
+    assert type(model.odd) is torch.nn.Linear and type(model.lm_head) is torch.nn.Linear
+    out = model(x)
+    assert (out - dense).norm() / dense.norm() < 0.1

@@ -10,6 +10,7 @@ from .gptq_format import (
     unpack_gptq,
     unpack_int,
 )
+from .replace import quantize_linears_rtn
 
 __all__ = [
     "GPTQ_BITS",
@@ -17,6 +18,7 @@ __all__ = [
     "dequantize_gptq",
     "pack_gptq",
     "pack_int",
+    "quantize_linears_rtn",
     "quantize_rtn",
     "unpack_gptq",
     "unpack_int",
