@@ -397,21 +397,24 @@ def run_shape(n: int, k: int, impls: list[Impl], plan: dict[int, list[int]], ms:
                 logger.warning("skipping %s at %dx%d: %s", impl.name, n, k, exc)
                 continue
             except Exception as exc:
-                logger.warning("skipping %s at %dx%d: setup failed (%s: %s)", impl.name, n, k, type(exc).__name__, exc)
+                logger.warning("skipping %s at %dx%d: setup failed (%s: %s)", impl.name, n, k, type(exc).__name__, exc,
+                               exc_info=logger.isEnabledFor(logging.DEBUG))
                 continue
             elem = torch.finfo(impl.dtype).bits // 8
             for m in bits_ms:
                 x = xs[m].to(impl.dtype)
-                with impl.scope(), torch.no_grad():
-                    try:
+                try:
+                    with impl.scope(), torch.no_grad():
                         y = prep.call(x)  # also compiles (Triton) before anything is timed
-                    except Exception as exc:
-                        logger.warning("%s %dx%d M=%d bits=%d failed: %s: %s", impl.name, n, k, m, bits,
-                                       type(exc).__name__, exc)
-                        continue
-                    acc = check_accuracy(y, x, prep.weight64, impl.dtype)
-                    del y
-                    timing = time_case(lambda: prep.call(x), sched, device)
+                        acc = check_accuracy(y, x, prep.weight64, impl.dtype)
+                        del y
+                        timing = time_case(lambda: prep.call(x), sched, device)
+                except Exception as exc:  # a kernel that cannot run this case (or runs out of memory)
+                    logger.warning("%s %dx%d M=%d bits=%d failed, no row: %s: %s", impl.name, n, k, m, bits,
+                                   type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 nbytes = prep.weight_bytes + m * k * elem + m * n * elem
                 row = {"shape": f"{n}x{k}", "n": n, "k": k, "m": m, "bits": bits, "impl": impl.name,
                        "backend": impl.backend, "dtype": str(impl.dtype).removeprefix("torch."),
@@ -433,12 +436,15 @@ def run_shape(n: int, k: int, impls: list[Impl], plan: dict[int, list[int]], ms:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Speedup over cublas-fp16 at the same shape and M, device time and eager time."""
-    base = {(r["shape"], r["m"]): r for r in rows if r["impl"] == CUBLAS_FP16}
+    """Speedup over cublas-fp16 at the same shape and M, device time and eager time; also over
+    cuBLAS in the row's own dtype (bf16 for torch-int4, as public tinygemm numbers are quoted)."""
+    base = {(r["impl"], r["shape"], r["m"]): r for r in rows if r["impl"] in (CUBLAS_FP16, CUBLAS_BF16)}
     for r in rows:
-        b = base.get((r["shape"], r["m"]))
+        b = base.get((CUBLAS_FP16, r["shape"], r["m"]))
         r["speedup_vs_cublas_fp16"] = b["device_us"] / r["device_us"] if b else None
         r["eager_speedup_vs_cublas_fp16"] = b["eager_us"] / r["eager_us"] if b else None
+        same = base.get((CUBLAS_BF16 if r["dtype"] == "bfloat16" else CUBLAS_FP16, r["shape"], r["m"]))
+        r["speedup_vs_cublas_same_dtype"] = same["device_us"] / r["device_us"] if same else None
 
 
 # ---- plot -----------------------------------------------------------------------------------
@@ -563,7 +569,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (overrides the schedule)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time cap per case: iteration counts are lowered (not below 3) for slow calls such as "
-                        "the reference backend's (default 3 s on CUDA, 1 s with --quick; 0 = no cap)")
+                        "the reference backend's (default 3 s on CUDA, 1 s with --quick; 6 s and 3 s on the CPU; "
+                        "0 = no cap)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="torch CPU threads (torch.set_num_threads) for a CPU run (default: torch's choice; 1 is "
                         "steadier when other processes keep a core busy)")

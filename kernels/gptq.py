@@ -43,10 +43,11 @@ def _gptq_matmul_kernel(
     M, N, K, R, stride_xm, stride_om, lora_scale,
     BITS: tl.constexpr, CHUNK_VALUES: tl.constexpr, CHUNK_WORDS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -60,7 +61,7 @@ def _gptq_matmul_kernel(
     z_hi_ok = n_ok & (z_shift > 32 - BITS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
@@ -93,7 +94,8 @@ def _gptq_matmul_kernel(
         else:
             acc += tl.dot(x, w)
 
-    if HAS_LORA:
+    # The epilogue terms are added once, by the first K slice.
+    if HAS_LORA and pid_k == 0:
         # Epilogue: + lora_scale * S[m, :] @ B[n, :]^T, S and B read as float32 (r <= BLOCK_R).
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
@@ -102,10 +104,28 @@ def _gptq_matmul_kernel(
         b_tile = tl.load(lora_b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
         acc += lora_scale * tl.dot(s_tile, b_tile, input_precision="ieee")
-    if HAS_BIAS:
+    if HAS_BIAS and pid_k == 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:  # out_ptr is a zeroed float32 buffer; slices of K add up in it
+        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _split_k(device: torch.device, tiles: int, k_blocks: int) -> int:
+    """Slices of K so that small-M launches still fill the GPU (a 4096-wide layer at M = 1 has
+    only 64 output tiles of 64 columns for 132 SMs); each slice keeps at least 4 K blocks."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    wanted = -(-2 * _SM_COUNT[index] // tiles)
+    return max(1, min(wanted, k_blocks // 4))
 
 
 def _blocks(m: int) -> tuple[int, int, int, int]:
@@ -122,17 +142,26 @@ def _blocks(m: int) -> tuple[int, int, int, int]:
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool,
                 lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-                lora_scale: float = 0.0) -> torch.Tensor:
-    """``x [M, K] @ W^T + bias + lora_scale * lora_s @ lora_b^T`` -> [M, N] in x's dtype."""
+                lora_scale: float = 0.0, split_k: int | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias + lora_scale * lora_s @ lora_b^T`` -> [M, N] in x's dtype.
+
+    ``split_k``: slices of K reduced with float32 atomics (default: chosen to fill the GPU).
+    """
     m, k = x.shape
     n = qweight.shape[1]
-    x = x.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return out
+        return torch.zeros((m, n), dtype=x.dtype, device=x.device)
+    x = x.contiguous()
     chunk_values = 32 // math.gcd(32, bits)
     block_m, block_n, block_k, warps = _blocks(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = _split_k(x.device, tiles, triton.cdiv(k, block_k))
+    if split_k > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     has_lora = lora_s is not None
     rank = lora_s.shape[1] if has_lora else 0
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -145,6 +174,6 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
             ZERO_OFFSET=1 if zeros_v1 else 0, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
             HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(rank)) if has_lora else 16,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
         )
-    return out
+    return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -279,3 +279,20 @@ def test_quantize_linears_rtn_replaces_layers_in_place():
     assert type(model.odd) is torch.nn.Linear and type(model.lm_head) is torch.nn.Linear
     out = model(x)
     assert (out - dense).norm() / dense.norm() < 0.1
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_triton_split_k(split_k, bits):
+    """The K-sliced launch (used at small M on a GPU) adds its slices and the epilogue exactly once."""
+    if "triton" not in lightllm.available_backends():
+        pytest.skip("triton cannot run here")
+    from lightllm.kernels.gptq import gptq_matmul
+
+    q = QuantLinear.from_linear(make_linear(224, 64, seed=split_k), bits, 32)
+    x = torch.randn(3, 224, dtype=torch.float16)
+    s, b = torch.randn(3, 4), torch.randn(64, 4, dtype=torch.float16)
+    y = gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, bits, True, s, b, 0.5, split_k=split_k)
+    exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.5 * s.double() @ b.double().t()
+    assert y.dtype == torch.float16
+    assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
