@@ -9,8 +9,12 @@ extension's C++ CPU kernels). The backend that runs is, in order of precedence:
 3. the environment variable ``LIGHTLLM_BACKEND``
 4. the automatic default for the op and the tensor's device (``"auto"``).
 
-A backend chosen by name must be able to run the op on the tensor's device; otherwise the call
-raises :class:`BackendUnavailableError` saying why, rather than quietly running something else.
+A backend chosen by name must be available (built, with its device present) and, when the op has a
+kernel in it, able to run on the tensor's device; otherwise the call raises
+:class:`BackendUnavailableError` saying why. An op that has no kernel at all in the chosen backend
+(``python -m lightllm info`` lists each op's backends) runs its automatic default instead, and says
+so once in the log, so that a whole workflow (a layer's forward and backward, say) can run with one
+backend chosen while its kernels are still being written.
 
 The automatic default on a GPU is a kernel only if it appears in :data:`GPU_VERIFIED`, i.e. it
 passed the GPU tests on a real card (the card and commit are recorded there and in
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -29,6 +34,8 @@ from typing import Callable, Iterator
 import torch
 
 from . import _native
+
+logger = logging.getLogger("lightllm")
 
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 _CHOICES = BACKENDS + ("auto",)
@@ -56,6 +63,7 @@ class Implementation:
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 _global_choice: str | None = None
+_fallbacks_logged: set[tuple[str, str]] = set()
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightllm_backend", default=None)
 
 
@@ -187,7 +195,11 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
         raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
     impl = impls.get(backend)
     if impl is None:
-        raise BackendUnavailableError(f"{op}: backend {backend!r} has no implementation of this op")
+        fallback = default_backend(op, device.type)
+        if (op, backend) not in _fallbacks_logged:
+            _fallbacks_logged.add((op, backend))
+            logger.info("%s has no %r kernel; running its default %r instead", op, backend, fallback)
+        backend, impl = fallback, impls[fallback]
     if not _runs_on(backend, impl, device.type):
         raise BackendUnavailableError(
             f"{op}: backend {backend!r} cannot run on {device.type} tensors"

@@ -128,13 +128,18 @@ def test_lora_epilogue(backend, rank, dtype):
     assert y.dtype == dtype and (y.double() - exact).abs().max().item() <= tol
 
 
-def test_forced_backend_without_an_implementation_is_an_error():
+def test_ops_without_a_kernel_in_the_chosen_backend_run_their_default(caplog, monkeypatch):
+    # gptq_dequantize (used by dequantize() and the backward pass) has only the reference so far.
+    monkeypatch.setattr(lightllm.backends, "_fallbacks_logged", set())  # "once" per process
     q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
     if "cpp" not in lightllm.available_backends():
         pytest.skip("no native build")
-    with lightllm.use_backend("cpp"):
-        with pytest.raises(lightllm.BackendUnavailableError, match="gptq_matmul: backend 'cpp' has no implementation"):
-            q(torch.randn(2, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    with caplog.at_level("INFO", logger="lightllm"), lightllm.use_backend("cpp"):
+        q(x).sum().backward()
+        w = q.dequantize()
+    assert "gptq_matmul has no 'cpp' kernel; running its default 'torch' instead" in caplog.text
+    assert torch.equal(w, q.dequantize()) and x.grad is not None
 
 
 def test_bad_input_raises_clear_errors():

@@ -82,17 +82,20 @@ def unpack_int(words: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     n_words = words.shape[dim]
     if n_words % chunk_words:
         raise ValueError(f"unpack_int: {bits}-bit data needs a multiple of {chunk_words} words along dim {dim}, got {n_words}")
-    w = words.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
+    # int32 throughout (half the temporaries of int64): after an arithmetic shift the low
+    # 32 - shift bits are the word's own, so masking them is exact.
+    w = words.movedim(dim, 0)
     w = w.reshape(n_words // chunk_words, chunk_words, *w.shape[1:])
     mask = 2**bits - 1
     out = []
     for j in range(chunk_values):
         word, shift = divmod(bits * j, 32)
-        v = w[:, word] >> shift
-        if shift + bits > 32:
-            v = v | (w[:, word + 1] << (32 - shift))
-        out.append(v & mask)
-    values = torch.stack(out, dim=1).reshape(-1, *w.shape[2:]).to(torch.int32)
+        if shift + bits > 32:  # straddles into the next word (3-bit only)
+            low = (w[:, word] >> shift) & ((1 << (32 - shift)) - 1)
+            out.append((low | (w[:, word + 1] << (32 - shift))) & mask)
+        else:
+            out.append((w[:, word] >> shift) & mask)
+    values = torch.stack(out, dim=1).reshape(-1, *w.shape[2:])
     return values.movedim(0, dim).contiguous()
 
 
