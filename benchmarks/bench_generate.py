@@ -99,8 +99,7 @@ def main(argv=None) -> int:
     quantized = quantize_linears_rtn(copy.deepcopy(baseline), args.bits, args.group_size, progress=False)
     del baseline
     for backend in lightllm.available_backends():
-        impl = backends._REGISTRY.get("gptq_matmul", {}).get(backend)
-        if impl is None or not backends._runs_on(backend, impl, device.type):
+        if not backends.has_kernel("gptq_matmul", backend, device.type):
             continue
         if backend == "triton" and device.type == "cpu":
             continue  # the interpreter is orders of magnitude off; not a speed

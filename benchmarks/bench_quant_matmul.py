@@ -69,7 +69,7 @@ from _timing import (  # noqa: E402
 )
 
 import lightllm  # noqa: E402
-from lightllm.backends import BACKENDS, BackendUnavailableError, resolve, why_unavailable  # noqa: E402
+from lightllm.backends import BACKENDS, why_unavailable  # noqa: E402
 from lightllm.nn.quant_linear import QuantLinear  # noqa: E402
 from lightllm.ops import gptq as ops_gptq  # noqa: E402
 from lightllm.quantization.gptq_format import GPTQ_BITS, default_g_idx, unpack_gptq, values_per_chunk  # noqa: E402
@@ -301,14 +301,9 @@ def discover_impls(device: torch.device, wanted: list[str] | None, dtype: torch.
         name = OURS + backend
         if wanted and name not in wanted:
             continue
-        reason = why_unavailable(backend)
-        if reason is None:
-            try:
-                with lightllm.use_backend(backend):
-                    resolve(ops_gptq.MATMUL, device)
-            except BackendUnavailableError as exc:
-                reason = str(exc)
-        if reason is not None:
+        # Only backends with their own kernel: a backend without one would run the op's default.
+        if not lightllm.backends.has_kernel(ops_gptq.MATMUL, backend, device.type):
+            reason = why_unavailable(backend) or f"no {backend} kernel for {ops_gptq.MATMUL} on {device.type}"
             logger.info("skipping %s on %s: %s", name, device.type, reason)
             continue
         impls.append(_ours(backend, dtype))

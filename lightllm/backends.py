@@ -208,6 +208,13 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     return backend, impl.fn
 
 
+def has_kernel(op: str, backend: str, device_type: str) -> bool:
+    """Whether ``op`` has its own ``backend`` kernel for ``device_type`` tensors that can run here
+    (no fallback to the op's default counted)."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    return impl is not None and why_unavailable(backend) is None and _runs_on(backend, impl, device_type)
+
+
 def op_table() -> list[dict]:
     """Per op: implemented backends, the defaults for CPU and CUDA, and GPU verification records."""
     rows = []

@@ -7,7 +7,6 @@ import torch
 from lightllm import functional as F
 from lightllm.quantization import (
     detect_zero_convention,
-    dequantize_gptq,
     pack_gptq,
     pack_int,
     quantize_rtn,
