@@ -113,6 +113,67 @@ def _gptq_matmul_kernel(
         tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gptq_dequantize_kernel(
+    qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, N, K,
+    BITS: tl.constexpr, CHUNK_VALUES: tl.constexpr, CHUNK_WORDS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out [N, K] = W, one [BLOCK_K, BLOCK_N] tile of W^T per program (written transposed)."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    n_ok = offs_n < N
+    tile_ok = k_ok[:, None] & n_ok[None, :]
+    q_bit = BITS * (offs_k % CHUNK_VALUES)
+    q_word = (offs_k // CHUNK_VALUES) * CHUNK_WORDS + q_bit // 32
+    q_shift = q_bit % 32
+    w_lo = tl.load(qweight_ptr + q_word[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0)
+    if BITS == 3:
+        w_hi = tl.load(qweight_ptr + (q_word[:, None] + 1).to(tl.int64) * N + offs_n[None, :],
+                       mask=tile_ok & (q_shift[:, None] > 32 - BITS), other=0)
+    else:
+        w_hi = w_lo
+    q = _decode(w_lo, w_hi, q_shift[:, None], BITS)
+    z_bit = BITS * (offs_n % CHUNK_VALUES)
+    z_word = (offs_n // CHUNK_VALUES) * CHUNK_WORDS + z_bit // 32
+    z_shift = z_bit % 32
+    group = tl.load(g_idx_ptr + offs_k, mask=k_ok, other=0)
+    zrow = qzeros_ptr + group[:, None].to(tl.int64) * (N * BITS // 32)
+    z_lo = tl.load(zrow + z_word[None, :], mask=tile_ok, other=0)
+    if BITS == 3:
+        z_hi = tl.load(zrow + z_word[None, :] + 1, mask=tile_ok & (z_shift[None, :] > 32 - BITS), other=0)
+    else:
+        z_hi = z_lo
+    z = _decode(z_lo, z_hi, z_shift[None, :], BITS) + ZERO_OFFSET
+    scale = tl.load(scales_ptr + group[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0.0)
+    w = (q - z).to(tl.float32) * scale.to(tl.float32)
+    tl.store(out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int, zeros_v1: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` (computed in float32, rounded once)."""
+    n = qweight.shape[1]
+    k = g_idx.shape[0]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    if n == 0 or k == 0:
+        return out
+    chunk_values = 32 // math.gcd(32, bits)
+    block_k, block_n = (32, 32) if os.environ.get("TRITON_INTERPRET", "") == "1" else (64, 64)
+    guard = torch.cuda.device(qweight.device) if qweight.is_cuda else contextlib.nullcontext()
+    with guard:
+        _gptq_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+            qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), out, n, k,
+            BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
+            ZERO_OFFSET=1 if zeros_v1 else 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        )
+    return out
+
+
+# Rows from which dequantize + cuBLAS takes over (a placeholder until measured on a GPU).
+DEQUANTIZE_THEN_GEMM_ROWS = 256
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -146,11 +207,19 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     """``x [M, K] @ W^T + bias + lora_scale * lora_s @ lora_b^T`` -> [M, N] in x's dtype.
 
     ``split_k``: slices of K reduced with float32 atomics (default: chosen to fill the GPU).
+    From ``DEQUANTIZE_THEN_GEMM_ROWS`` rows on, the GEMM is compute-bound and the weight read is
+    amortized: dequantize once into a dense buffer and let cuBLAS do the GEMM.
     """
     m, k = x.shape
     n = qweight.shape[1]
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=x.dtype, device=x.device)
+    if m >= DEQUANTIZE_THEN_GEMM_ROWS and x.is_cuda:
+        weight = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
+        if lora_s is None:
+            return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        y = torch.nn.functional.linear(x, weight).float() + lora_scale * (lora_s.float() @ lora_b.float().t())
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     x = x.contiguous()
     chunk_values = 32 // math.gcd(32, bits)
     block_m, block_n, block_k, warps = _blocks(m)

@@ -301,3 +301,43 @@ def test_triton_split_k(split_k, bits):
     exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.5 * s.double() @ b.double().t()
     assert y.dtype == torch.float16
     assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
+
+
+def check_triton_dequantize(bits, act_order, dtype, device):
+    k, n = (96, 64) if bits == 3 else (80, 48)
+    module = QuantLinear.from_linear(make_linear(k, n, seed=bits), bits, 40, sym=False, checkpoint_format="gptq_v2")
+    if act_order:
+        state = module.state_dict()
+        state["g_idx"] = (torch.argsort(torch.randperm(k, generator=torch.Generator().manual_seed(bits))) // 40).int()
+        module.load_state_dict(state)
+    module.to(device)
+    with lightllm.use_backend("torch"):
+        ref = module.dequantize(dtype)
+    with lightllm.use_backend("triton"):
+        out = module.dequantize(dtype)
+    assert out.dtype == dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter rounds bf16 wrongly
+def test_triton_dequantize_matches_reference(bits, act_order, dtype):
+    if "triton" not in lightllm.available_backends():
+        pytest.skip("triton cannot run here")
+    check_triton_dequantize(bits, act_order, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_dequantize_matches_reference_gpu(bits, act_order, dtype):
+    check_triton_dequantize(bits, act_order, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [3, 4])
+def test_triton_large_m_dequantize_then_gemm_gpu(bits):
+    from lightllm.kernels.gptq import DEQUANTIZE_THEN_GEMM_ROWS
+
+    check_backend("triton", bits, 128, False, True, DEQUANTIZE_THEN_GEMM_ROWS + 3, torch.float16, "cuda", k=4160, n=1056)

@@ -6,8 +6,8 @@ only). The optional rank-r epilogue (``lora_s`` [M, r] in float32, ``lora_b`` [N
 quantized layer read the packed weight once: it is added in float32 before the single rounding
 to x's dtype. The reference dequantizes then calls
 ``F.linear``: that is cuBLAS on the dequantized weight, the accuracy bar for the fused kernels.
-Backends: the reference and a Triton dequant-matmul (kernels/gptq.py); the dequantize op is
-reference-only (it serves the backward pass and ``QuantLinear.dequantize``).
+Backends: the reference and Triton (kernels/gptq.py: a dequant-matmul, and a dequantize kernel
+that serves the backward pass, ``QuantLinear.dequantize`` and the large-M dequantize + cuBLAS path).
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_
 
 register(DEQUANTIZE, "torch", ("cpu", "cuda"))(gptq_dequantize_reference)
 register(MATMUL, "torch", ("cpu", "cuda"))(gptq_matmul_reference)
+
+
+@register(DEQUANTIZE, "triton", ("cuda", "cpu"))
+def _gptq_dequantize_triton(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype):
+    from ..kernels import gptq as triton_gptq
+
+    return triton_gptq.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
 
 
 @register(MATMUL, "triton", ("cuda", "cpu"))
