@@ -148,6 +148,22 @@ class Layer:
                 self._quant[bits] = QuantLinear.from_linear(self.linear, bits, self.group_size, sym=self.sym)
         return self._quant[bits]
 
+    def quant_act_order(self, bits: int) -> QuantLinear:
+        """The same codes with a random act-order g_idx (each group's columns scattered over K): the
+        module permutes them once at load, so the kernel sees contiguous groups plus an x gather."""
+        key = -bits
+        if key not in self._quant:
+            state = self.quant(bits).state_dict()
+            gs = self.k if self.group_size == -1 else self.group_size
+            order = torch.randperm(self.k, generator=torch.Generator().manual_seed(self.k + bits))
+            state["g_idx"] = (torch.argsort(order) // gs).to(torch.int32).to(self.device)
+            module = QuantLinear(self.k, self.n, bits, self.group_size, bias=False, device=self.device)
+            module.load_state_dict(state)
+            self._quant[key] = module
+            with lightllm.use_backend("torch"), torch.no_grad():
+                self._dequant64[key] = module.dequantize(torch.float64)
+        return self._quant[key]
+
     def dequantized64(self, bits: int) -> torch.Tensor:
         """The quantized weight [N, K] in float64, what every GPTQ backend multiplies by."""
         if bits not in self._dequant64:
@@ -191,15 +207,17 @@ class Impl:
     scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def _ours(backend: str, dtype: torch.dtype) -> Impl:
+def _ours(backend: str, dtype: torch.dtype, act_order: bool = False) -> Impl:
     def prepare(layer: Layer, bits: int) -> Prepared:
-        module = layer.quant(bits)
+        module = layer.quant_act_order(bits) if act_order else layer.quant(bits)
         # Bytes the kernel needs: codes, scales, zeros. g_idx (4 bytes per input column) is left out:
         # with sequential groups a kernel can compute the group from k, as tinygemm and bnb do.
         nbytes = module.qweight.nbytes + module.scales.nbytes + module.qzeros.nbytes
-        return Prepared(module, layer.dequantized64(bits), nbytes, layer.group_size)
+        weight64 = layer._dequant64[-bits] if act_order else layer.dequantized64(bits)
+        return Prepared(module, weight64, nbytes, layer.group_size)
 
-    return Impl(OURS + backend, backend, dtype, None, prepare, lambda: lightllm.use_backend(backend))
+    name = OURS + backend + ("+act-order" if act_order else "")
+    return Impl(name, backend, dtype, None, prepare, lambda: lightllm.use_backend(backend))
 
 
 def _cublas(dtype: torch.dtype) -> Impl:
@@ -295,7 +313,8 @@ def _bnb_nf4(device: torch.device) -> Impl | None:
     return Impl(BNB_NF4, f"bitsandbytes {bnb.__version__}", torch.float16, 4, prepare)
 
 
-def discover_impls(device: torch.device, wanted: list[str] | None, dtype: torch.dtype) -> list[Impl]:
+def discover_impls(device: torch.device, wanted: list[str] | None, dtype: torch.dtype,
+                   act_order: bool = False) -> list[Impl]:
     impls = []
     for backend in BACKENDS:
         name = OURS + backend
@@ -307,6 +326,8 @@ def discover_impls(device: torch.device, wanted: list[str] | None, dtype: torch.
             logger.info("skipping %s on %s: %s", name, device.type, reason)
             continue
         impls.append(_ours(backend, dtype))
+        if act_order:
+            impls.append(_ours(backend, dtype, act_order=True))
 
     if wanted and CUBLAS_FP16 not in wanted:
         logger.info("timing %s anyway: it is the denominator of every speedup", CUBLAS_FP16)
@@ -552,6 +573,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"bit widths of ours ({', '.join(map(str, GPTQ_BITS))}), each at every M "
                         "(default: 4 at every M and 3 at M=1). The torch-int4 and bnb-nf4 baselines are 4-bit.")
     p.add_argument("--group-size", type=_positive, default=128, help="GPTQ group size (default 128)")
+    p.add_argument("--act-order", action="store_true",
+                   help="also time each lightllm backend on the same codes with an act-order g_idx (target: at most "
+                        "5%% slower)")
     p.add_argument("--asym", action="store_true",
                    help="asymmetric RTN (a zero point per group) instead of the symmetric grid most GPTQ checkpoints "
                         "use; the kernels' work is the same, but it exercises the zero-point conversions")
@@ -623,7 +647,7 @@ def main(argv=None) -> int:
                 " ".join(f"{n}x{k}" for n, k in shapes), ms, {b: len(v) for b, v in plan.items()}, tags["commit"])
     busy = warn_if_busy(device)
 
-    impls = discover_impls(device, args.impl, DTYPES[args.dtype])
+    impls = discover_impls(device, args.impl, DTYPES[args.dtype], act_order=args.act_order)
     logger.info("implementations: %s", ", ".join(i.name for i in impls))
     if device.type == "cpu":
         logger.info("on the CPU the cublas-* rows are torch's CPU F.linear; Triton (if any) runs in its interpreter")

@@ -58,7 +58,7 @@ if wants blockwise; then
   step blockwise python benchmarks/bench_blockwise.py $QUICK --device cuda --out "$RESULTS/bench_blockwise.csv"
 fi
 if wants quant; then
-  step quant python benchmarks/bench_quant_matmul.py $QUICK --device cuda --out "$RESULTS/bench_quant_matmul.csv"
+  step quant python benchmarks/bench_quant_matmul.py $QUICK --act-order --device cuda --out "$RESULTS/bench_quant_matmul.csv"
   step generate python benchmarks/bench_generate.py $QUICK --device cuda --out "$RESULTS/bench_generate.csv"
 fi
 
