@@ -10,6 +10,7 @@
 #endif
 
 #include "blockwise.h"
+#include "gptq.h"
 
 namespace {
 
@@ -125,6 +126,91 @@ at::Tensor dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absma
   return out;
 }
 
+// ---- GPTQ (CUDA only) -----------------------------------------------------------------------
+void check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                const at::Tensor& g_idx, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.is_cuda(), op, ": the CUDA kernels take CUDA tensors, got qweight on ", qweight.device());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qzeros.scalar_type() == at::kInt && g_idx.scalar_type() == at::kInt,
+              op, ": qweight, qzeros and g_idx must be int32, got ", qweight.scalar_type(), ", ", qzeros.scalar_type(),
+              " and ", g_idx.scalar_type());
+  for (const at::Tensor* t : {&qzeros, &scales, &g_idx})
+    TORCH_CHECK(t->device() == qweight.device(), op, ": all tensors must be on ", qweight.device(), ", one is on ",
+                t->device());
+  TORCH_CHECK(qweight.dim() == 2 && qzeros.dim() == 2 && scales.dim() == 2 && g_idx.dim() == 1, op,
+              ": expected qweight [K*bits/32, N], qzeros [G, N*bits/32], scales [G, N], g_idx [K]");
+  const int64_t n = qweight.size(1), k = g_idx.size(0);
+  const int64_t chunk = bits == 3 ? 32 : 32 / bits;
+  TORCH_CHECK(k % chunk == 0 && qweight.size(0) == k * bits / 32, op, ": qweight ", qweight.sizes(), " does not hold K = ",
+              k, " (g_idx's length) ", bits, "-bit values; K must be a multiple of ", chunk);
+  TORCH_CHECK(n % chunk == 0 && qzeros.size(1) == n * bits / 32 && scales.size(1) == n && scales.size(0) == qzeros.size(0),
+              op, ": qzeros ", qzeros.sizes(), " and scales ", scales.sizes(), " do not match N = ", n, " at ", bits, " bits");
+  float_type_of(scales.scalar_type(), op, "scales");
+}
+
+at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                           const at::Tensor& g_idx, int64_t bits, bool zeros_v1, at::ScalarType dtype) {
+  constexpr const char* op = "gptq_dequantize";
+  check_gptq(op, qweight, qzeros, scales, g_idx, bits);
+  const FloatType out_type = float_type_of(dtype, op, "dtype");
+  const int64_t n = qweight.size(1), k = g_idx.size(0);
+  at::Tensor out = at::empty({n, k}, scales.options().dtype(dtype));
+  if (n == 0 || k == 0) return out;
+#ifdef LIGHTLLM_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const at::Tensor qw = qweight.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(), gi = g_idx.contiguous();
+  check_launch(op, lightllm::launch_gptq_dequantize(
+                       qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(), sc.data_ptr(),
+                       float_type_of(sc.scalar_type(), op, "scales"), gi.data_ptr<int32_t>(), n, k, static_cast<int>(bits),
+                       zeros_v1 ? 1 : 0, out.data_ptr(), out_type, c10::cuda::getCurrentCUDAStream().stream()));
+#else
+  TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
+#endif
+  return out;
+}
+
+at::Tensor gptq_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                       const at::Tensor& g_idx, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_b,
+                       double lora_scale, int64_t bits, bool zeros_v1) {
+  constexpr const char* op = "gptq_matmul";
+  check_gptq(op, qweight, qzeros, scales, g_idx, bits);
+  const FloatType x_type = float_type_of(x.scalar_type(), op, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == g_idx.size(0), op, ": x must be [M, K] with K = ", g_idx.size(0), ", got ",
+              x.sizes());
+  TORCH_CHECK(x.device() == qweight.device(), op, ": x is on ", x.device(), " but the weight is on ", qweight.device());
+  const int64_t m = x.size(0), n = qweight.size(1), k = x.size(1);
+#ifdef LIGHTLLM_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor acc;  // float32 [M, N] when the epilogue needs one
+  if (m <= lightllm::kGptqGemvMaxRows) {
+    const at::Tensor xc = x.contiguous(), qw = qweight.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(),
+                     gi = g_idx.contiguous();
+    acc = at::zeros({m, n}, x.options().dtype(at::kFloat));
+    if (m > 0 && n > 0 && k > 0)
+      check_launch(op, lightllm::launch_gptq_gemv(
+                           xc.data_ptr(), x_type, m, k, qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(), sc.data_ptr(),
+                           float_type_of(sc.scalar_type(), op, "scales"), gi.data_ptr<int32_t>(), n,
+                           static_cast<int>(bits), zeros_v1 ? 1 : 0, acc.data_ptr<float>(),
+                           c10::cuda::getCurrentCUDAStream().stream()));
+  } else {
+    // Compute-bound: dequantize once, then cuBLAS.
+    const at::Tensor weight = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.scalar_type());
+    if (!lora_s.has_value()) return at::linear(x, weight, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
+    acc = at::linear(x, weight).to(at::kFloat);
+  }
+  if (lora_s.has_value()) {
+    TORCH_CHECK(lora_b.has_value(), op, ": lora_s given without lora_b");
+    acc.addmm_(lora_s->to(at::kFloat), lora_b->to(at::kFloat).t(), 1.0, lora_scale);
+  }
+  if (bias.has_value()) acc.add_(bias->to(at::kFloat));
+  return acc.to(x.scalar_type());
+#else
+  (void)m; (void)n; (void)k; (void)x_type;
+  TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
+#endif
+}
+
 bool built_with_cuda() {
 #ifdef LIGHTLLM_WITH_CUDA
   return true;
@@ -141,6 +227,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("code"), py::arg("blocksize"));
   m.def("dequantize_blockwise", &dequantize_blockwise, "block-wise 8-bit dequantization (CPU or CUDA tensor)",
         py::arg("codes"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("dtype"));
+  m.def("gptq_dequantize", &gptq_dequantize, "GPTQ weight -> dense [N, K] (CUDA tensors)", py::arg("qweight"),
+        py::arg("qzeros"), py::arg("scales"), py::arg("g_idx"), py::arg("bits"), py::arg("zeros_v1"), py::arg("dtype"));
+  m.def("gptq_matmul", &gptq_matmul, "x @ W^T + bias + s * S B^T with W in the GPTQ layout (CUDA tensors)",
+        py::arg("x"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"), py::arg("g_idx"), py::arg("bias"),
+        py::arg("lora_s"), py::arg("lora_b"), py::arg("lora_scale"), py::arg("bits"), py::arg("zeros_v1"));
   m.def("built_with_cuda", &built_with_cuda);
   m.attr("torch_version") = LIGHTLLM_TORCH_VERSION;
 #ifdef LIGHTLLM_WITH_CUDA

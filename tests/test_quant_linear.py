@@ -257,14 +257,20 @@ def test_triton_matches_reference_cpu(case):
     check_backend("triton", *case, device="cpu")
 
 
+def _need_gpu_kernel(backend, op="gptq_matmul"):
+    if not lightllm.backends.has_kernel(op, backend, "cuda"):
+        pytest.skip(f"no {backend} kernel for {op} here: {lightllm.backends.why_unavailable(backend)}")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_backend_matches_reference_gpu(backend, bits, group_size, sym, act_order):
-    for m in (1, 2, 3, 7, 16, 33, 128):
+    _need_gpu_kernel(backend)
+    for m in (1, 3, 8, 9, 33, 128):  # both sides of the CUDA GEMV limit (8 rows)
         for dtype in DTYPES:
             check_backend(backend, bits, group_size, sym, act_order, m, dtype, "cuda", k=4160, n=1056)
 
@@ -303,7 +309,7 @@ def test_triton_split_k(split_k, bits):
     assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
 
 
-def check_triton_dequantize(bits, act_order, dtype, device):
+def check_triton_dequantize(bits, act_order, dtype, device, backend="triton"):
     k, n = (96, 64) if bits == 3 else (80, 48)
     module = QuantLinear.from_linear(make_linear(k, n, seed=bits), bits, 40, sym=False, checkpoint_format="gptq_v2")
     if act_order:
@@ -313,7 +319,7 @@ def check_triton_dequantize(bits, act_order, dtype, device):
     module.to(device)
     with lightllm.use_backend("torch"):
         ref = module.dequantize(dtype)
-    with lightllm.use_backend("triton"):
+    with lightllm.use_backend(backend):
         out = module.dequantize(dtype)
     assert out.dtype == dtype and torch.equal(out, ref)
 
@@ -328,16 +334,47 @@ def test_triton_dequantize_matches_reference(bits, act_order, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_dequantize_matches_reference_gpu(bits, act_order, dtype):
-    check_triton_dequantize(bits, act_order, dtype, "cuda")
+def test_dequantize_matches_reference_gpu(backend, bits, act_order, dtype):
+    _need_gpu_kernel(backend, "gptq_dequantize")
+    check_triton_dequantize(bits, act_order, dtype, "cuda", backend)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("bits", [3, 4])
-def test_triton_large_m_dequantize_then_gemm_gpu(bits):
+def test_large_m_dequantize_then_gemm_gpu(backend, bits):
     from lightllm.kernels.gptq import DEQUANTIZE_THEN_GEMM_ROWS
 
-    check_backend("triton", bits, 128, False, True, DEQUANTIZE_THEN_GEMM_ROWS + 3, torch.float16, "cuda", k=4160, n=1056)
+    _need_gpu_kernel(backend)
+    check_backend(backend, bits, 128, False, True, DEQUANTIZE_THEN_GEMM_ROWS + 3, torch.float16, "cuda", k=4160, n=1056)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_lora_epilogue_gpu(backend, m):
+    _need_gpu_kernel(backend)
+    q = QuantLinear.from_linear(make_linear(4096, 1024, seed=m), 4, 128).cuda()
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 4096, generator=gen).half().cuda()
+    s = torch.randn(m, 16, generator=gen).cuda()
+    b = torch.randn(1024, 16, generator=gen).half().cuda()
+    with lightllm.use_backend(backend):
+        y = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, s, b, 0.5, 4, True)
+    exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.5 * s.double() @ b.double().t()
+    assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
+
+
+def test_native_gptq_kernels_check_their_arguments():
+    native = lightllm._native.native_module()
+    if native is None:
+        pytest.skip("lightllm._C is not built in this install")
+    q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8, got 5"):
+        native.gptq_dequantize(q.qweight, q.qzeros, q.scales, q.g_idx, 5, True, torch.float16)
+    with pytest.raises(RuntimeError, match="the CUDA kernels take CUDA tensors"):
+        native.gptq_matmul(torch.randn(2, 64), q.qweight, q.qzeros, q.scales, q.g_idx, None, None, None, 0.0, 4, True)

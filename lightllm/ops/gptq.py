@@ -6,14 +6,16 @@ only). The optional rank-r epilogue (``lora_s`` [M, r] in float32, ``lora_b`` [N
 quantized layer read the packed weight once: it is added in float32 before the single rounding
 to x's dtype. The reference dequantizes then calls
 ``F.linear``: that is cuBLAS on the dequantized weight, the accuracy bar for the fused kernels.
-Backends: the reference and Triton (kernels/gptq.py: a dequant-matmul, and a dequantize kernel
-that serves the backward pass, ``QuantLinear.dequantize`` and the large-M dequantize + cuBLAS path).
+Backends: the reference; Triton (kernels/gptq.py: a dequant-matmul, and a dequantize kernel that
+serves the backward pass, ``QuantLinear.dequantize`` and the large-M dequantize + cuBLAS path); CUDA
+(csrc/gptq.cu: a small-M GEMV on the checkpoint layout, dequantize + cuBLAS above 8 rows).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _native
 from ..backends import register, resolve
 from ..quantization.gptq_format import dequantize_gptq
 
@@ -44,6 +46,17 @@ def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_
 
 register(DEQUANTIZE, "torch", ("cpu", "cuda"))(gptq_dequantize_reference)
 register(MATMUL, "torch", ("cpu", "cuda"))(gptq_matmul_reference)
+
+
+@register(DEQUANTIZE, "cuda", ("cuda",))
+def _gptq_dequantize_cuda(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype):
+    return _native.native_module().gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
+
+
+@register(MATMUL, "cuda", ("cuda",))
+def _gptq_matmul_cuda(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale, bits, zeros_v1):
+    return _native.native_module().gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale,
+                                               bits, zeros_v1)
 
 
 @register(DEQUANTIZE, "triton", ("cuda", "cpu"))

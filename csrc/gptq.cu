@@ -1,0 +1,234 @@
+// GPTQ dequant-matmul on CUDA: a small-M GEMV that reads the checkpoint layout directly, and a
+// dequantize kernel for large M (dequantize once, then cuBLAS) and for the backward pass.
+//
+// Decoding is the same for every bit width: along the packed axis, a run of CHUNK values fills
+// CHUNK_WORDS int32 words as one little-endian bit stream (value j at bit BITS * j), so with j
+// unrolled every shift is a compile-time constant; only 3-bit values can straddle two words.
+//
+// This first version favours plain, checkable code: one output column per thread (a warp reads
+// 128 contiguous bytes per packed row), x for the CTA's K slice staged in shared memory as float,
+// the group's scale and zero reloaded only when the group changes (uniform across the CTA), and
+// float32 arithmetic throughout, so W matches the reference bit for bit. The magic-number int-to-
+// half conversion, wider loads and tensor cores are the next steps, to be measured on a GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "gptq.h"
+
+namespace lightllm {
+namespace {
+
+constexpr int kThreads = 128;  // output columns per CTA
+constexpr int kSlice = 512;    // K values per CTA (a multiple of every chunk: 16, 32, 8, 4)
+
+template <int BITS>
+struct Packing {
+  static constexpr int kChunk = BITS == 3 ? 32 : 32 / BITS;  // values per run of whole words
+  static constexpr int kWords = kChunk * BITS / 32;
+  static constexpr uint32_t kMask = (1u << BITS) - 1;
+
+  // Value j of a run held in words[0 .. kWords).
+  template <int J>
+  __device__ __forceinline__ static uint32_t value(const uint32_t (&words)[kWords]) {
+    constexpr int bit = BITS * J, word = bit / 32, shift = bit % 32;
+    uint32_t v = words[word] >> shift;
+    if constexpr (shift + BITS > 32) v |= words[word + 1] << (32 - shift);
+    return v & kMask;
+  }
+
+  // The packed value of column (or row) `index` along a packed axis, from a row of words.
+  __device__ __forceinline__ static uint32_t value_at(const int32_t* row, int64_t index) {
+    const int bit = BITS * static_cast<int>(index % kChunk);
+    const int64_t word = (index / kChunk) * kWords + bit / 32;
+    const int shift = bit % 32;
+    uint32_t v = static_cast<uint32_t>(__ldg(row + word)) >> shift;
+    if (shift + BITS > 32) v |= static_cast<uint32_t>(__ldg(row + word + 1)) << (32 - shift);
+    return v & kMask;
+  }
+};
+
+__device__ __forceinline__ float load_float(const void* p, FloatType t, int64_t i) {
+  switch (t) {
+    case FloatType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case FloatType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Scale and zero of group g for column n, as float (zero includes the v1 offset).
+template <int BITS>
+__device__ __forceinline__ void group_params(const int32_t* qzeros, const void* scales, FloatType scales_type,
+                                             int64_t n_total, int64_t n, int g, int zero_offset, float& s, float& z) {
+  s = load_float(scales, scales_type, static_cast<int64_t>(g) * n_total + n);
+  const int32_t* zrow = qzeros + static_cast<int64_t>(g) * (n_total * BITS / 32);
+  z = static_cast<float>(static_cast<int>(Packing<BITS>::value_at(zrow, n)) + zero_offset);
+}
+
+template <int BITS, typename TX>
+__global__ void __launch_bounds__(kThreads)
+gptq_gemv_kernel(const TX* __restrict__ x, int rows, int64_t k_total, const int32_t* __restrict__ qweight,
+                 const int32_t* __restrict__ qzeros, const void* __restrict__ scales, FloatType scales_type,
+                 const int32_t* __restrict__ g_idx, int64_t n_total, int zero_offset, float* __restrict__ out) {
+  using P = Packing<BITS>;
+  __shared__ float xs[kGptqGemvMaxRows][kSlice];
+  __shared__ int groups[kSlice];
+
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kSlice;
+  const int64_t k1 = k0 + kSlice < k_total ? k0 + kSlice : k_total;
+  for (int i = threadIdx.x; i < kSlice; i += kThreads) {
+    const int64_t k = k0 + i;
+    groups[i] = k < k1 ? __ldg(g_idx + k) : 0;
+#pragma unroll
+    for (int m = 0; m < kGptqGemvMaxRows; ++m)
+      xs[m][i] = (m < rows && k < k1) ? to_float(x[m * k_total + k]) : 0.0f;
+  }
+  __syncthreads();
+
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= n_total) return;  // no barrier below
+
+  float acc[kGptqGemvMaxRows] = {};
+  int current_group = -1;
+  float s = 0.0f, z = 0.0f;
+  // K is a multiple of the chunk (the packed layout's requirement), and so is every slice start.
+  for (int64_t c = k0; c < k1; c += P::kChunk) {
+    uint32_t words[P::kWords];
+    const int64_t row = (c / P::kChunk) * P::kWords;
+#pragma unroll
+    for (int w = 0; w < P::kWords; ++w) words[w] = static_cast<uint32_t>(__ldg(qweight + (row + w) * n_total + n));
+    const int local = static_cast<int>(c - k0);
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      (([&] {
+         const int g = groups[local + J];
+         if (g != current_group) {  // the same for every thread of the CTA: no divergence
+           current_group = g;
+           group_params<BITS>(qzeros, scales, scales_type, n_total, n, g, zero_offset, s, z);
+         }
+         const float w = __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words)), z), s);
+#pragma unroll
+         for (int m = 0; m < kGptqGemvMaxRows; ++m)
+           if (m < rows) acc[m] = fmaf(xs[m][local + J], w, acc[m]);
+       }()),
+       ...);
+    }(std::make_integer_sequence<int, P::kChunk>{});
+  }
+#pragma unroll
+  for (int m = 0; m < kGptqGemvMaxRows; ++m)
+    if (m < rows) atomicAdd(out + m * n_total + n, acc[m]);
+}
+
+// One thread per (run of K values, column): decodes a run and writes it along K.
+template <int BITS, typename TO>
+__global__ void __launch_bounds__(256)
+gptq_dequantize_kernel(const int32_t* __restrict__ qweight, const int32_t* __restrict__ qzeros,
+                       const void* __restrict__ scales, FloatType scales_type, const int32_t* __restrict__ g_idx,
+                       int64_t n_total, int64_t k_total, int zero_offset, TO* __restrict__ out) {
+  using P = Packing<BITS>;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * P::kChunk;
+  if (n >= n_total || c >= k_total) return;
+  uint32_t words[P::kWords];
+  const int64_t row = (c / P::kChunk) * P::kWords;
+#pragma unroll
+  for (int w = 0; w < P::kWords; ++w) words[w] = static_cast<uint32_t>(__ldg(qweight + (row + w) * n_total + n));
+  int current_group = -1;
+  float s = 0.0f, z = 0.0f;
+  TO* dst = out + n * k_total + c;
+  [&]<int... J>(std::integer_sequence<int, J...>) {
+    (([&] {
+       const int g = __ldg(g_idx + c + J);
+       if (g != current_group) {
+         current_group = g;
+         group_params<BITS>(qzeros, scales, scales_type, n_total, n, g, zero_offset, s, z);
+       }
+       store_as(dst + J, __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words)), z), s));
+     }()),
+     ...);
+  }(std::make_integer_sequence<int, P::kChunk>{});
+}
+
+template <int BITS, typename TX>
+int gemv_typed(const TX* x, int64_t m, int64_t k, const int32_t* qweight, const int32_t* qzeros, const void* scales,
+               FloatType scales_type, const int32_t* g_idx, int64_t n, int zero_offset, float* out, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>((k + kSlice - 1) / kSlice));
+  gptq_gemv_kernel<BITS, TX><<<grid, kThreads, 0, stream>>>(x, static_cast<int>(m), k, qweight, qzeros, scales,
+                                                            scales_type, g_idx, n, zero_offset, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int BITS, typename TO>
+int dequantize_typed(const int32_t* qweight, const int32_t* qzeros, const void* scales, FloatType scales_type,
+                     const int32_t* g_idx, int64_t n, int64_t k, int zero_offset, TO* out, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(k / Packing<BITS>::kChunk));
+  gptq_dequantize_kernel<BITS, TO><<<grid, 256, 0, stream>>>(qweight, qzeros, scales, scales_type, g_idx, n, k,
+                                                              zero_offset, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int BITS>
+int gemv_bits(const void* x, FloatType x_type, int64_t m, int64_t k, const int32_t* qweight, const int32_t* qzeros,
+              const void* scales, FloatType scales_type, const int32_t* g_idx, int64_t n, int zero_offset, float* out,
+              cudaStream_t stream) {
+  switch (x_type) {
+    case FloatType::kFloat16:
+      return gemv_typed<BITS>(static_cast<const __half*>(x), m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out, stream);
+    case FloatType::kBFloat16:
+      return gemv_typed<BITS>(static_cast<const __nv_bfloat16*>(x), m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out, stream);
+    default:
+      return gemv_typed<BITS>(static_cast<const float*>(x), m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out, stream);
+  }
+}
+
+template <int BITS>
+int dequantize_bits(const int32_t* qweight, const int32_t* qzeros, const void* scales, FloatType scales_type,
+                    const int32_t* g_idx, int64_t n, int64_t k, int zero_offset, void* out, FloatType out_type,
+                    cudaStream_t stream) {
+  switch (out_type) {
+    case FloatType::kFloat16:
+      return dequantize_typed<BITS>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, static_cast<__half*>(out), stream);
+    case FloatType::kBFloat16:
+      return dequantize_typed<BITS>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, static_cast<__nv_bfloat16*>(out), stream);
+    default:
+      return dequantize_typed<BITS>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, static_cast<float*>(out), stream);
+  }
+}
+
+}  // namespace
+
+int launch_gptq_gemv(const void* x, FloatType x_type, int64_t m, int64_t k, const int32_t* qweight,
+                     const int32_t* qzeros, const void* scales, FloatType scales_type, const int32_t* g_idx,
+                     int64_t n, int bits, int zero_offset, float* out_f32, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (bits) {
+    case 2: return gemv_bits<2>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
+    case 3: return gemv_bits<3>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
+    case 4: return gemv_bits<4>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
+    case 8: return gemv_bits<8>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+int launch_gptq_dequantize(const int32_t* qweight, const int32_t* qzeros, const void* scales,
+                           FloatType scales_type, const int32_t* g_idx, int64_t n, int64_t k, int bits,
+                           int zero_offset, void* out, FloatType out_type, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (bits) {
+    case 2: return dequantize_bits<2>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, out, out_type, s);
+    case 3: return dequantize_bits<3>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, out, out_type, s);
+    case 4: return dequantize_bits<4>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, out, out_type, s);
+    case 8: return dequantize_bits<8>(qweight, qzeros, scales, scales_type, g_idx, n, k, zero_offset, out, out_type, s);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace lightllm
