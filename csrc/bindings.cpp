@@ -144,7 +144,9 @@ void check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qze
   TORCH_CHECK(k % chunk == 0 && qweight.size(0) == k * bits / 32, op, ": qweight ", qweight.sizes(), " does not hold K = ",
               k, " (g_idx's length) ", bits, "-bit values; K must be a multiple of ", chunk);
   TORCH_CHECK(n % chunk == 0 && qzeros.size(1) == n * bits / 32 && scales.size(1) == n && scales.size(0) == qzeros.size(0),
-              op, ": qzeros ", qzeros.sizes(), " and scales ", scales.sizes(), " do not match N = ", n, " at ", bits, " bits");
+              op, ": qzeros ", qzeros.sizes(), " and scales ", scales.sizes(), " do not match N = ", n, " at ", bits,
+              " bits (N must be a multiple of ", chunk, ")");
+  TORCH_CHECK(k == 0 || scales.size(0) > 0, op, ": scales and qzeros hold no groups for K = ", k);
   float_type_of(scales.scalar_type(), op, "scales");
 }
 
@@ -180,6 +182,15 @@ at::Tensor gptq_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
               x.sizes());
   TORCH_CHECK(x.device() == qweight.device(), op, ": x is on ", x.device(), " but the weight is on ", qweight.device());
   const int64_t m = x.size(0), n = qweight.size(1), k = x.size(1);
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->device() == x.device(), op, ": bias must be [", n,
+                "] on ", x.device(), ", got ", bias->sizes(), " on ", bias->device());
+  TORCH_CHECK(lora_s.has_value() == lora_b.has_value(), op, ": lora_s and lora_b go together");
+  if (lora_s.has_value())
+    TORCH_CHECK(lora_s->dim() == 2 && lora_b->dim() == 2 && lora_s->size(0) == m && lora_b->size(0) == n &&
+                    lora_s->size(1) == lora_b->size(1) && lora_s->device() == x.device() && lora_b->device() == x.device(),
+                op, ": lora_s must be [M, r] and lora_b [N, r] on x's device; got ", lora_s->sizes(), " and ",
+                lora_b->sizes(), " for M = ", m, ", N = ", n);
 #ifdef LIGHTLLM_WITH_CUDA
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor acc;  // float32 [M, N] when the epilogue needs one
@@ -200,7 +211,6 @@ at::Tensor gptq_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
     acc = at::linear(x, weight).to(at::kFloat);
   }
   if (lora_s.has_value()) {
-    TORCH_CHECK(lora_b.has_value(), op, ": lora_s given without lora_b");
     acc.addmm_(lora_s->to(at::kFloat), lora_b->to(at::kFloat).t(), 1.0, lora_scale);
   }
   if (bias.has_value()) acc.add_(bias->to(at::kFloat));

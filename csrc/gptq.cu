@@ -6,10 +6,12 @@
 // unrolled every shift is a compile-time constant; only 3-bit values can straddle two words.
 //
 // This first version favours plain, checkable code: one output column per thread (a warp reads
-// 128 contiguous bytes per packed row), x for the CTA's K slice staged in shared memory as float,
-// the group's scale and zero reloaded only when the group changes (uniform across the CTA), and
-// float32 arithmetic throughout, so W matches the reference bit for bit. The magic-number int-to-
-// half conversion, wider loads and tensor cores are the next steps, to be measured on a GPU.
+// 128 contiguous bytes per packed row, four runs loaded before any is used), x for the CTA's K
+// slice staged in shared memory as float, the group's scale and zero reloaded only when the group
+// changes (uniform across the CTA), and float32 arithmetic throughout: W is the reference's
+// float32 weight exactly (the reference then rounds it to x's dtype, the GEMV does not). Wider
+// loads (16 B covering 4 columns), M as a template parameter, the magic-number conversion and
+// tensor cores are the next steps, to be measured on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -101,26 +103,41 @@ gptq_gemv_kernel(const TX* __restrict__ x, int rows, int64_t k_total, const int3
   int current_group = -1;
   float s = 0.0f, z = 0.0f;
   // K is a multiple of the chunk (the packed layout's requirement), and so is every slice start.
-  for (int64_t c = k0; c < k1; c += P::kChunk) {
-    uint32_t words[P::kWords];
-    const int64_t row = (c / P::kChunk) * P::kWords;
+  // Runs are taken kBatch at a time, all their words loaded before any is decoded, so that
+  // several loads are in flight per thread.
+  constexpr int kBatch = 4;
+  for (int64_t c0 = k0; c0 < k1; c0 += kBatch * P::kChunk) {
+    uint32_t words[kBatch][P::kWords];
 #pragma unroll
-    for (int w = 0; w < P::kWords; ++w) words[w] = static_cast<uint32_t>(__ldg(qweight + (row + w) * n_total + n));
-    const int local = static_cast<int>(c - k0);
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      (([&] {
-         const int g = groups[local + J];
-         if (g != current_group) {  // the same for every thread of the CTA: no divergence
-           current_group = g;
-           group_params<BITS>(qzeros, scales, scales_type, n_total, n, g, zero_offset, s, z);
-         }
-         const float w = __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words)), z), s);
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t row = (c0 / P::kChunk + b) * P::kWords;
 #pragma unroll
-         for (int m = 0; m < kGptqGemvMaxRows; ++m)
-           if (m < rows) acc[m] = fmaf(xs[m][local + J], w, acc[m]);
-       }()),
-       ...);
-    }(std::make_integer_sequence<int, P::kChunk>{});
+      for (int w = 0; w < P::kWords; ++w)
+        words[b][w] = c0 + b * P::kChunk < k1 ? static_cast<uint32_t>(__ldg(qweight + (row + w) * n_total + n)) : 0u;
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (c0 + b * P::kChunk >= k1) break;
+      const int local = static_cast<int>(c0 - k0) + b * P::kChunk;
+      // Each run is summed on its own, then added: shorter float32 chains than one per slice.
+      float run[kGptqGemvMaxRows] = {};
+      [&]<int... J>(std::integer_sequence<int, J...>) {
+        (([&] {
+           const int g = groups[local + J];
+           if (g != current_group) {  // the same for every thread of the CTA: no divergence
+             current_group = g;
+             group_params<BITS>(qzeros, scales, scales_type, n_total, n, g, zero_offset, s, z);
+           }
+           const float w = __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words[b])), z), s);
+#pragma unroll
+           for (int m = 0; m < kGptqGemvMaxRows; ++m)
+             if (m < rows) run[m] = fmaf(xs[m][local + J], w, run[m]);
+         }()),
+         ...);
+      }(std::make_integer_sequence<int, P::kChunk>{});
+#pragma unroll
+      for (int m = 0; m < kGptqGemvMaxRows; ++m) acc[m] += run[m];
+    }
   }
 #pragma unroll
   for (int m = 0; m < kGptqGemvMaxRows; ++m)
@@ -134,8 +151,8 @@ gptq_dequantize_kernel(const int32_t* __restrict__ qweight, const int32_t* __res
                        const void* __restrict__ scales, FloatType scales_type, const int32_t* __restrict__ g_idx,
                        int64_t n_total, int64_t k_total, int zero_offset, TO* __restrict__ out) {
   using P = Packing<BITS>;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * P::kChunk;
+  const int64_t n = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * P::kChunk;
   if (n >= n_total || c >= k_total) return;
   uint32_t words[P::kWords];
   const int64_t row = (c / P::kChunk) * P::kWords;
@@ -169,7 +186,8 @@ int gemv_typed(const TX* x, int64_t m, int64_t k, const int32_t* qweight, const 
 template <int BITS, typename TO>
 int dequantize_typed(const int32_t* qweight, const int32_t* qzeros, const void* scales, FloatType scales_type,
                      const int32_t* g_idx, int64_t n, int64_t k, int zero_offset, TO* out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(k / Packing<BITS>::kChunk));
+  // Runs of K on x (up to 2^31 - 1 blocks), columns on y (N / 256 stays far below 65535).
+  const dim3 grid(static_cast<unsigned>(k / Packing<BITS>::kChunk), static_cast<unsigned>((n + 255) / 256));
   gptq_dequantize_kernel<BITS, TO><<<grid, 256, 0, stream>>>(qweight, qzeros, scales, scales_type, g_idx, n, k,
                                                               zero_offset, out);
   return static_cast<int>(cudaGetLastError());

@@ -378,3 +378,12 @@ def test_native_gptq_kernels_check_their_arguments():
         native.gptq_dequantize(q.qweight, q.qzeros, q.scales, q.g_idx, 5, True, torch.float16)
     with pytest.raises(RuntimeError, match="the CUDA kernels take CUDA tensors"):
         native.gptq_matmul(torch.randn(2, 64), q.qweight, q.qzeros, q.scales, q.g_idx, None, None, None, 0.0, 4, True)
+
+
+def test_g_idx_out_of_range_is_refused_at_load():
+    q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
+    state = q.state_dict()
+    state["g_idx"] = state["g_idx"].clone()
+    state["g_idx"][5] = 7
+    with pytest.raises(ValueError, match=r"g_idx holds groups 0..7 but scales and qzeros hold 2 groups"):
+        QuantLinear(64, 32, 4, 32).load_state_dict(state)

@@ -85,6 +85,10 @@ class QuantLinear(nn.Module):
         """Buffers in checkpoint layout -> kernel layout (groups contiguous along K). Synchronizes."""
         self._perm = None
         g = self.g_idx
+        groups = self.scales.shape[0]
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
+            raise ValueError(f"QuantLinear: g_idx holds groups {int(g.min())}..{int(g.max())} but scales and qzeros hold "
+                             f"{groups} groups (in_features={self.in_features}, group_size={self.group_size})")
         if g.numel() > 1 and not bool((g[1:] >= g[:-1]).all()):
             perm = torch.argsort(g, stable=True)
             q = gptq_format.unpack_int(self.qweight, self.bits, dim=0)
