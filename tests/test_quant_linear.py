@@ -385,5 +385,8 @@ def test_g_idx_out_of_range_is_refused_at_load():
     state = q.state_dict()
     state["g_idx"] = state["g_idx"].clone()
     state["g_idx"][5] = 7
+    target = QuantLinear.from_linear(make_linear(64, 32, seed=1), 4, 32)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(ValueError, match=r"g_idx holds groups 0..7 but scales and qzeros hold 2 groups"):
-        QuantLinear(64, 32, 4, 32).load_state_dict(state)
+        target.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), "a failed load changes nothing"

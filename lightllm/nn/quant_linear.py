@@ -111,6 +111,14 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"], destination[prefix + "g_idx"] = self._checkpoint_layout()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Refuse a g_idx that points outside the groups before anything is copied in.
+        g_idx, scales = state_dict.get(prefix + "g_idx"), state_dict.get(prefix + "scales")
+        if g_idx is not None and g_idx.numel():
+            groups = (scales if scales is not None else self.scales).shape[0]
+            low, high = int(g_idx.min()), int(g_idx.max())
+            if low < 0 or high >= groups:
+                raise ValueError(f"QuantLinear: {prefix}g_idx holds groups {low}..{high} but scales and qzeros hold "
+                                 f"{groups} groups (in_features={self.in_features}, group_size={self.group_size})")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._to_kernel_layout()
 
