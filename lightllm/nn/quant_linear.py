@@ -85,10 +85,7 @@ class QuantLinear(nn.Module):
         """Buffers in checkpoint layout -> kernel layout (groups contiguous along K). Synchronizes."""
         self._perm = None
         g = self.g_idx
-        groups = self.scales.shape[0]
-        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
-            raise ValueError(f"QuantLinear: g_idx holds groups {int(g.min())}..{int(g.max())} but scales and qzeros hold "
-                             f"{groups} groups (in_features={self.in_features}, group_size={self.group_size})")
+        self._check_groups(g, self.scales.shape[0])
         if g.numel() > 1 and not bool((g[1:] >= g[:-1]).all()):
             perm = torch.argsort(g, stable=True)
             q = gptq_format.unpack_int(self.qweight, self.bits, dim=0)
@@ -96,6 +93,12 @@ class QuantLinear(nn.Module):
             self.g_idx.copy_(g[perm])
             self._perm = perm
         self._layout_stamp = self._stamp()
+
+    def _check_groups(self, g_idx: torch.Tensor, groups: int, prefix: str = "") -> None:
+        """g_idx must name existing groups: the kernels index scales and qzeros with it unchecked."""
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise ValueError(f"QuantLinear: {prefix}g_idx holds groups {int(g_idx.min())}..{int(g_idx.max())} but scales "
+                             f"and qzeros hold {groups} groups (in_features={self.in_features}, group_size={self.group_size})")
 
     def _checkpoint_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight, g_idx) in the checkpoint's column order."""
@@ -113,12 +116,8 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Refuse a g_idx that points outside the groups before anything is copied in.
         g_idx, scales = state_dict.get(prefix + "g_idx"), state_dict.get(prefix + "scales")
-        if g_idx is not None and g_idx.numel():
-            groups = (scales if scales is not None else self.scales).shape[0]
-            low, high = int(g_idx.min()), int(g_idx.max())
-            if low < 0 or high >= groups:
-                raise ValueError(f"QuantLinear: {prefix}g_idx holds groups {low}..{high} but scales and qzeros hold "
-                                 f"{groups} groups (in_features={self.in_features}, group_size={self.group_size})")
+        if g_idx is not None:
+            self._check_groups(g_idx, (scales if scales is not None else self.scales).shape[0], prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._to_kernel_layout()
 
