@@ -38,6 +38,38 @@ def _decode(words_lo, words_hi, shift, BITS: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_ok, n_ok, N,
+                 BITS: tl.constexpr, CHUNK_VALUES: tl.constexpr, CHUNK_WORDS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+    """W^T[offs_k, offs_n] in float32: codes, the group's zero and scale, (q - z) * s."""
+    tile_ok = k_ok[:, None] & n_ok[None, :]
+    q_bit = BITS * (offs_k % CHUNK_VALUES)
+    q_word = (offs_k // CHUNK_VALUES) * CHUNK_WORDS + q_bit // 32
+    q_shift = q_bit % 32
+    w_lo = tl.load(qweight_ptr + q_word[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0)
+    if BITS == 3:
+        w_hi = tl.load(qweight_ptr + (q_word[:, None] + 1).to(tl.int64) * N + offs_n[None, :],
+                       mask=tile_ok & (q_shift[:, None] > 32 - BITS), other=0)
+    else:
+        w_hi = w_lo
+    q = _decode(w_lo, w_hi, q_shift[:, None], BITS)
+
+    # The group is loaded once per K row; zeros are packed along N in the group's qzeros row.
+    group = tl.load(g_idx_ptr + offs_k, mask=k_ok, other=0)
+    z_bit = BITS * (offs_n % CHUNK_VALUES)
+    z_word = (offs_n // CHUNK_VALUES) * CHUNK_WORDS + z_bit // 32
+    z_shift = z_bit % 32
+    zrow = qzeros_ptr + group[:, None].to(tl.int64) * (N * BITS // 32)
+    z_lo = tl.load(zrow + z_word[None, :], mask=tile_ok, other=0)
+    if BITS == 3:
+        z_hi = tl.load(zrow + z_word[None, :] + 1, mask=tile_ok & (z_shift[None, :] > 32 - BITS), other=0)
+    else:
+        z_hi = z_lo
+    z = _decode(z_lo, z_hi, z_shift[None, :], BITS) + ZERO_OFFSET
+    scale = tl.load(scales_ptr + group[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0.0)
+    return (q - z).to(tl.float32) * scale.to(tl.float32)
+
+
+@triton.jit
 def _gptq_matmul_kernel(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, lora_s_ptr, lora_b_ptr, out_ptr,
     M, N, K, R, stride_xm, stride_om, lora_scale,
@@ -52,43 +84,14 @@ def _gptq_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    zeros_words_per_row = N * BITS // 32
-
-    # Where each output column's zero sits in its qzeros row (fixed for the whole K walk).
-    z_bit = BITS * (offs_n % CHUNK_VALUES)
-    z_word = (offs_n // CHUNK_VALUES) * CHUNK_WORDS + z_bit // 32
-    z_shift = z_bit % 32
-    z_hi_ok = n_ok & (z_shift > 32 - BITS)
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-
-        q_bit = BITS * (offs_k % CHUNK_VALUES)
-        q_word = (offs_k // CHUNK_VALUES) * CHUNK_WORDS + q_bit // 32
-        q_shift = q_bit % 32
-        tile_ok = k_ok[:, None] & n_ok[None, :]
-        w_lo = tl.load(qweight_ptr + q_word[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0)
-        if BITS == 3:
-            w_hi = tl.load(qweight_ptr + (q_word[:, None] + 1).to(tl.int64) * N + offs_n[None, :],
-                           mask=tile_ok & (q_shift[:, None] > 32 - BITS), other=0)
-        else:
-            w_hi = w_lo
-        q = _decode(w_lo, w_hi, q_shift[:, None], BITS)
-
-        group = tl.load(g_idx_ptr + offs_k, mask=k_ok, other=0)
-        zrow = qzeros_ptr + group[:, None].to(tl.int64) * zeros_words_per_row
-        z_lo = tl.load(zrow + z_word[None, :], mask=tile_ok, other=0)
-        if BITS == 3:
-            z_hi = tl.load(zrow + z_word[None, :] + 1, mask=k_ok[:, None] & z_hi_ok[None, :], other=0)
-        else:
-            z_hi = z_lo
-        z = _decode(z_lo, z_hi, z_shift[None, :], BITS) + ZERO_OFFSET
-        scale = tl.load(scales_ptr + group[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0.0)
-        w = ((q - z).to(tl.float32) * scale.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        w = _weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_ok, n_ok, N,
+                         BITS, CHUNK_VALUES, CHUNK_WORDS, ZERO_OFFSET).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         if FP32_DOT:
             acc += tl.dot(x, w, input_precision="ieee")
         else:
@@ -124,30 +127,9 @@ def _gptq_dequantize_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = offs_k < K
     n_ok = offs_n < N
+    w = _weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_ok, n_ok, N,
+                     BITS, CHUNK_VALUES, CHUNK_WORDS, ZERO_OFFSET)
     tile_ok = k_ok[:, None] & n_ok[None, :]
-    q_bit = BITS * (offs_k % CHUNK_VALUES)
-    q_word = (offs_k // CHUNK_VALUES) * CHUNK_WORDS + q_bit // 32
-    q_shift = q_bit % 32
-    w_lo = tl.load(qweight_ptr + q_word[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0)
-    if BITS == 3:
-        w_hi = tl.load(qweight_ptr + (q_word[:, None] + 1).to(tl.int64) * N + offs_n[None, :],
-                       mask=tile_ok & (q_shift[:, None] > 32 - BITS), other=0)
-    else:
-        w_hi = w_lo
-    q = _decode(w_lo, w_hi, q_shift[:, None], BITS)
-    z_bit = BITS * (offs_n % CHUNK_VALUES)
-    z_word = (offs_n // CHUNK_VALUES) * CHUNK_WORDS + z_bit // 32
-    z_shift = z_bit % 32
-    group = tl.load(g_idx_ptr + offs_k, mask=k_ok, other=0)
-    zrow = qzeros_ptr + group[:, None].to(tl.int64) * (N * BITS // 32)
-    z_lo = tl.load(zrow + z_word[None, :], mask=tile_ok, other=0)
-    if BITS == 3:
-        z_hi = tl.load(zrow + z_word[None, :] + 1, mask=tile_ok & (z_shift[None, :] > 32 - BITS), other=0)
-    else:
-        z_hi = z_lo
-    z = _decode(z_lo, z_hi, z_shift[None, :], BITS) + ZERO_OFFSET
-    scale = tl.load(scales_ptr + group[:, None].to(tl.int64) * N + offs_n[None, :], mask=tile_ok, other=0.0)
-    w = (q - z).to(tl.float32) * scale.to(tl.float32)
     tl.store(out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
