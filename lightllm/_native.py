@@ -6,17 +6,21 @@ The reason is kept for `python -m lightllm info` and logged once at debug level.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 logger = logging.getLogger("lightllm")
 
-try:
-    from . import _C  # type: ignore[attr-defined]
-
-    load_error: str | None = None
-except ImportError as exc:  # not built (pure-Python install) or built against another torch
-    _C = None
-    load_error = f"{type(exc).__name__}: {exc}"
+_C = None
+load_error: str | None = None
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    load_error = "not built (a pure-Python install, LIGHTLLM_SKIP_NATIVE_BUILD=1, or no torch at build time)"
+else:
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:  # typically built against another torch: rebuild
+        load_error = f"{type(exc).__name__}: {exc} (rebuild with pip install --no-build-isolation -e .)"
+if load_error is not None:
     logger.debug("lightllm._C not loaded (%s); native backends unavailable", load_error)
 
 
