@@ -78,7 +78,10 @@ class QuantLinear(nn.Module):
 
     # ---- kernel layout (act-order) ------------------------------------------------------------
     def _stamp(self):
-        return tuple((t.data_ptr(), t._version) for t in (self.qweight, self.g_idx))
+        # Identity and version counter of the two buffers the layout depends on: a host-side read,
+        # no synchronization. (Buffers are read from _buffers: nn.Module's __getattr__ is slow.)
+        qweight, g_idx = self._buffers["qweight"], self._buffers["g_idx"]
+        return id(qweight), qweight._version, id(g_idx), g_idx._version
 
     @torch.no_grad()
     def _to_kernel_layout(self) -> None:
@@ -138,18 +141,21 @@ class QuantLinear(nn.Module):
             self._to_kernel_layout()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decode step runs this once per layer and token: keep the host path short.
         if x.dtype not in _FLOAT_TYPES:
             raise TypeError(f"QuantLinear: input must be float32, float16 or bfloat16, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input's last dimension is {x.shape[-1]}, expected in_features = "
                              f"{self.in_features} (input shape {tuple(x.shape)})")
-        if x.device != self.qweight.device:
-            raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self.qweight.device}")
         self._check_layout()
+        b = self._buffers
+        qweight = b["qweight"]
+        if x.device != qweight.device:
+            raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {qweight.device}")
         x2 = x.reshape(-1, self.in_features)
-        if self._perm is not None:
-            x2 = x2.index_select(1, self._perm)
-        y = torch.ops.lightllm.gptq_matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
+        if b["_perm"] is not None:
+            x2 = x2.index_select(1, b["_perm"])
+        y = torch.ops.lightllm.gptq_matmul(x2, qweight, b["qzeros"], b["scales"], b["g_idx"], b["bias"],
                                            None, None, 0.0, self.bits, self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)
 
