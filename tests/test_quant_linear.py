@@ -390,3 +390,41 @@ def test_g_idx_out_of_range_is_refused_at_load():
     with pytest.raises(ValueError, match=r"g_idx holds groups 0..7 but scales and qzeros hold 2 groups"):
         target.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), "a failed load changes nothing"
+
+
+def test_eager_fast_path_and_op_path_agree(monkeypatch):
+    from lightllm.ops import gptq as ops_gptq
+
+    q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
+    x = torch.randn(3, 64)
+    calls = []
+    real = torch.ops.lightllm.gptq_matmul
+
+    class CountingOps:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+        def __call__(self, *args):
+            calls.append("op")
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.lightllm, "gptq_matmul", CountingOps(), raising=False)
+    with torch.no_grad():
+        fast = q(x)
+    assert calls == [], "inference without autograd or tracing skips the op's dispatch"
+    slow = q(x.requires_grad_())
+    assert calls == ["op"], "with autograd the custom op runs"
+    assert torch.equal(fast, slow.detach())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, torch.no_grad():
+        assert ops_gptq._op_boundary_needed(mode.from_tensor(x))
+
+
+def test_torch_compile_of_a_quant_linear():
+    q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
+    x = torch.randn(3, 64)
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))

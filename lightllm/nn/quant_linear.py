@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import gptq as ops_gptq
 from ..quantization import gptq_format
 from ..quantization.gptq_format import GPTQ_BITS, values_per_chunk
 
@@ -137,8 +138,10 @@ class QuantLinear(nn.Module):
         return w if self._perm is None else w[:, torch.argsort(self._perm)]
 
     def _check_layout(self) -> None:
-        if self._layout_stamp != self._stamp():  # written from outside, in checkpoint layout
-            self._to_kernel_layout()
+        # Not while torch.compile traces: version counters are not traceable; a compiled graph
+        # takes the layout as it was when it was compiled.
+        if not torch.compiler.is_compiling() and self._layout_stamp != self._stamp():
+            self._to_kernel_layout()  # buffers written from outside, in checkpoint layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step runs this once per layer and token: keep the host path short.
@@ -155,8 +158,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if b["_perm"] is not None:
             x2 = x2.index_select(1, b["_perm"])
-        y = torch.ops.lightllm.gptq_matmul(x2, qweight, b["qzeros"], b["scales"], b["g_idx"], b["bias"],
-                                           None, None, 0.0, self.bits, self.checkpoint_format == "gptq")
+        y = ops_gptq.gptq_matmul(x2, qweight, b["qzeros"], b["scales"], b["g_idx"], b["bias"],
+                                 None, None, 0.0, self.bits, self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
