@@ -195,8 +195,10 @@ at::Tensor gptq_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor acc;  // float32 [M, N] when the epilogue needs one
   if (m <= lightllm::kGptqGemvMaxRows) {
-    const at::Tensor xc = x.contiguous(), qw = qweight.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(),
-                     gi = g_idx.contiguous();
+    // The GEMV reads qweight with 16-byte loads: a view that starts off a 16-byte boundary is copied.
+    at::Tensor qw = qweight.contiguous();
+    if (reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16 != 0) qw = qw.clone();
+    const at::Tensor xc = x.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(), gi = g_idx.contiguous();
     acc = at::zeros({m, n}, x.options().dtype(at::kFloat));
     if (m > 0 && n > 0 && k > 0)
       check_launch(op, lightllm::launch_gptq_gemv(

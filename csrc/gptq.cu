@@ -5,13 +5,13 @@
 // CHUNK_WORDS int32 words as one little-endian bit stream (value j at bit BITS * j), so with j
 // unrolled every shift is a compile-time constant; only 3-bit values can straddle two words.
 //
-// This first version favours plain, checkable code: one output column per thread (a warp reads
-// 128 contiguous bytes per packed row, four runs loaded before any is used), x for the CTA's K
-// slice staged in shared memory as float, the group's scale and zero reloaded only when the group
-// changes (uniform across the CTA), and float32 arithmetic throughout: W is the reference's
-// float32 weight exactly (the reference then rounds it to x's dtype, the GEMV does not). Wider
-// loads (16 B covering 4 columns), M as a template parameter, the magic-number conversion and
-// tensor cores are the next steps, to be measured on a GPU.
+// The GEMV: four adjacent columns per thread (16-byte loads; a warp reads 512 contiguous bytes
+// per packed row, four runs loaded before any is used), x for the CTA's K slice staged in shared
+// memory as float, the group's scales and zeros reloaded only when the group changes (uniform
+// across the CTA), the number of rows a template parameter, and float32 arithmetic throughout: W
+// is the reference's float32 weight exactly (the reference then rounds it to x's dtype, the GEMV
+// does not). Not yet measured on a GPU; the magic-number conversion and tensor cores for M > 8
+// are the next steps once a profiler can say what limits it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,8 +24,10 @@
 namespace lightllm {
 namespace {
 
-constexpr int kThreads = 128;  // output columns per CTA
-constexpr int kSlice = 512;    // K values per CTA (a multiple of every chunk: 16, 32, 8, 4)
+constexpr int kThreads = 128;  // threads per CTA
+constexpr int kCols = 4;       // adjacent output columns per thread (one 16-byte load of packed words)
+constexpr int kSlice = 256;    // K values per CTA (a multiple of every chunk: 16, 32, 8, 4), so that
+                               // a 4096-wide layer still makes 8 x 16 = 128 CTAs at K = 4096
 
 template <int BITS>
 struct Packing {
@@ -60,9 +62,6 @@ __device__ __forceinline__ float load_float(const void* p, FloatType t, int64_t 
     default: return static_cast<const float*>(p)[i];
   }
 }
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_as(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
@@ -76,13 +75,16 @@ __device__ __forceinline__ void group_params(const int32_t* qzeros, const void* 
   z = static_cast<float>(static_cast<int>(Packing<BITS>::value_at(zrow, n)) + zero_offset);
 }
 
-template <int BITS, typename TX>
+// Each thread owns kCols adjacent output columns: one 16-byte load brings a packed word of each, so
+// a warp reads 512 contiguous bytes per packed row. ROWS (1, 2, 4 or 8) bounds the rows of x; rows
+// beyond the real ones are zeros in shared memory, so the inner loops carry no predicates.
+template <int BITS, int ROWS>
 __global__ void __launch_bounds__(kThreads)
-gptq_gemv_kernel(const TX* __restrict__ x, int rows, int64_t k_total, const int32_t* __restrict__ qweight,
+gptq_gemv_kernel(const void* __restrict__ x, FloatType x_type, int rows, int64_t k_total, const int32_t* __restrict__ qweight,
                  const int32_t* __restrict__ qzeros, const void* __restrict__ scales, FloatType scales_type,
                  const int32_t* __restrict__ g_idx, int64_t n_total, int zero_offset, float* __restrict__ out) {
   using P = Packing<BITS>;
-  __shared__ float xs[kGptqGemvMaxRows][kSlice];
+  __shared__ float xs[ROWS][kSlice];
   __shared__ int groups[kSlice];
 
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kSlice;
@@ -91,57 +93,68 @@ gptq_gemv_kernel(const TX* __restrict__ x, int rows, int64_t k_total, const int3
     const int64_t k = k0 + i;
     groups[i] = k < k1 ? __ldg(g_idx + k) : 0;
 #pragma unroll
-    for (int m = 0; m < kGptqGemvMaxRows; ++m)
-      xs[m][i] = (m < rows && k < k1) ? to_float(x[m * k_total + k]) : 0.0f;
+    for (int m = 0; m < ROWS; ++m) xs[m][i] = (m < rows && k < k1) ? load_float(x, x_type, m * k_total + k) : 0.0f;
   }
   __syncthreads();
 
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (n >= n_total) return;  // no barrier below
+  const int64_t n = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kCols;
+  if (n >= n_total) return;  // N is a multiple of kCols (packing); no barrier below
 
-  float acc[kGptqGemvMaxRows] = {};
+  float acc[ROWS][kCols] = {};
   int current_group = -1;
-  float s = 0.0f, z = 0.0f;
+  float s[kCols] = {}, z[kCols] = {};
   // K is a multiple of the chunk (the packed layout's requirement), and so is every slice start.
   // Runs are taken kBatch at a time, all their words loaded before any is decoded, so that
-  // several loads are in flight per thread.
-  constexpr int kBatch = 4;
+  // kBatch * kWords 16-byte loads are in flight per thread.
+  constexpr int kBatch = 2;
   for (int64_t c0 = k0; c0 < k1; c0 += kBatch * P::kChunk) {
-    uint32_t words[kBatch][P::kWords];
+    uint4 words[kBatch][P::kWords];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int64_t row = (c0 / P::kChunk + b) * P::kWords;
 #pragma unroll
       for (int w = 0; w < P::kWords; ++w)
-        words[b][w] = c0 + b * P::kChunk < k1 ? static_cast<uint32_t>(__ldg(qweight + (row + w) * n_total + n)) : 0u;
+        words[b][w] = c0 + b * P::kChunk < k1 ? __ldg(reinterpret_cast<const uint4*>(qweight + (row + w) * n_total + n))
+                                              : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       if (c0 + b * P::kChunk >= k1) break;
       const int local = static_cast<int>(c0 - k0) + b * P::kChunk;
       // Each run is summed on its own, then added: shorter float32 chains than one per slice.
-      float run[kGptqGemvMaxRows] = {};
+      float run[ROWS][kCols] = {};
       [&]<int... J>(std::integer_sequence<int, J...>) {
         (([&] {
            const int g = groups[local + J];
            if (g != current_group) {  // the same for every thread of the CTA: no divergence
              current_group = g;
-             group_params<BITS>(qzeros, scales, scales_type, n_total, n, g, zero_offset, s, z);
-           }
-           const float w = __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words[b])), z), s);
 #pragma unroll
-           for (int m = 0; m < kGptqGemvMaxRows; ++m)
-             if (m < rows) run[m] = fmaf(xs[m][local + J], w, run[m]);
+             for (int c = 0; c < kCols; ++c)
+               group_params<BITS>(qzeros, scales, scales_type, n_total, n + c, g, zero_offset, s[c], z[c]);
+           }
+#pragma unroll
+           for (int c = 0; c < kCols; ++c) {
+             uint32_t cw[P::kWords];
+#pragma unroll
+             for (int w = 0; w < P::kWords; ++w) cw[w] = reinterpret_cast<const uint32_t*>(&words[b][w])[c];
+             const float wv = __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(cw)), z[c]), s[c]);
+#pragma unroll
+             for (int m = 0; m < ROWS; ++m) run[m][c] = fmaf(xs[m][local + J], wv, run[m][c]);
+           }
          }()),
          ...);
       }(std::make_integer_sequence<int, P::kChunk>{});
 #pragma unroll
-      for (int m = 0; m < kGptqGemvMaxRows; ++m) acc[m] += run[m];
+      for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[m][c] += run[m][c];
     }
   }
 #pragma unroll
-  for (int m = 0; m < kGptqGemvMaxRows; ++m)
-    if (m < rows) atomicAdd(out + m * n_total + n, acc[m]);
+  for (int m = 0; m < ROWS; ++m)
+    if (m < rows)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) atomicAdd(out + m * n_total + n + c, acc[m][c]);
 }
 
 // One thread per (run of K values, column): decodes a run and writes it along K.
@@ -174,12 +187,21 @@ gptq_dequantize_kernel(const int32_t* __restrict__ qweight, const int32_t* __res
   }(std::make_integer_sequence<int, P::kChunk>{});
 }
 
-template <int BITS, typename TX>
-int gemv_typed(const TX* x, int64_t m, int64_t k, const int32_t* qweight, const int32_t* qzeros, const void* scales,
-               FloatType scales_type, const int32_t* g_idx, int64_t n, int zero_offset, float* out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>((k + kSlice - 1) / kSlice));
-  gptq_gemv_kernel<BITS, TX><<<grid, kThreads, 0, stream>>>(x, static_cast<int>(m), k, qweight, qzeros, scales,
-                                                            scales_type, g_idx, n, zero_offset, out);
+template <int BITS>
+int gemv_bits(const void* x, FloatType x_type, int64_t m, int64_t k, const int32_t* qweight, const int32_t* qzeros,
+              const void* scales, FloatType scales_type, const int32_t* g_idx, int64_t n, int zero_offset, float* out,
+              cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n / kCols + kThreads - 1) / kThreads),
+                  static_cast<unsigned>((k + kSlice - 1) / kSlice));
+  const int rows = static_cast<int>(m);
+#define LIGHTLLM_GEMV(R) \
+  gptq_gemv_kernel<BITS, R><<<grid, kThreads, 0, stream>>>(x, x_type, rows, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out)
+  if (rows <= 1) LIGHTLLM_GEMV(1);
+  else if (rows <= 2) LIGHTLLM_GEMV(2);
+  else if (rows <= 4) LIGHTLLM_GEMV(4);
+  else if (rows <= 8) LIGHTLLM_GEMV(8);
+  else return static_cast<int>(cudaErrorInvalidValue);
+#undef LIGHTLLM_GEMV
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -191,20 +213,6 @@ int dequantize_typed(const int32_t* qweight, const int32_t* qzeros, const void* 
   gptq_dequantize_kernel<BITS, TO><<<grid, 256, 0, stream>>>(qweight, qzeros, scales, scales_type, g_idx, n, k,
                                                               zero_offset, out);
   return static_cast<int>(cudaGetLastError());
-}
-
-template <int BITS>
-int gemv_bits(const void* x, FloatType x_type, int64_t m, int64_t k, const int32_t* qweight, const int32_t* qzeros,
-              const void* scales, FloatType scales_type, const int32_t* g_idx, int64_t n, int zero_offset, float* out,
-              cudaStream_t stream) {
-  switch (x_type) {
-    case FloatType::kFloat16:
-      return gemv_typed<BITS>(static_cast<const __half*>(x), m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out, stream);
-    case FloatType::kBFloat16:
-      return gemv_typed<BITS>(static_cast<const __nv_bfloat16*>(x), m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out, stream);
-    default:
-      return gemv_typed<BITS>(static_cast<const float*>(x), m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out, stream);
-  }
 }
 
 template <int BITS>
