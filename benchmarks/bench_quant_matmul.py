@@ -167,9 +167,8 @@ class Layer:
     def dequantized64(self, bits: int) -> torch.Tensor:
         """The quantized weight [N, K] in float64, what every GPTQ backend multiplies by."""
         if bits not in self._dequant64:
-            # gptq_dequantize has only the reference implementation; under an outer
-            # use_backend("triton") (or LIGHTLLM_BACKEND=triton) QuantLinear.dequantize() would
-            # raise, so the backend is named here.
+            # The accuracy reference comes from the reference backend whatever backend an outer
+            # use_backend() or LIGHTLLM_BACKEND names.
             with lightllm.use_backend("torch"), torch.no_grad():
                 self._dequant64[bits] = self.quant(bits).dequantize(torch.float64)
         return self._dequant64[bits]

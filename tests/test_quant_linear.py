@@ -129,7 +129,7 @@ def test_lora_epilogue(backend, rank, dtype):
 
 
 def test_ops_without_a_kernel_in_the_chosen_backend_run_their_default(caplog, monkeypatch):
-    # gptq_dequantize (used by dequantize() and the backward pass) has only the reference so far.
+    # The GPTQ ops have no C++ CPU kernel: under "cpp" they run their default, the reference.
     monkeypatch.setattr(lightllm.backends, "_fallbacks_logged", set())  # "once" per process
     q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
     if "cpp" not in lightllm.available_backends():
