@@ -45,9 +45,11 @@ def build_model(device: torch.device, layers: int, tiny: bool, dtype: torch.dtyp
     return model.eval()
 
 
-def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                      **generate_kwargs) -> tuple[float, float]:
     """(median tokens/s, median seconds) of greedy generation of exactly ``new_tokens`` tokens."""
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  **generate_kwargs)
     with torch.inference_mode():
         model.generate(prompt, **kwargs)  # warm-up: kernels compiled, caches allocated
         times = []
@@ -73,6 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny model shapes (the default on the CPU)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time each model with a static KV cache and torch.compile(mode='reduce-overhead'), "
+                             "which replays the decode step as a CUDA graph (GPU only)")
     parser.add_argument("--out", default=str(_timing.RESULTS_DIR / "bench_generate.csv"))
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -90,12 +95,29 @@ def main(argv=None) -> int:
     repeats = 1 if args.quick else args.repeats
     prompt = torch.randint(1, 500, (1, args.prompt_tokens), device=device)
 
-    baseline = build_model(device, args.layers, tiny, dtype)
     rows = []
-    tps, sec = tokens_per_second(baseline, prompt, new_tokens, repeats)
-    rows.append(dict(impl=f"dense {str(dtype).replace('torch.', '')}", backend="-", tokens_per_s=tps, seconds=sec))
-    logger.info("dense: %.1f tokens/s", tps)
 
+    def measure(model, impl: str, backend: str) -> None:
+        tps, sec = tokens_per_second(model, prompt, new_tokens, repeats)
+        rows.append(dict(impl=impl, backend=backend, mode="eager", tokens_per_s=tps, seconds=sec))
+        logger.info("%s (%s), eager: %.1f tokens/s", impl, backend, tps)
+        if not args.cuda_graphs:
+            return
+        if device.type != "cuda":
+            logger.info("--cuda-graphs needs a GPU; skipped")
+            return
+        try:
+            graphed = copy.deepcopy(model)
+            graphed.forward = torch.compile(graphed.forward, mode="reduce-overhead")
+            tps, sec = tokens_per_second(graphed, prompt, new_tokens, repeats, cache_implementation="static")
+        except Exception as exc:  # report, keep the eager rows
+            logger.warning("%s (%s): CUDA graphs failed: %s: %s", impl, backend, type(exc).__name__, exc)
+            return
+        rows.append(dict(impl=impl, backend=backend, mode="cuda graphs", tokens_per_s=tps, seconds=sec))
+        logger.info("%s (%s), CUDA graphs: %.1f tokens/s", impl, backend, tps)
+
+    baseline = build_model(device, args.layers, tiny, dtype)
+    measure(baseline, f"dense {str(dtype).replace('torch.', '')}", "-")
     quantized = quantize_linears_rtn(copy.deepcopy(baseline), args.bits, args.group_size, progress=False)
     del baseline
     for backend in lightllm.available_backends():
@@ -104,20 +126,17 @@ def main(argv=None) -> int:
         if backend == "triton" and device.type == "cpu":
             continue  # the interpreter is orders of magnitude off; not a speed
         with lightllm.use_backend(backend):
-            tps_q, sec_q = tokens_per_second(quantized, prompt, new_tokens, repeats)
-        rows.append(dict(impl=f"QuantLinear {args.bits}-bit g{args.group_size}", backend=backend,
-                         tokens_per_s=tps_q, seconds=sec_q))
-        logger.info("%s: %.1f tokens/s", backend, tps_q)
+            measure(quantized, f"QuantLinear {args.bits}-bit g{args.group_size}", backend)
 
-    dense_tps = rows[0]["tokens_per_s"]
+    dense = {row["mode"]: row["tokens_per_s"] for row in rows if row["backend"] == "-"}
     tags = _timing.env_tags(device)
     for row in rows:
-        row.update(speedup_vs_dense=row["tokens_per_s"] / dense_tps, layers=args.layers, new_tokens=new_tokens,
+        row.update(speedup_vs_dense=row["tokens_per_s"] / dense.get(row["mode"], float("nan")), layers=args.layers, new_tokens=new_tokens,
                    model="tiny" if tiny else "llama-7b-shape")
     _timing.CsvWriter(args.out, tags).write(rows)
     print(f"\n{tags.get('card', device)} | {tags.get('date')} | commit {tags.get('commit')} | "
-          f"{'tiny' if tiny else 'LLaMA-7B-shaped'} model, {args.layers} layers, batch 1, {new_tokens} new tokens, eager")
-    print(_timing.format_table(rows, [("impl", "impl"), ("backend", "backend"), ("tokens_per_s", "tokens/s"),
+          f"{'tiny' if tiny else 'LLaMA-7B-shaped'} model, {args.layers} layers, batch 1, {new_tokens} new tokens")
+    print(_timing.format_table(rows, [("impl", "impl"), ("backend", "backend"), ("mode", "mode"), ("tokens_per_s", "tokens/s"),
                                       ("seconds", "seconds"), ("speedup_vs_dense", "vs dense")]))
     return 0
 

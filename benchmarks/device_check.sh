@@ -59,7 +59,9 @@ if wants blockwise; then
 fi
 if wants quant; then
   step quant python benchmarks/bench_quant_matmul.py $QUICK --act-order --device cuda --out "$RESULTS/bench_quant_matmul.csv"
-  step generate python benchmarks/bench_generate.py $QUICK --device cuda --out "$RESULTS/bench_generate.csv"
+  # CUDA graphs (torch.compile per model) only in the full run: --quick keeps its time bound.
+  step generate python benchmarks/bench_generate.py $QUICK $([ -z "$QUICK" ] && echo --cuda-graphs) \
+    --device cuda --out "$RESULTS/bench_generate.csv"
 fi
 
 echo
