@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end (tiny CPU configurations), so they cannot rot unnoticed.
+These check that the scripts work and write their results, not how fast anything is."""
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, out: Path, *args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # no interpreter rows: too slow
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--device", "cpu", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, "no result rows written"
+    for row in rows:
+        assert row.get("commit") and row.get("date") and row.get("card"), "rows are tagged with card, date, commit"
+    return rows
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the benchmarks plot with matplotlib")
+def test_bench_blockwise_runs(tmp_path):
+    rows = run_script("bench_blockwise.py", tmp_path / "blockwise.csv", "--numel", "65536", "--blocksize", "256",
+                      "--iters", "2", "--warmup", "1", "--overhead-numel", "4096")
+    impls = {row["impl"] for row in rows}
+    assert "torch" in impls
+    timed = [row for row in rows if row["op"] != "overhead"]
+    assert timed and all(row["check"] == "ok" for row in timed if row["impl"] != "bitsandbytes")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the benchmarks plot with matplotlib")
+def test_bench_quant_matmul_runs(tmp_path):
+    rows = run_script("bench_quant_matmul.py", tmp_path / "quant.csv", "--shapes", "256x256", "--m", "1",
+                      "--iters", "2", "--warmup", "1", "--act-order")
+    impls = {row["impl"] for row in rows}
+    assert {"lightllm-torch", "lightllm-torch+act-order", "cublas-fp16"} <= impls
+    assert all(row["accuracy"] == "ok" for row in rows), [(r["impl"], r["accuracy"]) for r in rows]
+
+
+def test_bench_generate_runs(tmp_path):
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("bench_generate needs transformers (the bench extra)")
+    rows = run_script("bench_generate.py", tmp_path / "generate.csv", "--new-tokens", "4", "--repeats", "1")
+    assert {row["mode"] for row in rows} == {"eager"} and len(rows) >= 2
