@@ -153,7 +153,8 @@ def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return out
 
 
-# Rows from which dequantize + cuBLAS takes over (a placeholder until measured on a GPU).
+# Rows from which the op layer uses dequantize + cuBLAS instead of the fused kernel (a placeholder
+# until measured on a GPU).
 DEQUANTIZE_THEN_GEMM_ROWS = 256
 
 _SM_COUNT: dict[int, int] = {}
@@ -189,19 +190,13 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     """``x [M, K] @ W^T + bias + lora_scale * lora_s @ lora_b^T`` -> [M, N] in x's dtype.
 
     ``split_k``: slices of K reduced with float32 atomics (default: chosen to fill the GPU).
-    From ``DEQUANTIZE_THEN_GEMM_ROWS`` rows on, the GEMM is compute-bound and the weight read is
-    amortized: dequantize once into a dense buffer and let cuBLAS do the GEMM.
+    (The op layer sends large M to :func:`gptq_dequantize` + cuBLAS instead; see
+    ``DEQUANTIZE_THEN_GEMM_ROWS``.)
     """
     m, k = x.shape
     n = qweight.shape[1]
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=x.dtype, device=x.device)
-    if m >= DEQUANTIZE_THEN_GEMM_ROWS and x.is_cuda:
-        weight = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
-        if lora_s is None:
-            return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
-        y = torch.nn.functional.linear(x, weight).float() + lora_scale * (lora_s.float() @ lora_b.float().t())
-        return (y if bias is None else y + bias.float()).to(x.dtype)
     x = x.contiguous()
     chunk_values = 32 // math.gcd(32, bits)
     block_m, block_n, block_k, warps = _blocks(m)

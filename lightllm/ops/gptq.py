@@ -33,15 +33,21 @@ def gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits: int, zeros_v
     return dequantize_gptq(qweight, qzeros, scales, g_idx, bits, _checkpoint_format(zeros_v1), dtype)
 
 
-def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale: float, bits: int,
-                          zeros_v1: bool):
-    weight = gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
+def dense_matmul(x, weight, bias, lora_s, lora_b, lora_scale: float):
+    """``x @ weight^T + bias + lora_scale * lora_s @ lora_b^T`` with cuBLAS; the rank-r term and the
+    bias are added in float32 before one rounding to x's dtype."""
     if lora_s is None:
         return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
     y = torch.nn.functional.linear(x, weight).float() + lora_scale * (lora_s.float() @ lora_b.float().t())
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale: float, bits: int,
+                          zeros_v1: bool):
+    weight = gptq_dequantize_reference(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
+    return dense_matmul(x, weight, bias, lora_s, lora_b, lora_scale)
 
 
 register(DEQUANTIZE, "torch", ("cpu", "cuda"))(gptq_dequantize_reference)
@@ -70,6 +76,11 @@ def _gptq_dequantize_triton(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtyp
 def _gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, bias, lora_s, lora_b, lora_scale, bits, zeros_v1):
     from ..kernels import gptq as triton_gptq
 
+    # From DEQUANTIZE_THEN_GEMM_ROWS rows on the GEMM is compute-bound and the weight read amortized:
+    # dequantize once into a dense buffer and let cuBLAS do the GEMM.
+    if x.is_cuda and x.shape[0] >= triton_gptq.DEQUANTIZE_THEN_GEMM_ROWS and qweight.shape[1] > 0:
+        weight = triton_gptq.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.dtype)
+        return dense_matmul(x, weight, bias, lora_s, lora_b, lora_scale)
     return triton_gptq.gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, zeros_v1, lora_s, lora_b, lora_scale)
 
 
