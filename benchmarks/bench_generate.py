@@ -82,12 +82,6 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _timing.setup_logging(args.verbose)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        logger.error("bench_generate needs transformers (pip install -e .[bench])")
-        return 2
-
     device = _timing.resolve_device(args.device)
     tiny = args.tiny or device.type == "cpu"
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_check.sh [--quick] [--only AREA]...
 #
-# Areas: build, tests, blockwise, quant (default: all). --quick stays under 6 minutes on an H100
+# Areas: build, tests, blockwise, quant, gptq (default: all). --quick stays under 6 minutes on an H100
 # including the build; later issues add areas and keep that bound.
 # A bitsandbytes baseline is used when importable; point BNB_PATH at an unpacked (trimmed) wheel
 # to put it on PYTHONPATH, since the device machine has no bitsandbytes and no network.
@@ -62,6 +62,11 @@ if wants quant; then
   # CUDA graphs (torch.compile per model) only in the full run: --quick keeps its time bound.
   step generate python benchmarks/bench_generate.py $QUICK $([ -z "$QUICK" ] && echo --cuda-graphs) \
     --device cuda --out "$RESULTS/bench_generate.csv"
+fi
+
+if wants gptq; then
+  step solver python benchmarks/bench_gptq_solver.py --device cuda --out "$RESULTS/bench_gptq_solver.csv"
+  step demo python -m lightllm demo --device cuda --json "$RESULTS/demo.json"
 fi
 
 echo

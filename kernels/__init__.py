@@ -5,11 +5,13 @@ package are relative, because the folder is ``kernels/`` in the source tree and
 ``lightllm/kernels/`` once installed.
 """
 
-if __name__ != "lightllm.kernels":
-    # Run from the source tree, this folder is importable as a top-level `kernels`, the name of
-    # Hugging Face's kernel loader that bitsandbytes and transformers probe for. Refuse to pose as it.
-    raise ImportError(f"this folder holds lightllm's Triton kernels; import it as lightllm.kernels, not {__name__}")
+if __name__ == "lightllm.kernels":
+    from .blockwise import dequantize_blockwise, quantize_blockwise
 
-from .blockwise import dequantize_blockwise, quantize_blockwise
-
-__all__ = ["quantize_blockwise", "dequantize_blockwise"]
+    __all__ = ["quantize_blockwise", "dequantize_blockwise"]
+# Otherwise this folder was found as a top-level `kernels` (the source tree is on sys.path): the
+# name of Hugging Face's kernel loader, which transformers and bitsandbytes probe for. Stay an
+# empty module without a __version__: transformers then judges it "not a usable kernels
+# package" and bitsandbytes' `from kernels import get_kernel` fails inside its own try. Raising
+# here instead breaks `import transformers` itself (it imports the probe's hit when it finds no
+# package metadata).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import sys
 
@@ -53,6 +54,68 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    # transformers' own advice messages are not ours to show
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _model_help() -> str:
+    from lightllm.models import default_model_dir
+    return f"Hugging Face model directory (default: the embedded model, {default_model_dir()})"
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from lightllm import data
+    from lightllm.eval import tokenize_stream
+    from lightllm.models import load_model
+    from lightllm.quantization import QuantConfig, quantize_model, save_quantized
+
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.act_order,
+                         static_groups=args.static_groups, damp_percent=args.damp, method=args.method,
+                         checkpoint_format=args.format)
+    model, tokenizer = load_model(args.model, device=args.device)
+    calib = None
+    if config.method == "gptq":
+        ids = tokenize_stream(tokenizer, data.load_text(args.calib, split="train"))
+        calib = data.calibration_samples(ids, args.nsamples, args.seqlen, seed=args.seed)
+    quantize_model(model, calib, config)
+    out = save_quantized(model, args.out, tokenizer=tokenizer)
+    print(f"wrote {out} ({args.method} {args.bits}-bit, group size {args.group_size})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lightllm import data
+    from lightllm.eval import eval_windows, perplexity, tokenize_stream
+    from lightllm.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    ids = tokenize_stream(tokenizer, data.load_text(args.data, split="heldout"))
+    windows = eval_windows(ids, args.seqlen)
+    ppl = perplexity(model, tokenizer, ids, args.seqlen)
+    source = "held-out Shakespeare plays" if args.data == "shakespeare" else args.data
+    print(f"perplexity {ppl:.3f} on {source}: {windows.numel() - windows.shape[0]} predicted tokens, "
+          f"{windows.shape[0]} windows of {args.seqlen}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lightllm import demo
+
+    result = demo.run_demo(args.model, device=args.device, n_samples=args.nsamples, seqlen=args.seqlen)
+    print(demo.format_table(result))
+    if args.json:
+        demo.write_json(result, args.json)
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR", help=_model_help())
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lightllm",
@@ -65,10 +128,58 @@ def main(argv: list[str] | None = None) -> int:
         description="Show versions, the native build, available backends, per-op defaults and GPU verification.",
     )
     info.set_defaults(func=_info)
+
+    quantize = sub.add_parser(
+        "quantize", help="quantize a model with GPTQ or round-to-nearest and save a GPTQ checkpoint",
+        description="Quantize the Linear layers of a model's transformer blocks (GPTQ or round-to-nearest) and write "
+                    "a GPTQ checkpoint that AutoGPTQ, GPTQModel, transformers and `lightllm eval` read.")
+    _add_common(quantize)
+    quantize.add_argument("--bits", type=int, required=True, choices=(2, 3, 4, 8))
+    quantize.add_argument("--group-size", type=int, required=True, metavar="N",
+                          help="input columns per quantization group (128 is usual; -1: one group per output row)")
+    quantize.add_argument("--act-order", action="store_true",
+                          help="GPTQ act-order (desc_act): quantize columns by decreasing activation energy")
+    quantize.add_argument("--static-groups", action="store_true", help="fix every group's grid before solving")
+    sym = quantize.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grids (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grids (a zero point per group)")
+    quantize.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="default: gptq")
+    quantize.add_argument("--calib", default="shakespeare", metavar="shakespeare|FILE",
+                          help="calibration text: the built-in training plays (default) or a UTF-8 text file")
+    quantize.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    quantize.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    quantize.add_argument("--damp", type=float, default=0.01, help="damp_percent (default 0.01)")
+    quantize.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq",
+                          help="zero-point convention written: gptq (v1, stores z - 1; default) or gptq_v2")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    quantize.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    quantize.set_defaults(func=_quantize)
+
+    evaluate = sub.add_parser(
+        "eval", help="perplexity of a model (dense or a GPTQ checkpoint) on held-out text",
+        description="Perplexity over non-overlapping windows of the text (GPTQ-for-LLaMa's wikitext2 method).")
+    _add_common(evaluate)
+    evaluate.add_argument("--data", default="shakespeare", metavar="shakespeare|FILE",
+                          help="the built-in held-out plays (default) or a UTF-8 text file")
+    evaluate.add_argument("--seqlen", type=int, default=256, help="window length in tokens (default 256)")
+    evaluate.set_defaults(func=_eval)
+
+    demo = sub.add_parser(
+        "demo", help="the main job: full precision vs RTN vs GPTQ at 4 and 3 bits on the embedded model",
+        description="Quantize the embedded model with round-to-nearest and GPTQ at 4 and 3 bits (group size 128) and "
+                    "print held-out perplexity, size on disk and time for each (decoding speed too on a GPU).")
+    _add_common(demo)
+    demo.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    demo.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    demo.set_defaults(func=_demo)
+
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command != "info":
+        _setup_logging(args.verbose)
     return args.func(args)
 
 

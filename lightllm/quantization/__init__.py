@@ -1,4 +1,4 @@
-"""Quantization formats and algorithms (GPTQ checkpoints, round-to-nearest)."""
+"""Quantization: the GPTQ checkpoint format, the GPTQ solver, whole-model quantization, checkpoints."""
 
 from .gptq_format import (
     GPTQ_BITS,
@@ -11,8 +11,22 @@ from .gptq_format import (
     unpack_int,
 )
 from .replace import quantize_linears_rtn
+from .gptq import GPTQResult, HessianAccumulator, gptq_solve, gptq_solve_reference
+from .model import LayerListNotFoundError, QuantConfig, find_blocks, quantize_model
+from .checkpoint import CheckpointError, load_quantized, save_quantized
 
 __all__ = [
+    "CheckpointError",
+    "GPTQResult",
+    "HessianAccumulator",
+    "LayerListNotFoundError",
+    "QuantConfig",
+    "find_blocks",
+    "gptq_solve",
+    "gptq_solve_reference",
+    "load_quantized",
+    "quantize_model",
+    "save_quantized",
     "GPTQ_BITS",
     "detect_zero_convention",
     "dequantize_gptq",

@@ -182,6 +182,32 @@ def detect_zero_convention(qzeros: torch.Tensor, bits: int) -> str | None:
     return None
 
 
+def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's quantization grid for weights spanning [wmin, wmax] (any matching shapes).
+
+    The range is widened to include 0; symmetric grids are centred, z = 2**bits / 2; an all-zero
+    range becomes [-1, 1]. The scale is rounded to float16 first (the checkpoint stores float16 and
+    that is what dequantizes), and the zero is computed from the rounded scale. Returns float32
+    ``(scale, zero)``, the zero integral.
+    """
+    maxq = 2**bits - 1
+    wmin, wmax = wmin.float().clamp(max=0), wmax.float().clamp(min=0)
+    if sym:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    flat = (wmax - wmin) == 0
+    wmin = torch.where(flat, -torch.ones_like(wmin), wmin)
+    wmax = torch.where(flat, torch.ones_like(wmax), wmax)
+    scale = ((wmax - wmin) / maxq).to(torch.float16).float()
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.clamp(torch.round(-wmin / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float) of ``w`` on the grid ``scale * (q - zero)``, q in [0, 2**bits)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> dict[str, torch.Tensor]:
     """Round-to-nearest quantization of a dense weight [N, K] (the baseline GPTQ improves on).
 
@@ -196,23 +222,14 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = T
     size = k if group_size == -1 else group_size
     if size <= 0:
         raise ValueError(f"quantize_rtn: group_size must be positive or -1, got {group_size}")
-    maxq = 2**bits - 1
     g_idx = default_g_idx(k, group_size, weight.device)
     groups = -(-k // size)
     w = torch.nn.functional.pad(weight.float(), (0, groups * size - k)).view(n, groups, size)
     valid = torch.nn.functional.pad(torch.ones(k, device=weight.device), (0, groups * size - k)).view(groups, size).bool()
-    wmin = torch.where(valid, w, torch.zeros((), device=w.device)).amin(-1).clamp(max=0)
-    wmax = torch.where(valid, w, torch.zeros((), device=w.device)).amax(-1).clamp(min=0)
-    if sym:
-        wmax = torch.maximum(wmin.abs(), wmax)
-        wmin = -wmax
-    flat = (wmax - wmin) == 0
-    wmin = torch.where(flat, -torch.ones_like(wmin), wmin)
-    wmax = torch.where(flat, torch.ones_like(wmax), wmax)
-    # The stored float16 scale is what dequantizes, so the zero and the codes are computed with it.
-    scale16 = ((wmax - wmin) / maxq).to(torch.float16).float()  # [N, G]
-    zero = torch.full_like(scale16, (maxq + 1) / 2) if sym else torch.clamp(torch.round(-wmin / scale16), 0, maxq)
-    q = torch.clamp(torch.round(w / scale16[..., None]) + zero[..., None], 0, maxq)
+    wmin = torch.where(valid, w, torch.zeros((), device=w.device)).amin(-1)
+    wmax = torch.where(valid, w, torch.zeros((), device=w.device)).amax(-1)
+    scale16, zero = grid_params(wmin, wmax, bits, sym)  # [N, G]
+    q = quantize_to_grid(w, scale16[..., None], zero[..., None], bits)
     q = q.view(n, groups * size)[:, :k]
     return {
         "q": q.t().to(torch.int32).contiguous(),

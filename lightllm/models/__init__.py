@@ -1,0 +1,64 @@
+"""The embedded default model: a small LLaMA trained on Shakespeare (``shakespeare/``).
+
+``default_model_dir()`` is where every CLI command looks when no ``--model`` is given. The
+directory is a plain Hugging Face model directory (config.json, model.safetensors, tokenizer.json),
+made by ``python -m lightllm.models.train_shakespeare``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+DEFAULT_MODEL_NAME = "shakespeare"
+
+
+def default_model_dir() -> pathlib.Path:
+    return pathlib.Path(__file__).parent / DEFAULT_MODEL_NAME
+
+
+def resolve_device(device: str | None):
+    """``None``/"auto": the GPU when one is visible, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was requested but torch sees no CUDA device")
+    return device
+
+
+def load_model(path=None, device=None, dtype=None):
+    """(model, tokenizer) from a Hugging Face model directory (default: the embedded model).
+
+    A GPTQ checkpoint (a ``quantization_config`` in config.json, or a quantize_config.json) loads
+    with QuantLinear layers through :func:`lightllm.quantization.load_quantized`; anything else
+    through transformers. ``dtype`` defaults to float16 on a GPU and float32 on the CPU.
+    """
+    import torch
+    import transformers
+
+    from ..quantization.checkpoint import load_quantized
+
+    directory = pathlib.Path(path) if path is not None else default_model_dir()
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
+    device = resolve_device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    if is_quantized_checkpoint(directory):
+        model = load_quantized(directory, device=device, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def is_quantized_checkpoint(directory) -> bool:
+    import json
+
+    directory = pathlib.Path(directory)
+    if (directory / "quantize_config.json").is_file():
+        return True
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    return "quantization_config" in config

@@ -1,0 +1,357 @@
+"""GPTQ checkpoints on disk, as AutoGPTQ, GPTQModel and transformers write and read them.
+
+A checkpoint directory holds ``config.json`` (with ``quantization_config``), ``quantize_config.json``
+(the same dict, for AutoGPTQ), the weights as safetensors (one file, or shards with an index), and
+the tokenizer files. Quantized Linears appear as ``<module>.qweight / qzeros / scales / g_idx``.
+
+Reading accepts what those tools write: ``model.safetensors``, shards with
+``model.safetensors.index.json``, AutoGPTQ's ``<model_file_base_name>.safetensors`` (e.g.
+``gptq_model-4bit-128g.safetensors``), and ``.bin`` files; v1 and v2 zero conventions, corrected
+from the data when a symmetric checkpoint is mislabelled. The model is built on the meta device
+(no dense weights are ever materialized) and filled from the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.quant_linear import QuantLinear
+from . import gptq_format
+from .model import QuantConfig
+
+logger = logging.getLogger("lightllm")
+
+UNSUPPORTED_FORMATS = ("marlin", "bitblas", "ipex", "awq", "exllama", "qqq")
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read: missing, corrupt or in a format we do not read."""
+
+
+# ---- saving ------------------------------------------------------------------------------------
+
+def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantConfig | None = None,
+                   max_shard_size: int = 4 * 1024**3, dtype: torch.dtype | None = torch.float16) -> pathlib.Path:
+    """Write ``model`` (quantized by :func:`quantize_model`) as a GPTQ checkpoint directory.
+
+    Dense floating tensors (embeddings, norms, the output head) are stored as ``dtype``, float16 by
+    default as the GPTQ tools store them; ``dtype=None`` keeps each tensor's own dtype.
+
+    The directory is written next to its destination and renamed into place, so a failure leaves
+    any previous checkpoint there untouched. Weights over ``max_shard_size`` bytes are sharded.
+    """
+    config = config or getattr(model, "lightllm_quant_config", None)
+    if config is None:
+        raise ValueError("save_quantized: the model carries no QuantConfig (quantize it with quantize_model, "
+                         "or pass config=)")
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("save_quantized: the model has no QuantLinear layers")
+    from safetensors.torch import save_file
+
+    out = pathlib.Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = _unique_tensors(model, dtype)
+        shards = _shard(state, max_shard_size)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        quant = config.to_dict()
+        model_config = model.config.to_dict() if hasattr(model, "config") else {}
+        model_config["quantization_config"] = quant
+        _write_json(tmp / "config.json", model_config)
+        _write_json(tmp / "quantize_config.json", quant)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            with contextlib.suppress(Exception):
+                generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        _replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved %s-bit checkpoint to %s", config.bits, out)
+    return out
+
+
+def _unique_tensors(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (safetensors refuses shared storage), contiguous,
+    floating tensors in ``dtype``."""
+    state, seen = {}, {}
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
+        if ident is not None and ident in seen:
+            continue  # e.g. lm_head.weight tied to the embeddings: load_quantized re-ties it
+        if ident is not None:
+            seen[ident] = key
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous()
+    return state
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _replace_directory(new: pathlib.Path, dest: pathlib.Path) -> None:
+    """Move ``new`` to ``dest``; an existing ``dest`` is moved aside first and removed afterwards."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+def read_quant_config(directory) -> dict[str, Any]:
+    """The checkpoint's quantization config (config.json's ``quantization_config``, else
+    ``quantize_config.json``), checked to be a GPTQ format we read."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    quant = None
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        quant = _read_json(config_path).get("quantization_config")
+    if quant is None and (directory / "quantize_config.json").is_file():
+        quant = _read_json(directory / "quantize_config.json")
+    if quant is None:
+        raise CheckpointError(f"{directory} is not a quantized checkpoint: neither config.json's quantization_config "
+                              "nor quantize_config.json is there")
+    method = str(quant.get("quant_method", "gptq")).lower()
+    fmt = str(quant.get("checkpoint_format", "gptq")).lower()
+    if method != "gptq":
+        raise CheckpointError(f"{directory}: quant_method {method!r} is not supported; lightllm reads GPTQ checkpoints "
+                              "(quant_method 'gptq')")
+    if fmt not in gptq_format.CHECKPOINT_FORMATS:
+        raise CheckpointError(f"{directory}: checkpoint_format {fmt!r} is not supported (lightllm reads 'gptq' and "
+                              f"'gptq_v2'; {', '.join(UNSUPPORTED_FORMATS)} layouts are not)")
+    if quant.get("bits") not in gptq_format.GPTQ_BITS:
+        raise CheckpointError(f"{directory}: bits={quant.get('bits')!r} is not supported (one of {gptq_format.GPTQ_BITS})")
+    return quant
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def weight_files(directory, quant: dict[str, Any] | None = None) -> list[pathlib.Path]:
+    """The checkpoint's weight files, by the names the GPTQ tools use."""
+    directory = pathlib.Path(directory)
+    bases = [quant["model_file_base_name"]] if quant and quant.get("model_file_base_name") else []
+    bases += ["model"]
+    for base in bases:
+        for suffix in (".safetensors", ".bin"):
+            index = directory / f"{base}{suffix}.index.json"
+            if index.is_file():
+                files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                missing = [f for f in files if not (directory / f).is_file()]
+                if missing:
+                    raise CheckpointError(f"{index} lists weight files that are missing: {', '.join(missing)}")
+                return [directory / f for f in files]
+            single = directory / f"{base}{suffix}"
+            if single.is_file():
+                return [single]
+    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if len(found) == 1:
+        return found
+    if not found:
+        raise CheckpointError(f"{directory} holds no weight file (*.safetensors or *.bin)")
+    raise CheckpointError(f"{directory} holds several weight files but no index: {', '.join(f.name for f in found)}")
+
+
+def _load_file(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch raise various types for damaged files
+        raise CheckpointError(f"cannot read weight file {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create modules' parameters on the meta device (buffers stay real: rotary tables and the like
+    are computed in __init__ and are not in checkpoints)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_quantized(directory, device=None, dtype: torch.dtype | None = None, model_class=None) -> nn.Module:
+    """Load a GPTQ checkpoint directory as a transformers model whose quantized Linears are
+    :class:`~lightllm.nn.QuantLinear`.
+
+    ``dtype``: of the dense parameters (embeddings, norms, output head); default float16 on a GPU,
+    float32 on the CPU. ``model_class``: default ``AutoModelForCausalLM`` (falling back to
+    ``AutoModel`` for architectures without a causal-LM head).
+    """
+    import transformers
+
+    directory = pathlib.Path(directory)
+    quant = read_quant_config(directory)
+    files = weight_files(directory, quant)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # or transformers would look for its own GPTQ backend
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_load_file(path))
+    with _parameters_on_meta():
+        if model_class is None:
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                model = transformers.AutoModel.from_config(config)
+        elif hasattr(model_class, "from_config"):  # an Auto class
+            model = model_class.from_config(config)
+        else:
+            model = model_class(config)
+    model.eval()
+    _install_quant_linears(model, state, quant)
+    _fix_zero_convention(model, state, quant)
+
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise CheckpointError(f"{directory}: the checkpoint holds tensors the model does not have: "
+                              f"{', '.join(sorted(unexpected)[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # A key may be absent only when it is tied to one that was loaded (the output head); anything
+    # else would silently keep its initial value (zeros in a QuantLinear, meta elsewhere).
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in tensors.items() if k not in set(missing)}
+    absent = [k for k in missing if id(tensors[k]) not in loaded]
+    absent += [name for name, p in model.named_parameters() if p.device.type == "meta" and name not in absent]
+    if absent:
+        raise CheckpointError(f"{directory}: the checkpoint lacks {', '.join(absent[:8])}"
+                              f"{' ...' if len(absent) > 8 else ''}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    _cast_dense(model, dtype)
+    model.lightllm_quant_config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "checkpoint_format"}
+                                                        | {"checkpoint_format": quant.get("checkpoint_format", "gptq")})
+    return model
+
+
+def _install_quant_linears(model: nn.Module, state: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
+    """Replace every module that has a ``qweight`` in the checkpoint by a QuantLinear of its shape."""
+    bits, group_size = quant["bits"], quant.get("group_size", -1)
+    fmt = quant.get("checkpoint_format", "gptq")
+    prefixes = [key[: -len(".qweight")] for key in state if key.endswith(".qweight")]
+    if not prefixes:
+        raise CheckpointError("the checkpoint has no quantized layers (no '*.qweight' tensors)")
+    for prefix in prefixes:
+        try:
+            old = model.get_submodule(prefix)
+        except AttributeError as exc:
+            raise CheckpointError(f"the checkpoint quantizes {prefix!r}, which this model does not have") from exc
+        qweight, scales = state[prefix + ".qweight"], state.get(prefix + ".scales")
+        if scales is None:
+            raise CheckpointError(f"the checkpoint has {prefix}.qweight but no {prefix}.scales")
+        in_features, out_features = qweight.shape[0] * 32 // bits, scales.shape[1]
+        has_bias = prefix + ".bias" in state
+        if getattr(old, "bias", None) is not None and not has_bias:
+            raise CheckpointError(f"the checkpoint lacks {prefix}.bias (the model's layer has a bias)")
+        new = QuantLinear(in_features, out_features, bits, group_size, bias=has_bias, checkpoint_format=fmt)
+        old_shape = getattr(old, "weight", None)
+        if old_shape is not None and sorted(old.weight.shape) != sorted((out_features, in_features)):
+            raise CheckpointError(f"{prefix}: the checkpoint holds a {out_features} x {in_features} quantized weight "
+                                  f"but the model's layer is {tuple(old.weight.shape)}")
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _fix_zero_convention(model: nn.Module, state: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
+    """Symmetric checkpoints are sometimes labelled with the wrong zero convention: trust the data."""
+    bits = quant["bits"]
+    labelled = quant.get("checkpoint_format", "gptq")
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        detected = gptq_format.detect_zero_convention(state[name + ".qzeros"], bits)
+        if detected is not None and detected != labelled:
+            logger.warning("%s: zeros say checkpoint_format=%r though the config says %r; reading them as %r",
+                           name, detected, labelled, detected)
+            module.checkpoint_format = detected
+
+
+def _cast_dense(model: nn.Module, dtype: torch.dtype) -> None:
+    """Dense floating parameters and buffers to ``dtype``; QuantLinear keeps its format's float16
+    scales (the kernels take the activation dtype as it comes)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                module._parameters[key] = nn.Parameter(p.to(dtype), requires_grad=False)
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != dtype and "inv_freq" not in key:
+                module._buffers[key] = b.to(dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+__all__ = ["CheckpointError", "load_quantized", "read_quant_config", "save_quantized", "weight_files"]
