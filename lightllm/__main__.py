@@ -74,10 +74,11 @@ def _quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.act_order,
                          static_groups=args.static_groups, damp_percent=args.damp, method=args.method,
                          checkpoint_format=args.format)
+    text = data.load_text(args.calib, split="train") if config.method == "gptq" else None
     model, tokenizer = load_model(args.model, device=args.device)
     calib = None
-    if config.method == "gptq":
-        ids = tokenize_stream(tokenizer, data.load_text(args.calib, split="train"))
+    if text is not None:
+        ids = tokenize_stream(tokenizer, text)
         calib = data.calibration_samples(ids, args.nsamples, args.seqlen, seed=args.seed)
     quantize_model(model, calib, config)
     out = save_quantized(model, args.out, tokenizer=tokenizer)
@@ -90,8 +91,9 @@ def _eval(args: argparse.Namespace) -> int:
     from lightllm.eval import eval_windows, perplexity, tokenize_stream
     from lightllm.models import load_model
 
+    text = data.load_text(args.data, split="heldout")  # a bad path fails before the model loads
     model, tokenizer = load_model(args.model, device=args.device)
-    ids = tokenize_stream(tokenizer, data.load_text(args.data, split="heldout"))
+    ids = tokenize_stream(tokenizer, text)
     windows = eval_windows(ids, args.seqlen)
     ppl = perplexity(model, tokenizer, ids, args.seqlen)
     source = "held-out Shakespeare plays" if args.data == "shakespeare" else args.data
@@ -180,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command != "info":
         _setup_logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        # Bad arguments or unusable input: say what is wrong without a traceback (-v shows it).
+        if args.command == "info" or getattr(args, "verbose", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

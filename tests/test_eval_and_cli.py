@@ -113,3 +113,7 @@ def test_cli_help_and_bad_arguments(capsys):
         main(["quantize", "--bits", "5", "--group-size", "128", "--out", "x"])
     assert exc.value.code == 2
     assert "invalid choice: 5" in capsys.readouterr().err
+    assert main(["quantize", "--device", "cpu", "--bits", "4", "--group-size", "0", "--out", "x"]) == 2
+    assert "group_size must be a positive int or -1" in capsys.readouterr().err
+    assert main(["eval", "--device", "cpu", "--data", "/nonexistent.txt"]) == 2
+    assert "does not exist" in capsys.readouterr().err

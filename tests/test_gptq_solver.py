@@ -65,6 +65,10 @@ def test_hessian_accumulates_2xxt_over_unmasked_tokens():
     kept = torch.cat([x[0], x[1, :60], x[2]]).double()
     torch.testing.assert_close(acc.hessian.double(), 2 * kept.t() @ kept / kept.shape[0], rtol=1e-5, atol=1e-5)
     assert acc.tokens == 260
+    flat = HessianAccumulator(24)  # a model that flattens tokens ([B*T, K], as MoE blocks do)
+    flat.add(x[1:].reshape(-1, 24), mask[1:])
+    kept = torch.cat([x[1, :60], x[2]]).double()
+    torch.testing.assert_close(flat.hessian.double(), 2 * kept.t() @ kept / kept.shape[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="last dimension 7, expected 24"):
         acc.add(torch.randn(2, 7))
 
@@ -118,6 +122,24 @@ def test_dead_inputs_get_zero_weights_and_damping_retries(caplog):
     with caplog.at_level(logging.WARNING, logger="lightllm"):
         r = gptq_solve_reference(w, bad, 4, 32)
     assert r.damp > 0.01 and "Cholesky failed" in caplog.text
+
+
+def test_per_row_grid_is_taken_before_dead_columns_are_zeroed():
+    # group size -1: the reference computes the row's grid from the original weights.
+    w = torch.randn(8, 64)
+    w[:, 3] = 10.0  # the largest weights sit in a dead input
+    x = correlated_inputs(256, 64, 2)
+    x[:, 3] = 0
+    r = gptq_solve_reference(w, 2 * x.t() @ x / 256, 4, -1)
+    assert torch.allclose(r.scales.float()[0], torch.full((8,), 20.0 / 15), rtol=1e-3)  # [-10, 10] / 15 levels
+    assert torch.all(r.dequantize()[:, 3] == 0)
+
+
+def test_fused_without_triton_says_so(monkeypatch):
+    from lightllm.quantization import gptq
+    monkeypatch.setattr(gptq, "_triton_solver", lambda: None)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        gptq_solve(torch.randn(8, 32), torch.eye(32), 4, fused=True)
 
 
 def test_bad_input():

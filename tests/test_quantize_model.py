@@ -46,6 +46,13 @@ def tiny(family: str) -> nn.Module:
                                            eos_token_id=0))
     elif family == "gpt_neox":
         m = t.GPTNeoXForCausalLM(t.GPTNeoXConfig(hidden_size=64, intermediate_size=96, **common))
+    elif family == "opt":
+        m = t.OPTForCausalLM(t.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                         num_attention_heads=4, word_embed_proj_dim=64))
+    elif family == "gemma2":  # alternating sliding-window and full-attention layers
+        m = t.Gemma2ForCausalLM(t.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=16, sliding_window=4))
     elif family == "bert":
         m = t.BertForMaskedLM(t.BertConfig(hidden_size=64, intermediate_size=96, **common))
     else:
@@ -88,13 +95,69 @@ def test_true_sequential_groups_follow_the_forward_pass():
     name, blocks = find_blocks(model)
     assert name == "model.layers"
     linears = _block_linears(blocks[0], QuantConfig(), name)
-    inputs, kwargs, _ = _capture_block_inputs(model, blocks[0], [{"input_ids": CALIB[:1]}])
-    groups = _sequential_groups(blocks[0], linears,
-                                lambda first_only=False: [blocks[0](inputs[0], *kwargs[0][0], **kwargs[0][1])])
+    inputs, block_args, _ = _capture_block_inputs(model, blocks, [{"input_ids": CALIB[:1]}])
+    args, kwargs = block_args[0][0]
+    with torch.no_grad():  # as in quantize_model: freed activations' ids get reused there
+        groups = _sequential_groups(blocks[0], linears, lambda first_only=False: [blocks[0](inputs[0], *args, **kwargs)])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    opt = tiny("opt")
+    _, blocks = find_blocks(opt)
+    inputs, block_args, _ = _capture_block_inputs(opt, blocks, [{"input_ids": CALIB[:1]}])
+    args, kwargs = block_args[0][0]
+    with torch.no_grad():
+        groups = _sequential_groups(blocks[0], _block_linears(blocks[0], QuantConfig(), ""),
+                                    lambda first_only=False: [blocks[0](inputs[0], *args, **kwargs)])
+    assert groups == [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.out_proj"],
+                      ["fc1"], ["fc2"]] or groups[-2:] == [["fc1"], ["fc2"]]
     assert find_blocks(tiny("gpt2"))[0] == "transformer.h"
     assert find_blocks(tiny("bert"))[0] == "bert.encoder.layer"
+
+
+def test_each_block_gets_its_own_arguments():
+    # Gemma2 alternates sliding-window and full attention: block 1's mask is not block 0's.
+    model = tiny("gemma2")
+    _, blocks = find_blocks(model)
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, k), with_kwargs=True)
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(input_ids=CALIB[:2], use_cache=False)
+    for h in hooks:
+        h.remove()
+    _, block_args, _ = _capture_block_inputs(model, blocks, [{"input_ids": CALIB[:2]}])
+    masks = [block_args[i][0][1]["attention_mask"] for i in range(2)]
+    assert torch.equal(masks[0], seen[0]["attention_mask"]) and torch.equal(masks[1], seen[1]["attention_mask"])
+    assert not torch.equal(masks[0], masks[1])
+    quantize_model(model, CALIB, QuantConfig(bits=4, group_size=32), progress=False)
+
+
+def test_training_mode_dropout_is_off_while_quantizing():
+    a, b = tiny("gpt2"), tiny("gpt2")  # GPT-2 has dropout 0.1 everywhere
+    a.train()
+    torch.manual_seed(1)
+    quantize_model(a, CALIB, QuantConfig(bits=4, group_size=32), progress=False)
+    torch.manual_seed(2)
+    quantize_model(b, CALIB, QuantConfig(bits=4, group_size=32), progress=False)
+    assert a.training and not b.training  # restored
+    qa = [m.qweight for m in a.modules() if isinstance(m, QuantLinear)]
+    qb = [m.qweight for m in b.modules() if isinstance(m, QuantLinear)]
+    assert all(torch.equal(x, y) for x, y in zip(qa, qb))
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_asymmetric_v1_never_needs_a_zero_of_zero(method, tmp_path):
+    model = tiny("llama")
+    with torch.no_grad():  # a group whose weights are all positive wants z = 0, which v1 cannot store
+        model.model.layers[0].mlp.down_proj.weight[:, :32].abs_()
+    config = QuantConfig(bits=4, group_size=32, sym=False, method=method)  # checkpoint_format "gptq" (v1)
+    quantize_model(model, CALIB, config, progress=False)
+    layer = model.model.layers[0].mlp.down_proj
+    from lightllm.quantization import unpack_gptq
+    zeros = unpack_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, "gptq")["zeros"]
+    assert int(zeros.min()) == 1 and int(zeros[0].min()) == 1
+    out = save_quantized(model, tmp_path / "q", dtype=None)
+    assert torch.equal(logits(load_quantized(out), CALIB[:2]), logits(model, CALIB[:2]))
 
 
 def test_padding_stays_out_of_the_hessians():
@@ -211,6 +274,36 @@ def test_missing_shard_and_missing_tensor(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != dropped}, shard)
     with pytest.raises(CheckpointError, match="lacks"):
         load_quantized(out)
+
+
+def test_asymmetric_checkpoints_keep_their_label(tmp_path):
+    # Asymmetric zeros that happen to all equal 2**(bits-1) - 1 must not be "corrected" to v1/v2.
+    model = tiny("llama")
+    quantize_model(model, None, QuantConfig(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2",
+                                            method="rtn"), progress=False)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.qzeros.fill_(0x77777777)  # every true zero 7, stored as v2
+    expected = logits(model, CALIB[:2])
+    out = save_quantized(model, tmp_path / "q", dtype=None)
+    assert torch.equal(logits(load_quantized(out), CALIB[:2]), expected)
+
+
+def test_save_checks_the_config_and_the_destination(tmp_path):
+    model = tiny("llama")
+    quantize_model(model, None, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
+    with pytest.raises(ValueError, match="group_size=32, .* but the config says bits=4, group_size=64"):
+        save_quantized(model, tmp_path / "q", config=QuantConfig(bits=4, group_size=64))
+    with pytest.raises(ValueError, match="checkpoint_format='gptq' but the config says .*'gptq_v2'"):
+        save_quantized(model, tmp_path / "q", config=QuantConfig(bits=4, group_size=32, checkpoint_format="gptq_v2"))
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "my_notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a model checkpoint"):
+        save_quantized(model, folder)
+    assert (folder / "my_notes.md").read_text() == "mine"
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, CALIB, QuantConfig())
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

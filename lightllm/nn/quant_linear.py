@@ -68,7 +68,9 @@ class QuantLinear(nn.Module):
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
                      checkpoint_format=checkpoint_format, device=weight.device)
-        rtn = gptq_format.quantize_rtn(weight, bits, group_size, sym=sym)
+        # v1 cannot store a zero of 0: asymmetric grids written as v1 keep z >= 1
+        rtn = gptq_format.quantize_rtn(weight, bits, group_size, sym=sym,
+                                       zero_min=1 if checkpoint_format == "gptq" and not sym else 0)
         packed = gptq_format.pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, checkpoint_format)
         for name, tensor in packed.items():
             getattr(module, name).copy_(tensor)

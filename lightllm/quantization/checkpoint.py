@@ -50,17 +50,29 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
     default as the GPTQ tools store them; ``dtype=None`` keeps each tensor's own dtype.
 
     The directory is written next to its destination and renamed into place, so a failure leaves
-    any previous checkpoint there untouched. Weights over ``max_shard_size`` bytes are sharded.
+    any previous checkpoint there untouched; an existing destination is replaced only when it is
+    empty or itself a checkpoint (never an unrelated folder). Weights over ``max_shard_size``
+    bytes are sharded.
     """
     config = config or getattr(model, "lightllm_quant_config", None)
     if config is None:
         raise ValueError("save_quantized: the model carries no QuantConfig (quantize it with quantize_model, "
                          "or pass config=)")
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layers")
+    for name, layer in layers.items():  # the config is written for every layer: it must describe them
+        if (layer.bits, layer.group_size, layer.checkpoint_format) != (config.bits, config.group_size,
+                                                                       config.checkpoint_format):
+            raise ValueError(f"save_quantized: layer {name} has bits={layer.bits}, group_size={layer.group_size}, "
+                             f"checkpoint_format={layer.checkpoint_format!r} but the config says bits={config.bits}, "
+                             f"group_size={config.group_size}, checkpoint_format={config.checkpoint_format!r}")
     from safetensors.torch import save_file
 
     out = pathlib.Path(directory)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_checkpoint_dir(out))):
+        raise FileExistsError(f"save_quantized: {out} exists and is not a model checkpoint; refusing to replace it "
+                              "(choose a new directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -94,6 +106,15 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
         raise
     logger.info("saved %s-bit checkpoint to %s", config.bits, out)
     return out
+
+
+def _is_checkpoint_dir(path: pathlib.Path) -> bool:
+    """A directory that only holds what a model checkpoint holds (so replacing it loses nothing else)."""
+    if not (path / "config.json").is_file():
+        return False
+    return all(p.is_file() and (p.suffix in (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
+                                or p.name in ("merges.txt", "vocab.txt"))
+               for p in path.iterdir())
 
 
 def _unique_tensors(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -165,9 +186,12 @@ def read_quant_config(directory) -> dict[str, Any]:
                               "nor quantize_config.json is there")
     method = str(quant.get("quant_method", "gptq")).lower()
     fmt = str(quant.get("checkpoint_format", "gptq")).lower()
+    quant = dict(quant, quant_method=method, checkpoint_format=fmt)
     if method != "gptq":
         raise CheckpointError(f"{directory}: quant_method {method!r} is not supported; lightllm reads GPTQ checkpoints "
                               "(quant_method 'gptq')")
+    if quant.get("is_marlin_format"):
+        fmt = "marlin"
     if fmt not in gptq_format.CHECKPOINT_FORMATS:
         raise CheckpointError(f"{directory}: checkpoint_format {fmt!r} is not supported (lightllm reads 'gptq' and "
                               f"'gptq_v2'; {', '.join(UNSUPPORTED_FORMATS)} layouts are not)")
@@ -187,7 +211,7 @@ def weight_files(directory, quant: dict[str, Any] | None = None) -> list[pathlib
     """The checkpoint's weight files, by the names the GPTQ tools use."""
     directory = pathlib.Path(directory)
     bases = [quant["model_file_base_name"]] if quant and quant.get("model_file_base_name") else []
-    bases += ["model"]
+    bases += ["model", "pytorch_model"]
     for base in bases:
         for suffix in (".safetensors", ".bin"):
             index = directory / f"{base}{suffix}.index.json"
@@ -291,8 +315,7 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
         p.requires_grad_(False)
     model.to(device)
     _cast_dense(model, dtype)
-    model.lightllm_quant_config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "checkpoint_format"}
-                                                        | {"checkpoint_format": quant.get("checkpoint_format", "gptq")})
+    model.lightllm_quant_config = QuantConfig.from_dict(quant)
     return model
 
 
@@ -325,7 +348,10 @@ def _install_quant_linears(model: nn.Module, state: dict[str, torch.Tensor], qua
 
 
 def _fix_zero_convention(model: nn.Module, state: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
-    """Symmetric checkpoints are sometimes labelled with the wrong zero convention: trust the data."""
+    """Symmetric checkpoints are sometimes labelled with the wrong zero convention: trust the data.
+    (Asymmetric zeros vary with the weights, so the data cannot tell: the label stands.)"""
+    if not quant.get("sym", True):
+        return
     bits = quant["bits"]
     labelled = quant.get("checkpoint_format", "gptq")
     for name, module in model.named_modules():

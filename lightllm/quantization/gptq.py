@@ -65,13 +65,24 @@ class HessianAccumulator:
         self.in_features = in_features
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self._warned_mask = False
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"HessianAccumulator: input has last dimension {x.shape[-1]}, expected {self.in_features}")
         if mask is not None:
-            x = x[mask.to(device=x.device, dtype=torch.bool).expand(x.shape[:-1])]
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            if mask.shape == x.shape[:-1]:
+                x = x[mask]
+            elif mask.numel() == x.shape[:-1].numel():  # tokens flattened by the model ([B*T, K])
+                x = x.reshape(-1, self.in_features)[mask.reshape(-1)]
+            elif not self._warned_mask:
+                # e.g. a mixture-of-experts expert sees only the tokens routed to it: which of those
+                # are padding is not known here, so all of them count
+                self._warned_mask = True
+                logger.warning("HessianAccumulator: input of shape %s does not line up with the attention mask %s; "
+                               "padding tokens are counted for this layer", tuple(x.shape), tuple(mask.shape))
         x = x.reshape(-1, self.in_features).to(self.hessian.device, torch.float32)
         n = x.shape[0]
         if n == 0:
@@ -140,17 +151,24 @@ def _group_of_position(k: int, group_size: int, perm, static_groups: bool, devic
 
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
                act_order: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-               fused: bool | None = None) -> GPTQResult:
+               fused: bool | None = None, zero_min: int = 0) -> GPTQResult:
     """Quantize ``weight`` [N, K] with GPTQ given the input Hessian [K, K].
 
     ``fused``: True runs the per-block loop in the Triton kernel (a CUDA tensor, or the Triton
     interpreter), False the plain PyTorch loop, None picks the kernel for CUDA tensors when Triton
     is available. Both give the same algorithm; results agree up to float rounding order.
+    ``zero_min``: smallest zero point of asymmetric grids (1 when writing v1 checkpoints).
     """
     _check_args(weight, hessian, bits, group_size, damp_percent)
     if fused is None:
         fused = weight.is_cuda and _triton_solver() is not None
+    elif fused and _triton_solver() is None:
+        raise RuntimeError("gptq_solve(fused=True) needs Triton, which is not installed")
     n, k = weight.shape
+    # Group size -1: one grid per row, from the weights before dead inputs are zeroed (as the
+    # reference implementation computes it).
+    whole_row = grid_params(weight.detach().float().amin(1), weight.detach().float().amax(1), bits, sym, zero_min) \
+        if group_size == -1 else None
     w, perm, hinv, damp = _prepare(weight, hessian, act_order, damp_percent)
     size = k if group_size == -1 else group_size
     groups = -(-k // size)
@@ -159,11 +177,11 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     zeros = torch.zeros(groups, n, dtype=torch.float32, device=w.device)
 
     def set_group(g: int, cols: torch.Tensor) -> None:
-        s, z = grid_params(cols.amin(1), cols.amax(1), bits, sym)
+        s, z = grid_params(cols.amin(1), cols.amax(1), bits, sym, zero_min)
         scales[g], zeros[g] = s, z
 
     if group_size == -1:
-        set_group(0, w)
+        scales[0], zeros[0] = whole_row
     elif static_groups:
         original = w if perm is None else w[:, torch.argsort(perm)]
         for g in range(groups):

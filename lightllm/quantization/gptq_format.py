@@ -182,13 +182,15 @@ def detect_zero_convention(qzeros: torch.Tensor, bits: int) -> str | None:
     return None
 
 
-def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool,
+                zero_min: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's quantization grid for weights spanning [wmin, wmax] (any matching shapes).
 
     The range is widened to include 0; symmetric grids are centred, z = 2**bits / 2; an all-zero
     range becomes [-1, 1]. The scale is rounded to float16 first (the checkpoint stores float16 and
     that is what dequantizes), and the zero is computed from the rounded scale. Returns float32
-    ``(scale, zero)``, the zero integral.
+    ``(scale, zero)``, the zero integral, at least ``zero_min`` (1 for asymmetric v1 checkpoints,
+    which cannot store a zero of 0).
     """
     maxq = 2**bits - 1
     wmin, wmax = wmin.float().clamp(max=0), wmax.float().clamp(min=0)
@@ -199,7 +201,7 @@ def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool) ->
     wmin = torch.where(flat, -torch.ones_like(wmin), wmin)
     wmax = torch.where(flat, torch.ones_like(wmax), wmax)
     scale = ((wmax - wmin) / maxq).to(torch.float16).float()
-    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.clamp(torch.round(-wmin / scale), 0, maxq)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.clamp(torch.round(-wmin / scale), zero_min, maxq)
     return scale, zero
 
 
@@ -208,7 +210,8 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> dict[str, torch.Tensor]:
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True,
+                 zero_min: int = 0) -> dict[str, torch.Tensor]:
     """Round-to-nearest quantization of a dense weight [N, K] (the baseline GPTQ improves on).
 
     Per group of ``group_size`` input columns and per output row, the grid spans [min, max] of the
@@ -228,7 +231,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = T
     valid = torch.nn.functional.pad(torch.ones(k, device=weight.device), (0, groups * size - k)).view(groups, size).bool()
     wmin = torch.where(valid, w, torch.zeros((), device=w.device)).amin(-1)
     wmax = torch.where(valid, w, torch.zeros((), device=w.device)).amax(-1)
-    scale16, zero = grid_params(wmin, wmax, bits, sym)  # [N, G]
+    scale16, zero = grid_params(wmin, wmax, bits, sym, zero_min)  # [N, G]
     q = quantize_to_grid(w, scale16[..., None], zero[..., None], bits)
     q = q.view(n, groups * size)[:, :k]
     return {

@@ -70,19 +70,28 @@ class QuantConfig:
             raise ValueError(f"QuantConfig: damp_percent must lie in (0, 1), got {self.damp_percent}")
         gptq_format._check_format(self.checkpoint_format)
 
+    @property
+    def zero_min(self) -> int:
+        """The smallest zero point the grid may use: v1 checkpoints store z - 1, so z = 0 cannot be
+        written; asymmetric grids for v1 keep z >= 1 (a group whose weights are all positive then
+        loses its top level instead of corrupting its neighbours' zeros)."""
+        return 1 if self.checkpoint_format == "gptq" and not self.sym else 0
+
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` dict that AutoGPTQ, GPTQModel and transformers read."""
         d = dataclasses.asdict(self)
         d.pop("method")
         d["quant_method"] = "gptq"
-        d["quantizer"] = f"lightllm ({self.method})"
+        # where GPTQModel records its writer; readers ignore what they do not know there
+        d["meta"] = {"quantizer": ["lightllm:0.1.0"], "lightllm_method": self.method}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         names = {f.name for f in dataclasses.fields(cls)} - {"method"}
         kwargs = {k: v for k, v in d.items() if k in names}
-        return cls(**kwargs)
+        method = (d.get("meta") or {}).get("lightllm_method", "gptq")
+        return cls(**kwargs, method=method if method in METHODS else "gptq")
 
 
 class LayerListNotFoundError(ValueError):
@@ -180,14 +189,16 @@ def _quant_linear_from(linear: nn.Module, result: GPTQResult, config: QuantConfi
 
 
 def _rtn_result(linear: nn.Module, config: QuantConfig) -> GPTQResult:
-    t = gptq_format.quantize_rtn(_linear_weight(linear).detach(), config.bits, config.group_size, sym=config.sym)
+    t = gptq_format.quantize_rtn(_linear_weight(linear).detach(), config.bits, config.group_size, sym=config.sym,
+                                 zero_min=config.zero_min)
     return GPTQResult(error=float("nan"), damp=0.0, **t)
 
 
 def _sequential_groups(block: nn.Module, linears: dict[str, nn.Module], run_block) -> list[list[str]]:
     """Linears in the order the forward pass reaches them; those reading the same tensor grouped."""
-    calls: list[tuple[str, int]] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, id(args[0]))))
+    # The input tensors themselves are kept (not their id()s): a freed tensor's id is reused.
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args[0])))
              for name, m in linears.items()]
     try:
         run_block(first_only=True)
@@ -196,15 +207,15 @@ def _sequential_groups(block: nn.Module, linears: dict[str, nn.Module], run_bloc
             h.remove()
     groups: list[list[str]] = []
     seen, last_input = set(), None
-    for name, input_id in calls:
+    for name, tensor in calls:
         if name in seen:
             continue
         seen.add(name)
-        if groups and input_id == last_input:
+        if groups and tensor is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = tensor
     groups += [[name] for name in linears if name not in seen]  # never reached: quantize last
     return groups
 
@@ -220,25 +231,38 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig, progress:
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("quantize_model: the model is already quantized (it holds QuantLinear layers)")
     blocks_name, blocks = find_blocks(model)
+    was_training = model.training
+    model.eval()  # no dropout while activations are collected
+    try:
+        _quantize_blocks(model, blocks_name, blocks, calibration, config, progress)
+    finally:
+        model.train(was_training)
+    model.lightllm_quant_config = config  # what save_quantized writes
+    return model
+
+
+def _quantize_blocks(model, blocks_name, blocks, calibration, config: QuantConfig, progress: bool) -> None:
     device = next(model.parameters()).device
     start = time.perf_counter()
     if config.method == "rtn":
         for index, block in enumerate(tqdm(blocks, desc=f"RTN {config.bits}-bit", disable=not progress)):
             for name, linear in _block_linears(block, config, f"{blocks_name}.{index}").items():
                 _replace(block, name, _quant_linear_from(linear, _rtn_result(linear, config), config))
-        _record(model, config)
         logger.info("RTN: %d blocks quantized to %d bits in %.1f s", len(blocks), config.bits, time.perf_counter() - start)
-        return model
+        return
 
     batches = _as_batches(calibration, device)
-    inputs, kwargs_list, masks = _capture_block_inputs(model, blocks[0], batches)
+    inputs, block_args, masks = _capture_block_inputs(model, blocks, batches)
     tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
     logger.info("GPTQ: %d calibration sequences, %d tokens, %d blocks", len(batches) and sum(
         b["input_ids"].shape[0] for b in batches), tokens, len(blocks))
 
     for index, block in enumerate(tqdm(blocks, desc=f"GPTQ {config.bits}-bit", disable=not progress)):
         linears = _block_linears(block, config, f"{blocks_name}.{index}")
+        kwargs_list = block_args[index]
 
         def run_block(first_only: bool = False, block=block):
             outs = []
@@ -265,16 +289,17 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig, progress:
                     h.remove()
             for name in group:
                 linear = linears[name]
+                if accumulators[name].tokens == 0:
+                    logger.warning("%s.%d.%s never saw a calibration token: GPTQ sets its weights to zero",
+                                   blocks_name, index, name)
                 result = gptq_solve(_linear_weight(linear).detach(), accumulators[name].hessian, config.bits,
                                     config.group_size, config.sym, config.desc_act, config.static_groups,
-                                    config.damp_percent)
+                                    config.damp_percent, zero_min=config.zero_min)
                 logger.debug("%s.%d.%s: GPTQ error %.4g", blocks_name, index, name, result.error)
                 _replace(block, name, _quant_linear_from(linear, result, config))
                 del accumulators[name]
         inputs = run_block()  # the quantized block's output feeds the next block
-    _record(model, config)
     logger.info("GPTQ: %d blocks quantized to %d bits in %.1f s", len(blocks), config.bits, time.perf_counter() - start)
-    return model
 
 
 def _block_linears(block: nn.Module, config: QuantConfig, where: str) -> dict[str, nn.Module]:
@@ -293,19 +318,30 @@ def _block_linears(block: nn.Module, config: QuantConfig, where: str) -> dict[st
     return found
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches):
-    """Run the model up to its first block for every batch; keep the block's positional input and
-    other arguments (masks, position embeddings, ...), and the token mask of each batch."""
-    inputs, kwargs_list, masks = [], [], []
+def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches):
+    """Run the calibration batches through the model; keep the first block's input hidden states,
+    the other arguments each block receives (masks, position embeddings, ...; they can differ per
+    block, e.g. sliding-window and full-attention layers), and each batch's token mask.
 
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden)
-        kwargs_list.append((tuple(args[1:]), kwargs))  # e.g. GPT-2 passes its mask positionally
-        raise _StopForward
+    Returns ``(inputs, block_args, masks)``: ``inputs[b]`` the hidden states of batch b,
+    ``block_args[i][b]`` = (positional args after the hidden states, keyword args) of block i.
+    """
+    inputs: list[torch.Tensor] = []
+    block_args: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    masks: list[torch.Tensor | None] = []
 
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab(index):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                inputs.append(hidden)
+            block_args[index].append((tuple(args[1:]), kwargs))  # e.g. GPT-2 passes its mask positionally
+            if index == len(blocks) - 1:
+                raise _StopForward  # nothing after the last block's arguments is needed
+        return hook
+
+    handles = [block.register_forward_pre_hook(grab(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for batch in batches:
             try:
@@ -313,12 +349,15 @@ def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches):
             except _StopForward:
                 pass
             else:
-                raise RuntimeError("the model's forward pass never reached its first transformer block")
+                raise RuntimeError("the model's forward pass never reached its last transformer block")
+            if any(len(args) != len(inputs) for args in block_args):
+                raise RuntimeError("the model's forward pass skipped some of its transformer blocks")
             mask = batch.get("attention_mask")
             masks.append(mask.bool() if mask is not None else None)
     finally:
-        handle.remove()
-    return inputs, kwargs_list, masks
+        for handle in handles:
+            handle.remove()
+    return inputs, block_args, masks
 
 
 def _forward_without_cache(model: nn.Module, batch: dict):
@@ -330,6 +369,3 @@ def _forward_without_cache(model: nn.Module, batch: dict):
         return model(**batch)
 
 
-def _record(model: nn.Module, config: QuantConfig) -> None:
-    """Remember the config on the model (save_quantized writes it)."""
-    model.lightllm_quant_config = config
