@@ -5,7 +5,7 @@ import torch
 
 import lightllm
 from lightllm.nn import QuantLinear
-from lightllm.quantization import pack_gptq
+from lightllm.quantization import pack_gptq, unpack_gptq
 
 BITS = [2, 3, 4, 8]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -158,11 +158,21 @@ def test_bad_input_raises_clear_errors():
         q(torch.ones(2, 64, dtype=torch.int64))
     with pytest.raises(ValueError, match="input is on meta but the layer is on cpu"):
         q(torch.randn(2, 64, device="meta"))
-    with pytest.raises(ValueError, match="zero point of 0 cannot be stored in the v1"):
-        lin = make_linear(64, 32)
-        with torch.no_grad():
-            lin.weight.abs_()  # every group's minimum is >= 0, so asymmetric zeros are 0
-        QuantLinear.from_linear(lin, 4, 32, sym=False, checkpoint_format="gptq")
+
+
+def test_asymmetric_v1_keeps_zeros_storable():
+    # All weights positive: the asymmetric grid wants z = 0, which v1 (stored z - 1) cannot hold.
+    # v1 layers keep z >= 1 (the top level is lost instead); v2 layers use z = 0.
+    lin = make_linear(64, 32)
+    with torch.no_grad():
+        lin.weight.abs_()
+    dense = lin.weight.detach()
+    for fmt, zero in (("gptq", 1), ("gptq_v2", 0)):
+        q = QuantLinear.from_linear(lin, 4, 32, sym=False, checkpoint_format=fmt)
+        z = unpack_gptq(q.qweight, q.qzeros, q.scales, q.g_idx, 4, fmt)["zeros"]
+        assert int(z.min()) == zero
+        scale = q.scales.float()[q.g_idx.long()].t()
+        assert torch.all((q.dequantize(torch.float32) - dense).abs() <= scale * (1.02 if zero else 0.52) + 1e-6)  # fp16 scales: ~1% slack
 
 
 def act_order_checkpoint(k=128, n=32, gs=32, bits=4, seed=1):
