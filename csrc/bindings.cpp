@@ -1,6 +1,7 @@
 // The only translation unit that sees at::Tensor: argument checks, output allocation, stream
 // selection, then a call into the torch-free launchers of the kernel files.
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <memory>
 #include <torch/extension.h>
 
@@ -11,6 +12,7 @@
 
 #include "blockwise.h"
 #include "gptq.h"
+#include "optim.h"
 
 namespace {
 
@@ -231,6 +233,88 @@ bool built_with_cuda() {
 #endif
 }
 
+// One fused optimizer step for a list of CPU parameters (lightllm/ops/optim.py checks the lists;
+// the checks here guard the raw pointers).
+void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+                        const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+                        const std::vector<at::Tensor>& steps, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                        const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+                        bool maximize, bool nesterov, const c10::optional<at::Tensor>& grad_scale,
+                        const c10::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "optimizer_step_cpu";
+  TORCH_CHECK(algo >= 0 && algo <= 3, op, ": unknown algorithm ", algo);
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count &&
+                  absmax1.size() == count && absmax2.size() == count && steps.size() == count,
+              op, ": every list needs one entry per parameter (", count, ")");
+  if (count == 0) return;
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // CPU: reading it is free
+  check_map(op, qmap1, params[0]);
+  check_map(op, qmap2, params[0]);
+  const at::Tensor map1 = qmap1.contiguous(), map2 = qmap2.contiguous();
+  const auto search1 = lightllm::code_search_for(map1.data_ptr<float>());
+  const auto search2 = lightllm::code_search_for(map2.data_ptr<float>());
+  lightllm::OptimHyper h{};
+  h.algo = static_cast<lightllm::OptimAlgo>(algo);
+  h.lr = lr.item<float>();
+  h.beta1 = static_cast<float>(beta1);
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.eps = static_cast<float>(eps);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.maximize = maximize;
+  h.nesterov = nesterov;
+  h.inv_grad_scale = grad_scale.has_value() ? 1.0f / grad_scale->item<float>() : 1.0f;
+  const bool two_state = algo <= 1;
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.is_cpu() && g.is_cpu() && p.is_contiguous() && g.is_contiguous() && g.numel() == p.numel(), op,
+                ": param ", i, " and its gradient must be contiguous CPU tensors of one size, got ", p.sizes(),
+                " and ", g.sizes());
+    lightllm::OptimTensor t{};
+    t.n = p.numel();
+    t.param = p.data_ptr();
+    t.param_type = float_type_of(p.scalar_type(), op, "param");
+    t.grad = g.data_ptr();
+    t.grad_type = float_type_of(g.scalar_type(), op, "grad");
+    const int64_t blocks = (t.n + lightllm::kOptimBlock - 1) / lightllm::kOptimBlock;
+    auto bind_state = [&](const at::Tensor& s, const at::Tensor& a, void** state, float** absmax, const char* name) {
+      TORCH_CHECK(s.is_cpu() && s.is_contiguous() && s.numel() == t.n, op, ": ", name, " of param ", i,
+                  " must be a contiguous CPU tensor of ", t.n, " values");
+      if (s.scalar_type() == at::kByte) {
+        TORCH_CHECK(a.scalar_type() == at::kFloat && a.numel() == blocks && a.is_contiguous(), op, ": ", name,
+                    " of param ", i, " is 8-bit and needs a float32 absmax of ", blocks, " values");
+        *absmax = a.data_ptr<float>();
+      } else {
+        TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", name, " of param ", i, " must be uint8 or float32");
+        *absmax = nullptr;
+      }
+      *state = s.data_ptr();
+    };
+    bind_state(state1[i], absmax1[i], &t.state1, &t.absmax1, "state1");
+    if (two_state) bind_state(state2[i], absmax2[i], &t.state2, &t.absmax2, "state2");
+    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1 && steps[i].is_cpu(), op,
+                ": the step of param ", i, " must be a one-element float32 CPU tensor");
+    if (t.n == 0) continue;
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, t.n, 1 << 16, [&](int64_t begin, int64_t end) {
+      if (finite.load(std::memory_order_relaxed) && !lightllm::all_finite_cpu(t.grad, t.grad_type, begin, end))
+        finite.store(false, std::memory_order_relaxed);
+    });
+    if (!finite.load()) continue;  // a NaN or inf gradient: this tensor keeps its value, state and step
+    float* step = steps[i].data_ptr<float>();
+    *step += 1.0f;
+    const float step_now = *step;
+    at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+      lightllm::optimizer_update_cpu(h, t, step_now, map1.data_ptr<float>(), map2.data_ptr<float>(), search1.get(),
+                                     search2.get(), begin, end);
+    });
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -244,6 +328,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_matmul", &gptq_matmul, "x @ W^T + bias + s * S B^T with W in the GPTQ layout (CUDA tensors)",
         py::arg("x"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"), py::arg("g_idx"), py::arg("bias"),
         py::arg("lora_s"), py::arg("lora_b"), py::arg("lora_scale"), py::arg("bits"), py::arg("zeros_v1"));
+  m.def("optimizer_step_cpu", &optimizer_step_cpu, "fused optimizer step for a list of CPU parameters",
+        py::arg("algo"), py::arg("params"), py::arg("grads"), py::arg("state1"), py::arg("state2"),
+        py::arg("absmax1"), py::arg("absmax2"), py::arg("steps"), py::arg("qmap1"), py::arg("qmap2"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"),
+        py::arg("nesterov"), py::arg("grad_scale"), py::arg("found_inf"));
   m.def("built_with_cuda", &built_with_cuda);
   m.attr("torch_version") = LIGHTLLM_TORCH_VERSION;
 #ifdef LIGHTLLM_WITH_CUDA

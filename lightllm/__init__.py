@@ -7,7 +7,7 @@ Layers: kernels (``csrc/`` as lightllm._C, ``kernels/`` as lightllm.kernels) -> 
 import logging
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from . import functional, nn, quantization
+from . import functional, nn, optim, quantization
 from .backends import (
     BackendUnavailableError,
     available_backends,

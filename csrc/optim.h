@@ -1,0 +1,48 @@
+// Fused optimizer step (Adam, AdamW, Lion, SGD with momentum) with 8-bit block-wise or 32-bit state:
+// host launchers only. No torch headers here: bindings.cpp is the only file that sees at::Tensor.
+// The semantics are those of lightllm/ops/optim.py (the Python reference defines them).
+#pragma once
+
+#include <cstdint>
+
+#include "blockwise.h"
+
+namespace lightllm {
+
+enum class OptimAlgo : int { kAdam = 0, kAdamW = 1, kLion = 2, kSGD = 3 };
+
+struct OptimHyper {
+  OptimAlgo algo;
+  float lr, beta1, beta2, eps, weight_decay;
+  float one_minus_beta1, one_minus_beta2;  // rounded from double on the host, as the reference does
+  bool maximize, nesterov;
+  float inv_grad_scale;  // 1 / grad_scale (1 when there is none)
+};
+
+// One parameter's tensors. 8-bit state: uint8 codes + one float absmax per 256 values; 32-bit state:
+// float values and no absmax. state2/absmax2 are null for the one-state algorithms.
+struct OptimTensor {
+  void* param;
+  FloatType param_type;
+  const void* grad;
+  FloatType grad_type;
+  void* state1;
+  float* absmax1;  // null: state1 is float32
+  void* state2;
+  float* absmax2;  // null: state2 is float32
+  float* step;
+  int64_t n;
+};
+
+constexpr int64_t kOptimBlock = 256;
+
+// CPU, in two parts that the caller runs in parallel over ranges:
+// whether values [begin, end) of a gradient are all finite (a skipped tensor is left untouched),
+bool all_finite_cpu(const void* x, FloatType type, int64_t begin, int64_t end);
+// and the update of blocks [block_begin, block_end) of one tensor at step `step` (already
+// incremented). `search1`/`search2`: the code searches of qmap1/qmap2 (see code_search_for).
+void optimizer_update_cpu(const OptimHyper& hyper, const OptimTensor& t, float step, const float* qmap1,
+                          const float* qmap2, const CodeSearch* search1, const CodeSearch* search2,
+                          int64_t block_begin, int64_t block_end);
+
+}  // namespace lightllm
