@@ -36,6 +36,26 @@ MAX_TABLE_STEPS = 4
 
 
 @triton.jit
+def nearest_code(v, midpoints_ptr, bucket_start_ptr, STEPS: tl.constexpr, USE_TABLE: tl.constexpr):
+    """Index of the nearest map value for each normalized value (int32; ties low, NaN -> 0)."""
+    if USE_TABLE:
+        # Order-preserving key: flip all bits of negatives, only the sign bit of positives.
+        bits = v.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) | -2147483648)
+        pos = tl.load(bucket_start_ptr + ((key >> (32 - 14)) & 0x3FFF)).to(tl.int32)
+        for _ in tl.static_range(STEPS):
+            pos += (tl.load(midpoints_ptr + pos) < v).to(tl.int32)
+        pos = tl.where(v == v, pos, 0)  # a NaN's key is meaningless: code 0
+    else:
+        pos = tl.zeros(v.shape, dtype=tl.int32)
+        for level in tl.static_range(8):
+            # (no `step: tl.constexpr = ...` here: a constexpr cannot be re-bound as the loop unrolls)
+            pivot = tl.load(midpoints_ptr + pos + ((128 >> level) - 1))
+            pos = tl.where(pivot < v, pos + (128 >> level), pos)
+    return pos
+
+
+@triton.jit
 def _quantize_blockwise_kernel(
     x_ptr,
     midpoints_ptr,
@@ -64,21 +84,7 @@ def _quantize_blockwise_kernel(
     inv = tl.where(absmax == 0.0, 0.0, tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe))
     v = x * inv[:, None]
 
-    if USE_TABLE:
-        # Order-preserving key: flip all bits of negatives, only the sign bit of positives.
-        bits = v.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) | -2147483648)
-        pos = tl.load(bucket_start_ptr + ((key >> (32 - 14)) & 0x3FFF)).to(tl.int32)
-        for _ in tl.static_range(STEPS):
-            pos += (tl.load(midpoints_ptr + pos) < v).to(tl.int32)
-        pos = tl.where(v == v, pos, 0)  # a NaN's key is meaningless: code 0
-    else:
-        pos = tl.zeros(v.shape, dtype=tl.int32)
-        for level in tl.static_range(8):
-            # (no `step: tl.constexpr = ...` here: a constexpr cannot be re-bound as the loop unrolls)
-            pivot = tl.load(midpoints_ptr + pos + ((128 >> level) - 1))
-            pos = tl.where(pivot < v, pos + (128 >> level), pos)
-
+    pos = nearest_code(v, midpoints_ptr, bucket_start_ptr, STEPS, USE_TABLE)
     tl.store(codes_ptr + offsets, pos.to(tl.uint8), mask=in_range)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
 

@@ -174,3 +174,29 @@ def _optimizer_step_cpp(algo, params, grads, state1, state2, absmax1, absmax2, s
         _ALGO_IDS[algo], params, grads, state1, state2 if two else [empty] * len(params),
         absmax1, absmax2 if two else [empty] * len(params), steps, qmap1, qmap2, lr, beta1, beta2, eps,
         weight_decay, maximize, nesterov, grad_scale, found_inf)
+
+
+@register(OPTIMIZER_STEP, "triton", ("cuda", "cpu"))
+def _optimizer_step_triton(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr,
+                           beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
+    from ..kernels import optim as triton_optim
+    from .blockwise import _search_tables
+
+    # Per-parameter "gradient not finite" flags on the device (one multi-tensor reduction, no sync):
+    # the largest |g| is NaN or inf exactly when some value is.
+    nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+    skip = nonfinite.to(torch.int32)
+    by_kind: dict[tuple, list[int]] = {}
+    for i, (p, g, s) in enumerate(zip(params, grads, state1)):
+        by_kind.setdefault((p.dtype, g.dtype, s.dtype), []).append(i)
+    lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(1)
+    for members in by_kind.values():
+        pick = lambda xs: [xs[i] for i in members] if xs else []  # noqa: E731
+        triton_optim.optimizer_step(
+            algo, pick(params), pick(grads), pick(state1), pick(state2), pick(absmax1), pick(absmax2), pick(steps),
+            skip[members] if len(members) != len(params) else skip, qmap1, _search_tables(qmap1), qmap2,
+            _search_tables(qmap2), lr, beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf)
+    increment = (~nonfinite).to(torch.float32)
+    if found_inf is not None:
+        increment = increment * (found_inf.reshape(()) == 0).to(torch.float32)
+    torch._foreach_add_(steps, list(increment.unbind(0)))

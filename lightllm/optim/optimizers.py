@@ -193,7 +193,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 config = self._config(p, group)
                 state = self.state[p] if len(self.state[p]) else self._init_state(p, config)
-                key = (p.device, p.dtype, state["state1"].dtype, config["lr"] if not isinstance(config["lr"], torch.Tensor)
+                key = (p.device, (p.dtype, p.grad.dtype), state["state1"].dtype, config["lr"] if not isinstance(config["lr"], torch.Tensor)
                        else id(config["lr"]), tuple(config["betas"]), config["eps"], config["weight_decay"])
                 buckets.setdefault(key, []).append((p, state))
             for (device, _, _, _, betas, eps, weight_decay), members in buckets.items():
