@@ -31,7 +31,7 @@ def _load_state(state_tab, absmax_tab, t, block, offs, ok, qmap_ptr, STATE8: tl.
     if STATE8:
         codes = tl.load(tl.load(state_tab + t).to(tl.pointer_type(tl.uint8)) + offs, mask=ok, other=0)
         absmax = tl.load(tl.load(absmax_tab + t).to(tl.pointer_type(tl.float32)) + block)
-        return tl.load(qmap_ptr + codes.to(tl.int32)) * absmax
+        return tl.where(ok, tl.load(qmap_ptr + codes.to(tl.int32)) * absmax, 0.0)  # masked lanes stay 0
     else:
         return tl.load(tl.load(state_tab + t).to(tl.pointer_type(tl.float32)) + offs, mask=ok, other=0.0)
 

@@ -1,5 +1,6 @@
-"""Drop-in modules: quantized Linear layers (and, later, LoRA, adapters, StableEmbedding)."""
+"""Drop-in modules: quantized Linear layers and the StableEmbedding for 8-bit optimizers."""
 
 from .quant_linear import QuantLinear
+from .stable_embedding import StableEmbedding
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "StableEmbedding"]

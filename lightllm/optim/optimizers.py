@@ -34,6 +34,25 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+class _ParamOverrides:
+    """Per-parameter dicts keyed by the tensor's identity, without keeping it alive (a
+    WeakKeyDictionary would compare tensors with ==, which is elementwise)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, dict]] = {}
+
+    def setdefault(self, p: torch.Tensor) -> dict:
+        entry = self._entries.get(id(p))
+        if entry is None or entry[0]() is not p:
+            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+            entry = self._entries[id(p)] = (weakref.ref(p), {})
+        return entry[1]
+
+    def get(self, p: torch.Tensor) -> dict:
+        entry = self._entries.get(id(p))
+        return entry[1] if entry is not None and entry[0]() is p else {}
+
+
 class GlobalOptimManager:
     """Per-parameter configuration overrides (bitsandbytes' GlobalOptimManager, same calls).
 
@@ -47,7 +66,7 @@ class GlobalOptimManager:
     KEYS = ("optim_bits", "min_8bit_size", "lr", "betas", "eps", "weight_decay")
 
     def __init__(self):
-        self._overrides: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+        self._overrides = _ParamOverrides()
 
     @classmethod
     def get_instance(cls) -> "GlobalOptimManager":
@@ -69,10 +88,10 @@ class GlobalOptimManager:
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         for p in parameters:
-            self._overrides.setdefault(p, {}).update(updates)
+            self._overrides.setdefault(p).update(updates)
 
     def config_for(self, p: torch.Tensor) -> dict:
-        return self._overrides.get(p, {})
+        return self._overrides.get(p)
 
 
 class BlockwiseOptimizer(torch.optim.Optimizer):
@@ -118,7 +137,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 if not p.is_floating_point() or p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                     raise TypeError(f"{name}: parameters must be float32, float16 or bfloat16, got {p.dtype} "
                                     f"of shape {tuple(p.shape)}")
-        self._local_overrides: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+        self._local_overrides = _ParamOverrides()
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lr_tensors: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -133,12 +152,12 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         unknown = set(updates) - set(GlobalOptimManager.KEYS)
         if unknown:
             raise ValueError(f"override_config: unknown keys {sorted(unknown)}; supported: {GlobalOptimManager.KEYS}")
-        self._local_overrides.setdefault(param, {}).update(updates)
+        self._local_overrides.setdefault(param).update(updates)
 
     def _config(self, p: torch.Tensor, group: dict) -> dict:
         config = {k: group[k] for k in GlobalOptimManager.KEYS}
         config.update(GlobalOptimManager.get_instance().config_for(p))
-        config.update(self._local_overrides.get(p, {}))
+        config.update(self._local_overrides.get(p))
         return config
 
     def _dynamic_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +250,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 entry["step"] = torch.tensor(float(entry.get("step", 0)), dtype=torch.float32)
             incoming[index] = entry
         state_dict["state"] = incoming
+        # Groups saved by another optimizer (bitsandbytes) lack some of our keys: keep ours for those.
+        state_dict["param_groups"] = [{**{k: v for k, v in current.items() if k != "params"}, **saved}
+                                      for current, saved in zip(self.param_groups, state_dict["param_groups"])]
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in incoming.items():
