@@ -253,8 +253,6 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
   check_map(op, qmap1, params[0]);
   check_map(op, qmap2, params[0]);
   const at::Tensor map1 = qmap1.contiguous(), map2 = qmap2.contiguous();
-  const auto search1 = lightllm::code_search_for(map1.data_ptr<float>());
-  const auto search2 = lightllm::code_search_for(map2.data_ptr<float>());
   lightllm::OptimHyper h{};
   h.algo = static_cast<lightllm::OptimAlgo>(algo);
   h.lr = lr.item<float>();
@@ -309,8 +307,7 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
     *step += 1.0f;
     const float step_now = *step;
     at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
-      lightllm::optimizer_update_cpu(h, t, step_now, map1.data_ptr<float>(), map2.data_ptr<float>(), search1.get(),
-                                     search2.get(), begin, end);
+      lightllm::optimizer_update_cpu(h, t, step_now, map1.data_ptr<float>(), map2.data_ptr<float>(), begin, end);
     });
   }
 }

@@ -40,9 +40,8 @@ constexpr int64_t kOptimBlock = 256;
 // whether values [begin, end) of a gradient are all finite (a skipped tensor is left untouched),
 bool all_finite_cpu(const void* x, FloatType type, int64_t begin, int64_t end);
 // and the update of blocks [block_begin, block_end) of one tensor at step `step` (already
-// incremented). `search1`/`search2`: the code searches of qmap1/qmap2 (see code_search_for).
+// incremented), with the state maps qmap1 (signed, for m) and qmap2 (unsigned, for v).
 void optimizer_update_cpu(const OptimHyper& hyper, const OptimTensor& t, float step, const float* qmap1,
-                          const float* qmap2, const CodeSearch* search1, const CodeSearch* search2,
-                          int64_t block_begin, int64_t block_end);
+                          const float* qmap2, int64_t block_begin, int64_t block_end);
 
 }  // namespace lightllm

@@ -6,20 +6,26 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
-
-#include "search_tree.h"
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 namespace lightllm {
 namespace {
 
+#define LL_INLINE inline __attribute__((always_inline))
+
 template <typename T>
-void load_block(const void* src, int64_t start, int64_t n, float* out) {
+LL_INLINE void load_block(const void* src, int64_t start, int64_t n, float* out) {
   const T* x = static_cast<const T*>(src) + start;
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
 }
 
-void load_floats(const void* src, FloatType type, int64_t start, int64_t n, float* out) {
+LL_INLINE void load_floats(const void* src, FloatType type, int64_t start, int64_t n, float* out) {
   switch (type) {
     case FloatType::kFloat32: load_block<float>(src, start, n, out); break;
     case FloatType::kFloat16: load_block<c10::Half>(src, start, n, out); break;
@@ -28,12 +34,12 @@ void load_floats(const void* src, FloatType type, int64_t start, int64_t n, floa
 }
 
 template <typename T>
-void store_block(void* dst, int64_t start, int64_t n, const float* in) {
+LL_INLINE void store_block(void* dst, int64_t start, int64_t n, const float* in) {
   T* x = static_cast<T*>(dst) + start;
   for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(in[i]);
 }
 
-void store_floats(void* dst, FloatType type, int64_t start, int64_t n, const float* in) {
+LL_INLINE void store_floats(void* dst, FloatType type, int64_t start, int64_t n, const float* in) {
   switch (type) {
     case FloatType::kFloat32: store_block<float>(dst, start, n, in); break;
     case FloatType::kFloat16: store_block<c10::Half>(dst, start, n, in); break;
@@ -41,107 +47,303 @@ void store_floats(void* dst, FloatType type, int64_t start, int64_t n, const flo
   }
 }
 
-// State of one block as float32: map[code] * absmax for 8-bit state, the values for 32-bit.
-void load_state(const void* state, const float* absmax, const float* map, int64_t block, int64_t start, int64_t n,
-                float* out) {
+// Nearest-code search for the optimizer states, laid out for vector gathers: the bucket table of
+// CodeSearch (see search_tree.h) widened to int32, the midpoints, and the index of the map's first
+// value >= 0 (so the momentum's sign rule needs no second lookup).
+struct StateCodec {
+  static constexpr int kBucketBits = 16;  // 256 KB of int32: at most 2 midpoints per bucket for the dynamic maps
+  float map[256];
+  float mid[256];
+  int32_t start[1 << kBucketBits];
+  int steps = 0;
+  int first_nonnegative = 0;
+
+  explicit StateCodec(const float* m) {
+    std::copy_n(m, 256, map);
+    for (int i = 0; i < 255; ++i) mid[i] = (m[i] + m[i + 1]) * 0.5f;
+    mid[255] = __builtin_inff();
+    int below = 0;
+    for (uint32_t b = 0; b < (1u << kBucketBits); ++b) {
+      start[b] = below;
+      int in_bucket = 0;
+      while (below < 255 && (key_of(mid[below]) >> (32 - kBucketBits)) == b) { ++below; ++in_bucket; }
+      steps = std::max(steps, in_bucket);
+    }
+    while (first_nonnegative < 256 && map[first_nonnegative] < 0.0f) ++first_nonnegative;
+  }
+  static LL_INLINE uint32_t key_of(float v) {
+    v += 0.0f;
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+};
+
+// The codec of a map (two maps in practice: cached, compared bit for bit).
+std::shared_ptr<const StateCodec> codec_for(const float* map) {
+  static std::mutex mutex;
+  static std::vector<std::pair<std::array<float, 256>, std::shared_ptr<const StateCodec>>> recent;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto& entry : recent)
+    if (std::memcmp(entry.first.data(), map, sizeof(float) * 256) == 0) return entry.second;
+  std::array<float, 256> key;
+  std::memcpy(key.data(), map, sizeof(key));
+  recent.insert(recent.begin(), {key, std::make_shared<const StateCodec>(map)});
+  if (recent.size() > 4) recent.pop_back();
+  return recent.front().second;
+}
+
+
+// Encode with the block's new absmax: bucket, then up to `steps` midpoint compares (branch-free,
+// so the loop vectorizes into gathers). The values are finite (gradients were checked).
+template <int STEPS>
+LL_INLINE void encode(const StateCodec& c, const float* values, float inv, bool keep_sign, uint8_t* codes,
+                      int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = values[i] * inv;
+    int32_t code = c.start[StateCodec::key_of(v) >> (32 - StateCodec::kBucketBits)];
+    for (int s = 0; s < STEPS; ++s) code += c.mid[code] < v ? 1 : 0;
+    // a negative value keeps a negative code (bitsandbytes' rule for the momentum)
+    code -= (keep_sign && values[i] < 0.0f && code >= c.first_nonnegative) ? 1 : 0;
+    codes[i] = static_cast<uint8_t>(code);
+  }
+}
+
+// ---- AVX-512 paths for the 8-bit state (gathers for the map and the search tables) -------------
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LL_HAVE_AVX512_PATH 1
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+
+__attribute__((target("avx512f,avx512bw"))) void decode_avx512(const uint8_t* codes, const float* map, float a,
+                                                                 float* out, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(idx, map, 4), va));
+  }
+  for (; i < n; ++i) out[i] = map[codes[i]] * a;
+}
+
+__attribute__((target("avx512f,avx512bw"))) float absmax_avx512(const float* x, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  float r = _mm512_reduce_max_ps(m);
+  for (; i < n; ++i) r = std::max(r, std::fabs(x[i]));
+  return r;
+}
+
+template <int STEPS>
+__attribute__((target("avx512f,avx512bw"))) void encode_avx512(const StateCodec& c, const float* values, float inv,
+                                                                 bool keep_sign, uint8_t* codes, int64_t n) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i first_nonnegative = _mm512_set1_epi32(c.first_nonnegative);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(values + i);
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(x, vinv), zero);  // + 0: -0 becomes +0, as key_of does
+    const __m512i u = _mm512_castps_si512(v);
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512());
+    const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign_bit), negative, u, _mm512_set1_epi32(-1));
+    __m512i code = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 32 - StateCodec::kBucketBits), c.start, 4);
+    for (int s = 0; s < STEPS; ++s) {
+      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_i32gather_ps(code, c.mid, 4), v, _CMP_LT_OQ);
+      code = _mm512_mask_add_epi32(code, below, code, one);
+    }
+    if (keep_sign) {
+      const __mmask16 fix = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ) & _mm512_cmpge_epi32_mask(code, first_nonnegative);
+      code = _mm512_mask_sub_epi32(code, fix, code, one);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
+  }
+  encode<STEPS>(c, values + i, inv, keep_sign, codes + i, n - i);
+}
+#endif
+
+// Decode: map[code] * absmax (8-bit) or a copy (32-bit).
+LL_INLINE void load_state(const void* state, const float* absmax, const float* map, int64_t block, int64_t start,
+                          int64_t n, float* out) {
   if (absmax == nullptr) {
     std::copy_n(static_cast<const float*>(state) + start, n, out);
     return;
   }
   const uint8_t* codes = static_cast<const uint8_t*>(state) + start;
   const float a = absmax[block];
+#ifdef LL_HAVE_AVX512_PATH
+  if (kHasAvx512) return decode_avx512(codes, map, a, out, n);
+#endif
   for (int64_t i = 0; i < n; ++i) out[i] = map[codes[i]] * a;
 }
 
-void store_state(void* state, float* absmax, const float* map, const CodeSearch* search, bool keep_sign,
-                 int64_t block, int64_t start, int64_t n, const float* values) {
+LL_INLINE void store_state(void* state, float* absmax, const StateCodec* codec, bool keep_sign, int64_t block,
+                           int64_t start, int64_t n, const float* values) {
   if (absmax == nullptr) {
     std::copy_n(values, n, static_cast<float*>(state) + start);
     return;
   }
   float m = 0.0f;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(values[i]));  // finite: gradients were checked
-  absmax[block] = m;
-  uint8_t* codes = static_cast<uint8_t*>(state) + start;
-  search->encode(values, m == 0.0f ? 0.0f : 1.0f / m, codes, n);
-  if (keep_sign) {  // a negative value keeps a negative code (bitsandbytes' rule for the momentum)
-    for (int64_t i = 0; i < n; ++i) codes[i] -= (values[i] < 0.0f && map[codes[i]] >= 0.0f) ? 1 : 0;
+#ifdef LL_HAVE_AVX512_PATH
+  if (kHasAvx512) {
+    m = absmax_avx512(values, n);
+  } else
+#endif
+  {
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(values[i]));
   }
+  absmax[block] = m;
+  const float inv = m == 0.0f ? 0.0f : 1.0f / m;
+  uint8_t* codes = static_cast<uint8_t*>(state) + start;
+#ifdef LL_HAVE_AVX512_PATH
+  if (kHasAvx512) {
+    switch (codec->steps) {
+      case 0: return encode_avx512<0>(*codec, values, inv, keep_sign, codes, n);
+      case 1: return encode_avx512<1>(*codec, values, inv, keep_sign, codes, n);
+      case 2: return encode_avx512<2>(*codec, values, inv, keep_sign, codes, n);
+      case 3: return encode_avx512<3>(*codec, values, inv, keep_sign, codes, n);
+      default: return encode_avx512<4>(*codec, values, inv, keep_sign, codes, n);
+    }
+  }
+#endif
+  switch (codec->steps) {
+    case 0: encode<0>(*codec, values, inv, keep_sign, codes, n); break;
+    case 1: encode<1>(*codec, values, inv, keep_sign, codes, n); break;
+    case 2: encode<2>(*codec, values, inv, keep_sign, codes, n); break;
+    case 3: encode<3>(*codec, values, inv, keep_sign, codes, n); break;
+    default: encode<4>(*codec, values, inv, keep_sign, codes, n); break;
+  }
+}
+
+struct StepConstants {
+  float step_size, bc2_sqrt, decay;
+  bool first;
+};
+
+template <OptimAlgo ALGO>
+LL_INLINE void update(const OptimHyper& h, const StepConstants& k, int64_t n, const float* g, float* p, float* m,
+                      float* v) {
+  if constexpr (ALGO == OptimAlgo::kAdam || ALGO == OptimAlgo::kAdamW) {
+    for (int64_t i = 0; i < n; ++i) {
+      float gi = g[i];
+      float pi = p[i];
+      if constexpr (ALGO == OptimAlgo::kAdamW) pi *= k.decay; else gi += h.weight_decay * pi;
+      const float mi = h.beta1 * m[i] + h.one_minus_beta1 * gi;
+      const float vi = h.beta2 * v[i] + h.one_minus_beta2 * gi * gi;
+      const float denom = std::sqrt(vi) / k.bc2_sqrt + h.eps;
+      p[i] = pi - k.step_size * mi / denom;
+      m[i] = mi;
+      v[i] = vi;
+    }
+  } else if constexpr (ALGO == OptimAlgo::kLion) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float c = h.beta1 * m[i] + h.one_minus_beta1 * g[i];
+      const float direction = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
+      p[i] = p[i] * k.decay - h.lr * direction;
+      m[i] = h.beta2 * m[i] + h.one_minus_beta2 * g[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i] + h.weight_decay * p[i];
+      const float mi = k.first ? gi : h.beta1 * m[i] + gi;
+      p[i] -= h.lr * (h.nesterov ? gi + h.beta1 * mi : mi);
+      m[i] = mi;
+    }
+  }
+}
+
+template <OptimAlgo ALGO>
+LL_INLINE void update_blocks(const OptimHyper& h, const StepConstants& k, const OptimTensor& t, const StateCodec* c1,
+                             const StateCodec* c2, int64_t block_begin, int64_t block_end) {
+  constexpr bool kTwoState = ALGO == OptimAlgo::kAdam || ALGO == OptimAlgo::kAdamW;
+  alignas(64) float g[kOptimBlock], p[kOptimBlock], m[kOptimBlock], v[kOptimBlock];
+  const float sign = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t start = b * kOptimBlock;
+    const int64_t n = std::min(kOptimBlock, t.n - start);
+    // float32 gradients and parameters are used in place; other dtypes go through the buffers
+    const float* gp = g;
+    if (t.grad_type == FloatType::kFloat32 && sign == 1.0f) {
+      gp = static_cast<const float*>(t.grad) + start;
+    } else {
+      load_floats(t.grad, t.grad_type, start, n, g);
+      if (sign != 1.0f)
+        for (int64_t i = 0; i < n; ++i) g[i] *= sign;
+    }
+    const bool param_f32 = t.param_type == FloatType::kFloat32;
+    float* pp = param_f32 ? static_cast<float*>(t.param) + start : p;
+    if (!param_f32) load_floats(t.param, t.param_type, start, n, p);
+    load_state(t.state1, t.absmax1, c1->map, b, start, n, m);
+    if constexpr (kTwoState) load_state(t.state2, t.absmax2, c2->map, b, start, n, v);
+    update<ALGO>(h, k, n, gp, pp, m, v);
+    if (!param_f32) store_floats(t.param, t.param_type, start, n, p);
+    store_state(t.state1, t.absmax1, c1, true, b, start, n, m);
+    if constexpr (kTwoState) store_state(t.state2, t.absmax2, c2, false, b, start, n, v);
+  }
+}
+
+// Compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time (the build targets the
+// baseline; the loops above vectorize, gathers included, where the wider ISAs exist).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LL_CLONES
+#endif
+
+LL_CLONES void update_range(const OptimHyper& h, const StepConstants& k, const OptimTensor& t, const StateCodec* c1,
+                            const StateCodec* c2, int64_t block_begin, int64_t block_end) {
+  switch (h.algo) {
+    case OptimAlgo::kAdam: update_blocks<OptimAlgo::kAdam>(h, k, t, c1, c2, block_begin, block_end); break;
+    case OptimAlgo::kAdamW: update_blocks<OptimAlgo::kAdamW>(h, k, t, c1, c2, block_begin, block_end); break;
+    case OptimAlgo::kLion: update_blocks<OptimAlgo::kLion>(h, k, t, c1, c2, block_begin, block_end); break;
+    case OptimAlgo::kSGD: update_blocks<OptimAlgo::kSGD>(h, k, t, c1, c2, block_begin, block_end); break;
+  }
+}
+
+// Integer test of the exponent field (an all-ones exponent is inf or NaN): an OR-reduction, which
+// vectorizes; a float reduction would not (without reassociation it is a serial chain).
+LL_INLINE bool floats_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= (u & 0x7F800000u) == 0x7F800000u;
+  }
+  return bad == 0;
+}
+
+LL_CLONES bool all_finite_range(const void* x, FloatType type, int64_t begin, int64_t end) {
+  if (type == FloatType::kFloat32) return floats_finite(static_cast<const float*>(x) + begin, end - begin);
+  constexpr int64_t kChunk = 1024;
+  alignas(64) float buffer[kChunk];
+  for (int64_t s = begin; s < end; s += kChunk) {
+    const int64_t n = std::min(kChunk, end - s);
+    load_floats(x, type, s, n, buffer);
+    if (!floats_finite(buffer, n)) return false;
+  }
+  return true;
 }
 
 }  // namespace
 
 bool all_finite_cpu(const void* x, FloatType type, int64_t begin, int64_t end) {
-  constexpr int64_t kChunk = 1024;
-  float buffer[kChunk];
-  for (int64_t s = begin; s < end; s += kChunk) {
-    const int64_t n = std::min(kChunk, end - s);
-    load_floats(x, type, s, n, buffer);
-    float probe = 0.0f;  // x * 0 is NaN exactly when x is NaN or inf
-    for (int64_t i = 0; i < n; ++i) probe += buffer[i] * 0.0f;
-    if (probe != 0.0f) return false;
-  }
-  return true;
+  return all_finite_range(x, type, begin, end);
 }
 
 void optimizer_update_cpu(const OptimHyper& h, const OptimTensor& t, float step, const float* qmap1,
-                          const float* qmap2, const CodeSearch* search1, const CodeSearch* search2,
-                          int64_t block_begin, int64_t block_end) {
-  float g[kOptimBlock], p[kOptimBlock], m[kOptimBlock], v[kOptimBlock];
-  const bool two_state = h.algo == OptimAlgo::kAdam || h.algo == OptimAlgo::kAdamW;
-  const float sign = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
+                          const float* qmap2, int64_t block_begin, int64_t block_end) {
   // Bias corrections in double, as the reference computes them, then rounded once.
-  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), step)));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), step)));
-  const float decay = static_cast<float>(1.0 - static_cast<double>(h.lr) * h.weight_decay);
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    const int64_t start = b * kOptimBlock;
-    const int64_t n = std::min(kOptimBlock, t.n - start);
-    load_floats(t.grad, t.grad_type, start, n, g);
-    load_floats(t.param, t.param_type, start, n, p);
-    load_state(t.state1, t.absmax1, qmap1, b, start, n, m);
-    for (int64_t i = 0; i < n; ++i) g[i] *= sign;
-    switch (h.algo) {
-      case OptimAlgo::kAdam:
-      case OptimAlgo::kAdamW: {
-        load_state(t.state2, t.absmax2, qmap2, b, start, n, v);
-        const bool decoupled = h.algo == OptimAlgo::kAdamW;
-        for (int64_t i = 0; i < n; ++i) {
-          float gi = g[i];
-          float pi = p[i];
-          if (decoupled) pi *= decay; else gi += h.weight_decay * pi;
-          const float mi = h.beta1 * m[i] + h.one_minus_beta1 * gi;
-          const float vi = h.beta2 * v[i] + h.one_minus_beta2 * gi * gi;
-          const float denom = std::sqrt(vi) / bc2_sqrt + h.eps;
-          p[i] = pi - step_size * mi / denom;
-          m[i] = mi;
-          v[i] = vi;
-        }
-        break;
-      }
-      case OptimAlgo::kLion:
-        for (int64_t i = 0; i < n; ++i) {
-          const float c = h.beta1 * m[i] + h.one_minus_beta1 * g[i];
-          const float direction = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
-          p[i] = p[i] * decay - h.lr * direction;
-          m[i] = h.beta2 * m[i] + h.one_minus_beta2 * g[i];
-        }
-        break;
-      case OptimAlgo::kSGD: {
-        const bool first = step == 1.0f;
-        for (int64_t i = 0; i < n; ++i) {
-          const float gi = g[i] + h.weight_decay * p[i];
-          const float mi = first ? gi : h.beta1 * m[i] + gi;
-          p[i] -= h.lr * (h.nesterov ? gi + h.beta1 * mi : mi);
-          m[i] = mi;
-        }
-        break;
-      }
-    }
-    store_floats(t.param, t.param_type, start, n, p);
-    store_state(t.state1, t.absmax1, qmap1, search1, true, b, start, n, m);
-    if (two_state) store_state(t.state2, t.absmax2, qmap2, search2, false, b, start, n, v);
-  }
+  StepConstants k;
+  k.step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), step)));
+  k.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), step)));
+  k.decay = static_cast<float>(1.0 - static_cast<double>(h.lr) * h.weight_decay);
+  k.first = step == 1.0f;
+  const auto c1 = codec_for(qmap1);
+  const auto c2 = codec_for(qmap2);
+  update_range(h, k, t, c1.get(), c2.get(), block_begin, block_end);
 }
 
 }  // namespace lightllm
