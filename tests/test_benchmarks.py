@@ -54,3 +54,11 @@ def test_bench_gptq_solver_runs(tmp_path):
     rows = run_script("bench_gptq_solver.py", tmp_path / "solver.csv", "--shapes", "32x128", "--tokens", "512")
     assert [row["impl"] for row in rows] == ["plain PyTorch"]  # the fused solver needs a GPU (or the interpreter)
     assert float(rows[0]["seconds"]) > 0 and float(rows[0]["recon_error"]) > 0
+
+
+def test_bench_optim_runs(tmp_path):
+    rows = run_script("bench_optim.py", tmp_path / "optim.csv", "--problems", "tiny", "--iters", "2", "--warmup", "1")
+    impls = {(row["impl"], row["backend"]) for row in rows}
+    assert ("torch AdamW fused", "-") in impls and ("lightllm AdamW8bit", "cpp") in impls
+    ours = next(row for row in rows if row["impl"] == "lightllm AdamW8bit")
+    assert float(ours["state_bytes_per_param"]) < 2.1

@@ -339,3 +339,117 @@ def test_gpu_step_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
     assert not torch.equal(params[0], before) and math.isfinite(float(params[0].sum()))
+
+
+def _ddp_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    ddp = DistributedDataParallel(model)
+    opt = AdamW8bit(ddp.parameters(), lr=1e-2, min_8bit_size=1024)
+    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        batch = data[step].chunk(world)[rank]
+        ddp(batch).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], result_path)
+    dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_matches_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1024)
+    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        model(data[step]).square().mean().backward()  # the mean over both halves = DDP's averaged gradient
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(torch.load(tmp_path / "ddp.pt"), model.parameters()):
+        assert (a - b).abs().max() < 1e-4  # all-reduce sums in another order: rare code flips only
+
+
+def test_fine_tuning_the_embedded_model_converges_like_adamw():
+    from lightllm import data
+    from lightllm.eval import tokenize_stream
+    from lightllm.models import load_model
+
+    def finetune(make_optimizer):
+        model, tokenizer = load_model(device="cpu")
+        model.train()
+        ids = tokenize_stream(tokenizer, data.shakespeare_text("heldout")[:200_000])
+        batches = data.calibration_samples(ids, 200 * 4, 64, seed=0).view(200, 4, 64)
+        torch.manual_seed(0)
+        opt = make_optimizer(model.parameters())
+        losses = []
+        for batch in batches:
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return sum(losses[-20:]) / 20
+
+    ours = finetune(lambda ps: AdamW8bit(ps, lr=3e-4))
+    reference = finetune(lambda ps: torch.optim.AdamW(ps, lr=3e-4))
+    assert abs(ours - reference) <= 0.01 * reference, (ours, reference)
+
+
+def _fsdp2_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=256)
+    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        model(data[step].chunk(world)[rank]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    local_kinds = [opt.state[p]["state1"].dtype for p in model.parameters()]
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        torch.save((full, local_kinds), result_path)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_parameters_update_their_shards(tmp_path):
+    # Shards here are 4096 and 512 elements (multiples of 256): the blocks are those of one process,
+    # so the sharded run must match it.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp2_worker, args=(2, port, str(tmp_path / "fsdp.pt")), nprocs=2, join=True)
+    full, kinds = torch.load(tmp_path / "fsdp.pt")
+    assert kinds == [torch.uint8, torch.float32, torch.uint8, torch.float32]  # 8-bit shards; biases stay 32-bit
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=256)
+    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        model(data[step]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(full, model.parameters()):
+        assert (a - b).abs().max() < 1e-4

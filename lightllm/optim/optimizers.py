@@ -11,6 +11,11 @@ Differences from bitsandbytes worth knowing: ``Adam8bit`` applies weight decay a
 gradient) like torch.optim.Adam, where bitsandbytes decouples it; the step count is a float32
 tensor per parameter (as in torch), so a step can be captured in a CUDA graph.
 
+FSDP2 (``fully_shard``, DTensor parameters): each rank updates its own shard, with state for that
+shard only; 8-bit blocks are formed within the shard, so when shard boundaries fall on multiples of
+256 elements the result is the same as in one process. Under DistributedDataParallel every rank
+holds the whole state and updates identically.
+
 Non-finite gradients: a parameter whose gradient holds a NaN or inf is not updated at all (value,
 state and step stay as they were), so one bad value never poisons a whole block's absmax. With
 torch.amp.GradScaler pass ``grad_scale`` / ``found_inf`` to ``step`` (GradScaler does this for
@@ -32,6 +37,11 @@ _UNSUPPORTED_FLAGS = {
     "differentiable": "differentiable optimizer steps",
     "is_paged": "paged optimizer state",
 }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself."""
+    return t.to_local() if type(t).__name__ == "DTensor" and hasattr(t, "to_local") else t
 
 
 class _ParamOverrides:
@@ -167,8 +177,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                                   create_dynamic_map(signed=False).to(device))
         return self._maps[device]
 
-    def _init_state(self, p: torch.Tensor, config: dict) -> dict:
-        state = self.state[p]
+    def _init_state(self, param: torch.Tensor, config: dict) -> dict:
+        state = self.state[param]
+        p = _local(param)  # FSDP2: the state covers this rank's shard
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         qmap1, qmap2 = self._dynamic_maps(p.device)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -212,21 +223,21 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 config = self._config(p, group)
                 state = self.state[p] if len(self.state[p]) else self._init_state(p, config)
-                key = (p.device, (p.dtype, p.grad.dtype), state["state1"].dtype, config["lr"] if not isinstance(config["lr"], torch.Tensor)
+                local, grad = _local(p), _local(p.grad)
+                key = (local.device, (local.dtype, grad.dtype), state["state1"].dtype, config["lr"] if not isinstance(config["lr"], torch.Tensor)
                        else id(config["lr"]), tuple(config["betas"]), config["eps"], config["weight_decay"])
-                buckets.setdefault(key, []).append((p, state))
+                buckets.setdefault(key, []).append((p, local, grad, state))
             for (device, _, _, _, betas, eps, weight_decay), members in buckets.items():
-                p0, s0 = members[0]
                 qmap1, qmap2 = self._dynamic_maps(device)
-                lr = self._lr_tensor(gi, group, device, self._config(p0, group)["lr"])
-                params = [p for p, _ in members]
-                grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+                lr = self._lr_tensor(gi, group, device, self._config(members[0][0], group)["lr"])
+                params = [local for _, local, _, _ in members]
+                grads = [g if g.is_contiguous() else g.contiguous() for _, _, g, _ in members]
                 empty = torch.empty(0, dtype=torch.float32, device=device)
-                state1 = [s["state1"] for _, s in members]
-                absmax1 = [s.get("absmax1", empty) for _, s in members]
-                state2 = [s["state2"] for _, s in members] if two_state else []
-                absmax2 = [s.get("absmax2", empty) for _, s in members] if two_state else []
-                steps = [s["step"] for _, s in members]
+                state1 = [s["state1"] for *_, s in members]
+                absmax1 = [s.get("absmax1", empty) for *_, s in members]
+                state2 = [s["state2"] for *_, s in members] if two_state else []
+                absmax2 = [s.get("absmax2", empty) for *_, s in members] if two_state else []
+                steps = [s["step"] for *_, s in members]
                 optim_ops.check_step_args(self.algo, params, grads, state1, state2, absmax1, absmax2, steps)
                 torch.ops.lightllm.optimizer_step(
                     self.algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr,
@@ -263,7 +274,8 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                                                   copy=True)
             self._check_state(p, self.state[p], index)
 
-    def _check_state(self, p: torch.Tensor, state: dict, index) -> None:
+    def _check_state(self, param: torch.Tensor, state: dict, index) -> None:
+        p = _local(param)
         n_states = 2 if self.algo in TWO_STATE else 1
         for i in range(1, n_states + 1):
             s = state.get(f"state{i}")
@@ -317,8 +329,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"load_torch_state_dict: parameter {index} has no {missing} in the torch state")
             state = self._init_state(p, self._config(p, group))
             state["step"].fill_(float(entry.get("step", 0)))
+            local = _local(p)
             for i, name in enumerate(names, 1):
-                value = entry[name].to(device=p.device, dtype=torch.float32).reshape(p.shape)
+                value = _local(entry[name]).to(device=local.device, dtype=torch.float32).reshape(local.shape)
                 if state[f"state{i}"].dtype == torch.uint8:
                     codes, absmax = optim_ops.encode_state_reference(value, state[f"qmap{i}"], signed=i == 1)
                     state[f"state{i}"].copy_(codes)
