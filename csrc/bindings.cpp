@@ -312,6 +312,57 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
   }
 }
 
+// One launch of the fused optimizer step over the tensors listed in `table` (int64 [n, 9], built and
+// cached by lightllm/ops/optim.py; see OptimDeviceTensor). `like`: one of the parameters (dtype, device).
+void optimizer_step_cuda(int64_t algo, const at::Tensor& table, const at::Tensor& work_tensor,
+                         const at::Tensor& work_block, const at::Tensor& skip, const at::Tensor& like, bool state8,
+                         const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr, double beta1,
+                         double beta2, double eps, double weight_decay, bool maximize, bool nesterov,
+                         const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "optimizer_step_cuda";
+#ifdef LIGHTLLM_WITH_CUDA
+  TORCH_CHECK(algo >= 0 && algo <= 3, op, ": unknown algorithm ", algo);
+  TORCH_CHECK(like.is_cuda() && table.is_cuda() && work_tensor.is_cuda() && work_block.is_cuda() && skip.is_cuda() &&
+                  lr.is_cuda(), op, ": every tensor must be on the parameters' CUDA device");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 9 && table.is_contiguous(), op,
+              ": the tensor table must be a contiguous int64 [n, 9] tensor, got ", table.sizes());
+  TORCH_CHECK(work_tensor.scalar_type() == at::kInt && work_block.scalar_type() == at::kInt &&
+                  work_tensor.numel() == work_block.numel() && skip.scalar_type() == at::kInt &&
+                  skip.numel() == table.size(0), op, ": work lists and skip flags must be int32 and match the table");
+  check_map(op, qmap1, like);
+  check_map(op, qmap2, like);
+  const c10::cuda::CUDAGuard guard(like.device());
+  lightllm::OptimLaunch l{};
+  l.hyper.algo = static_cast<lightllm::OptimAlgo>(algo);
+  l.hyper.beta1 = static_cast<float>(beta1);
+  l.hyper.beta2 = static_cast<float>(beta2);
+  l.hyper.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  l.hyper.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  l.hyper.eps = static_cast<float>(eps);
+  l.hyper.weight_decay = static_cast<float>(weight_decay);
+  l.hyper.maximize = maximize;
+  l.hyper.nesterov = nesterov;
+  l.tensors = reinterpret_cast<const lightllm::OptimDeviceTensor*>(table.data_ptr<int64_t>());
+  l.work_tensor = work_tensor.data_ptr<int32_t>();
+  l.work_block = work_block.data_ptr<int32_t>();
+  l.n_work = work_tensor.numel();
+  l.skip = skip.data_ptr<int32_t>();
+  l.map1 = qmap1.data_ptr<float>();
+  l.map2 = qmap2.data_ptr<float>();
+  l.lr = lr.data_ptr<float>();
+  l.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  l.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  if (grad_scale.has_value())
+    TORCH_CHECK(grad_scale->is_cuda() && grad_scale->scalar_type() == at::kFloat, op, ": grad_scale must be a float32 CUDA tensor");
+  if (found_inf.has_value())
+    TORCH_CHECK(found_inf->is_cuda() && found_inf->scalar_type() == at::kFloat, op, ": found_inf must be a float32 CUDA tensor");
+  check_launch(op, lightllm::launch_optimizer_step(l, float_type_of(like.scalar_type(), op, "param"), state8,
+                                                   c10::cuda::getCurrentCUDAStream().stream()));
+#else
+  TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -330,6 +381,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("absmax1"), py::arg("absmax2"), py::arg("steps"), py::arg("qmap1"), py::arg("qmap2"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"),
         py::arg("nesterov"), py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("optimizer_step_cuda", &optimizer_step_cuda, "fused optimizer step for CUDA parameters (one launch)",
+        py::arg("algo"), py::arg("table"), py::arg("work_tensor"), py::arg("work_block"), py::arg("skip"),
+        py::arg("like"), py::arg("state8"), py::arg("qmap1"), py::arg("qmap2"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("nesterov"),
+        py::arg("grad_scale"), py::arg("found_inf"));
   m.def("built_with_cuda", &built_with_cuda);
   m.attr("torch_version") = LIGHTLLM_TORCH_VERSION;
 #ifdef LIGHTLLM_WITH_CUDA

@@ -44,4 +44,37 @@ bool all_finite_cpu(const void* x, FloatType type, int64_t begin, int64_t end);
 void optimizer_update_cpu(const OptimHyper& hyper, const OptimTensor& t, float step, const float* qmap1,
                           const float* qmap2, int64_t block_begin, int64_t block_end);
 
+#ifdef LIGHTLLM_WITH_CUDA
+// CUDA: one tensor as the kernel sees it (a table of these lives in device memory).
+struct OptimDeviceTensor {
+  void* param;  // the gradient has the parameter's dtype
+  const void* grad;
+  void* state1;
+  float* absmax1;
+  void* state2;
+  float* absmax2;
+  float* step;
+  int64_t n;
+  int64_t aligned;  // every pointer 16-byte aligned: vector loads and stores
+};
+
+struct OptimLaunch {
+  OptimHyper hyper;  // lr and inv_grad_scale unused: read from the device pointers below
+  const OptimDeviceTensor* tensors;
+  const int32_t* work_tensor;  // per 256-value block of work: its tensor and its block index
+  const int32_t* work_block;
+  int64_t n_work;
+  const int32_t* skip;  // per tensor: nonzero = leave untouched (gradient not finite)
+  const float* map1;
+  const float* map2;
+  const float* lr;
+  const float* grad_scale;  // null: none
+  const float* found_inf;   // null: none
+};
+
+// One launch on `stream` (a cudaStream_t) for every tensor of one dtype and state kind; does not
+// increment the steps. Returns the launch's error code.
+int launch_optimizer_step(const OptimLaunch& launch, FloatType param_type, bool state8, void* stream);
+#endif
+
 }  // namespace lightllm

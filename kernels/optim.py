@@ -26,18 +26,30 @@ from .blockwise import nearest_code
 ALGO_ADAM, ALGO_ADAMW, ALGO_LION, ALGO_SGD = 0, 1, 2, 3
 
 
+# Columns of the per-tensor table (int64 [n_tensors, 9], the layout of csrc/optim.h's OptimDeviceTensor).
+PARAM, GRAD, STATE1, ABSMAX1, STATE2, ABSMAX2, STEP, NUMEL, ALIGNED = range(9)
+ROW = 9
+
+
 @triton.jit
-def _load_state(state_tab, absmax_tab, t, block, offs, ok, qmap_ptr, STATE8: tl.constexpr):
+def _field(table_ptr, t, column: tl.constexpr):
+    return tl.load(table_ptr + t * 9 + column)
+
+
+@triton.jit
+def _load_state(table_ptr, STATE_COL: tl.constexpr, ABSMAX_COL: tl.constexpr, t, block, offs, ok, qmap_ptr,
+                STATE8: tl.constexpr):
     if STATE8:
-        codes = tl.load(tl.load(state_tab + t).to(tl.pointer_type(tl.uint8)) + offs, mask=ok, other=0)
-        absmax = tl.load(tl.load(absmax_tab + t).to(tl.pointer_type(tl.float32)) + block)
+        codes = tl.load(_field(table_ptr, t, STATE_COL).to(tl.pointer_type(tl.uint8)) + offs, mask=ok, other=0)
+        absmax = tl.load(_field(table_ptr, t, ABSMAX_COL).to(tl.pointer_type(tl.float32)) + block)
         return tl.where(ok, tl.load(qmap_ptr + codes.to(tl.int32)) * absmax, 0.0)  # masked lanes stay 0
     else:
-        return tl.load(tl.load(state_tab + t).to(tl.pointer_type(tl.float32)) + offs, mask=ok, other=0.0)
+        return tl.load(_field(table_ptr, t, STATE_COL).to(tl.pointer_type(tl.float32)) + offs, mask=ok, other=0.0)
 
 
 @triton.jit
-def _store_state(state_tab, absmax_tab, t, block, offs, ok, value, qmap_ptr, mid_ptr, bucket_ptr,
+def _store_state(table_ptr, STATE_COL: tl.constexpr, ABSMAX_COL: tl.constexpr, t, block, offs, ok, value,
+                 qmap_ptr, mid_ptr, bucket_ptr,
                  STEPS: tl.constexpr, USE_TABLE: tl.constexpr, KEEP_SIGN: tl.constexpr, STATE8: tl.constexpr):
     if STATE8:
         value = tl.where(ok, value, 0.0)
@@ -47,16 +59,15 @@ def _store_state(state_tab, absmax_tab, t, block, offs, ok, value, qmap_ptr, mid
         code = nearest_code(value * inv, mid_ptr, bucket_ptr, STEPS, USE_TABLE)
         if KEEP_SIGN:  # a negative value keeps a negative code (bitsandbytes' rule for the momentum)
             code = tl.where((value < 0.0) & (tl.load(qmap_ptr + code) >= 0.0), code - 1, code)
-        tl.store(tl.load(state_tab + t).to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=ok)
-        tl.store(tl.load(absmax_tab + t).to(tl.pointer_type(tl.float32)) + block, absmax)
+        tl.store(_field(table_ptr, t, STATE_COL).to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=ok)
+        tl.store(_field(table_ptr, t, ABSMAX_COL).to(tl.pointer_type(tl.float32)) + block, absmax)
     else:
-        tl.store(tl.load(state_tab + t).to(tl.pointer_type(tl.float32)) + offs, value, mask=ok)
+        tl.store(_field(table_ptr, t, STATE_COL).to(tl.pointer_type(tl.float32)) + offs, value, mask=ok)
 
 
 @triton.jit
 def _optimizer_step_kernel(
-    work_tensor_ptr, work_block_ptr,
-    param_tab, grad_tab, state1_tab, absmax1_tab, state2_tab, absmax2_tab, step_tab, numel_tab, skip_ptr,
+    work_tensor_ptr, work_block_ptr, table_ptr, skip_ptr,
     qmap1_ptr, mid1_ptr, bucket1_ptr, qmap2_ptr, mid2_ptr, bucket2_ptr,
     lr_ptr, grad_scale_ptr, found_inf_ptr,
     beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
@@ -72,23 +83,23 @@ def _optimizer_step_kernel(
         skip = skip | (tl.load(found_inf_ptr) != 0.0)
     if skip:
         return
-    n = tl.load(numel_tab + t)
+    n = _field(table_ptr, t, 7)
     offs = block * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    step = tl.load(tl.load(step_tab + t).to(tl.pointer_type(tl.float32))) + 1.0  # the caller increments it
+    step = tl.load(_field(table_ptr, t, 6).to(tl.pointer_type(tl.float32))) + 1.0  # the caller increments it
     lr = tl.load(lr_ptr)
 
-    p_ptr = tl.load(param_tab + t).to(tl.pointer_type(PARAM_DTYPE))
-    g = tl.load(tl.load(grad_tab + t).to(tl.pointer_type(GRAD_DTYPE)) + offs, mask=ok, other=0.0).to(tl.float32)
+    p_ptr = _field(table_ptr, t, 0).to(tl.pointer_type(PARAM_DTYPE))
+    g = tl.load(_field(table_ptr, t, 1).to(tl.pointer_type(GRAD_DTYPE)) + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr)
     if MAXIMIZE:
         g = -g
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    m = _load_state(state1_tab, absmax1_tab, t, block, offs, ok, qmap1_ptr, STATE8)
+    m = _load_state(table_ptr, 2, 3, t, block, offs, ok, qmap1_ptr, STATE8)
     decay = 1.0 - lr * weight_decay
     if ALGO == 0 or ALGO == 1:  # Adam (L2) / AdamW (decoupled)
-        v = _load_state(state2_tab, absmax2_tab, t, block, offs, ok, qmap2_ptr, STATE8)
+        v = _load_state(table_ptr, 4, 5, t, block, offs, ok, qmap2_ptr, STATE8)
         if ALGO == 0:
             g = g + weight_decay * p
         else:
@@ -103,7 +114,7 @@ def _optimizer_step_kernel(
         bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
         denom = tl.sqrt(v) / bc2_sqrt + eps
         p = p - step_size * m / denom
-        _store_state(state2_tab, absmax2_tab, t, block, offs, ok, v, qmap2_ptr, mid2_ptr, bucket2_ptr,
+        _store_state(table_ptr, 4, 5, t, block, offs, ok, v, qmap2_ptr, mid2_ptr, bucket2_ptr,
                      STEPS2, TABLE2, False, STATE8)
     elif ALGO == 2:  # Lion
         c = beta1 * m + one_minus_beta1 * g
@@ -118,7 +129,7 @@ def _optimizer_step_kernel(
         else:
             p = p - lr * m
     tl.store(p_ptr + offs, p.to(PARAM_DTYPE), mask=ok)
-    _store_state(state1_tab, absmax1_tab, t, block, offs, ok, m, qmap1_ptr, mid1_ptr, bucket1_ptr,
+    _store_state(table_ptr, 2, 3, t, block, offs, ok, m, qmap1_ptr, mid1_ptr, bucket1_ptr,
                  STEPS1, TABLE1, True, STATE8)
 
 
@@ -126,47 +137,28 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bf
 ALGO_IDS = {"adam": ALGO_ADAM, "adamw": ALGO_ADAMW, "lion": ALGO_LION, "sgd": ALGO_SGD}
 
 
-def _address_table(tensors, device) -> torch.Tensor:
-    host = torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)  # no host synchronization
-    return host
-
-
-def optimizer_step(algo, params, grads, state1, state2, absmax1, absmax2, steps, skip, qmap1, tables1, qmap2,
-                   tables2, lr, beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
-    """One launch for all ``params`` (one dtype, one state kind). ``skip``: int32 [len(params)],
-    nonzero for parameters to leave untouched. ``tables1``/``tables2``: (midpoints + sentinel,
-    bucket starts, steps) of each map. Does not increment ``steps``."""
-    device = params[0].device
-    state8 = state1[0].dtype == torch.uint8
-    two = algo in ("adam", "adamw")
-    blocks = [-(-p.numel() // 256) for p in params]
-    work_tensor = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(blocks))
-    work_block = torch.cat([torch.arange(b, dtype=torch.int32) for b in blocks])
-    total = int(work_tensor.numel())
+def optimizer_step(algo, tables, skip, params, grads, state1, qmap1, search1, qmap2, search2, lr, beta1, beta2,
+                   eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
+    """One launch for every tensor in ``tables`` (one parameter dtype, one state kind; see
+    lightllm/ops/optim.py's device tables). ``skip``: int32 per tensor, nonzero = leave untouched.
+    ``search1``/``search2``: (midpoints + sentinel, bucket starts, steps) of each map. Does not
+    increment the steps."""
+    table, work_tensor, work_block = tables
+    total = work_tensor.numel()
     if total == 0:
         return
-    if device.type == "cuda":
-        work_tensor = work_tensor.pin_memory().to(device, non_blocking=True)
-        work_block = work_block.pin_memory().to(device, non_blocking=True)
-    dummy = [s for s in state1]  # stand-in addresses where a list is unused (never dereferenced)
-    tab = lambda xs: _address_table(xs, device)  # noqa: E731
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    numels = numels.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else numels
-    mid1, bucket1, steps1 = tables1
-    mid2, bucket2, steps2 = tables2
+    mid1, bucket1, steps1 = search1
+    mid2, bucket2, steps2 = search2
+    device = params[0].device
     zero = torch.zeros(1, dtype=torch.float32, device=device)
     _optimizer_step_kernel[(total,)](
-        work_tensor, work_block,
-        tab(params), tab(grads), tab(state1), tab(absmax1 if state8 else dummy), tab(state2 if two else dummy),
-        tab(absmax2 if (two and state8) else dummy), tab(steps), numels, skip,
+        work_tensor, work_block, table, skip,
         qmap1, mid1, bucket1, qmap2, mid2, bucket2,
         lr, grad_scale if grad_scale is not None else zero, found_inf if found_inf is not None else zero,
         float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2),
         math.log(beta1) if beta1 > 0 else -1e30, math.log(beta2) if beta2 > 0 else -1e30, float(eps), float(weight_decay),
         ALGO=ALGO_IDS[algo], PARAM_DTYPE=_TRITON_DTYPES[params[0].dtype], GRAD_DTYPE=_TRITON_DTYPES[grads[0].dtype],
-        STATE8=state8, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        STATE8=state1[0].dtype == torch.uint8, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         MAXIMIZE=bool(maximize), NESTEROV=bool(nesterov),
         STEPS1=min(steps1, 4), TABLE1=steps1 <= 4, STEPS2=min(steps2, 4), TABLE2=steps2 <= 4, BLOCK=256,
         num_warps=2)

@@ -305,8 +305,23 @@ def test_params_without_grads_are_skipped_and_bad_input_is_refused():
         opt.step()
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend):
+    from lightllm.functional import create_dynamic_map
+
+    def args():
+        p, g = torch.randn(1000), torch.randn(1000)
+        return ("adamw", [p], [g], [torch.zeros(1000, dtype=torch.uint8)], [torch.zeros(1000, dtype=torch.uint8)],
+                [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(())], create_dynamic_map(True),
+                create_dynamic_map(False), torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01, False, False, None, None)
+
+    with lightllm.use_backend(backend):
+        torch.library.opcheck(torch.ops.lightllm.optimizer_step.default, args(),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_backends_match_the_cpu_reference(backend, name, dtype):
@@ -326,19 +341,22 @@ def test_gpu_backends_match_the_cpu_reference(backend, name, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_step_captures_in_a_cuda_graph(backend):
     params = [torch.nn.Parameter(torch.randn(5000, device="cuda"))]
     opt = AdamW8bit(params, lr=torch.tensor(1e-3, device="cuda"))
     params[0].grad = torch.randn_like(params[0])
-    with lightllm.use_backend("triton"):
+    with lightllm.use_backend(backend):
         opt.step()  # state created outside the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             opt.step()
         before = params[0].detach().clone()
+        step_before = opt.state[params[0]]["step"].item()
         graph.replay()
         torch.cuda.synchronize()
     assert not torch.equal(params[0], before) and math.isfinite(float(params[0].sum()))
+    assert opt.state[params[0]]["step"].item() == step_before + 1
 
 
 def _ddp_worker(rank, world, port, result_path):

@@ -176,27 +176,100 @@ def _optimizer_step_cpp(algo, params, grads, state1, state2, absmax1, absmax2, s
         weight_decay, maximize, nesterov, grad_scale, found_inf)
 
 
+class _DeviceTables:
+    """Per-tensor tables for the GPU kernels, cached by the tensors' addresses.
+
+    ``table``: int64 [n, 9] (param, grad, state1, absmax1, state2, absmax2, step addresses, numel,
+    16-byte aligned), the layout of csrc/optim.h's OptimDeviceTensor; ``work_tensor`` /
+    ``work_block``: int32, one entry per 256-value block. Built on the host and copied without
+    synchronizing (pinned memory); reused while the addresses stay the same, so a step captured in
+    a CUDA graph (after one eager step) does no host work and reads tables that stay valid.
+    """
+
+    def __init__(self, keep: int = 16):
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._keep = keep
+
+    def __call__(self, params, grads, state1, absmax1, state2, absmax2, steps):
+        rows = []
+        for i, p in enumerate(params):
+            pointers = [p.data_ptr(), grads[i].data_ptr(), state1[i].data_ptr(),
+                        absmax1[i].data_ptr() if absmax1 and absmax1[i].numel() else 0,
+                        state2[i].data_ptr() if state2 else 0,
+                        absmax2[i].data_ptr() if absmax2 and absmax2[i].numel() else 0, steps[i].data_ptr()]
+            aligned = all(ptr % 16 == 0 for ptr in pointers)
+            rows.append((*pointers, p.numel(), int(aligned)))
+        key = (params[0].device, tuple(rows))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        device = params[0].device
+        blocks = torch.tensor([-(-p.numel() // BLOCKSIZE) for p in params])
+        host = (torch.tensor(rows, dtype=torch.int64),
+                torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), blocks),
+                torch.cat([torch.arange(int(b), dtype=torch.int32) for b in blocks]))
+        if device.type == "cuda":
+            tables = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
+        else:
+            tables = host
+        if len(self._cache) >= self._keep:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = tables
+        return tables
+
+
+_device_tables = _DeviceTables()
+
+
+def _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, steps, found_inf):
+    """What the GPU backends share: per-parameter non-finite flags on the device (one multi-tensor
+    reduction: the largest |g| is NaN or inf exactly when some value is), one launch per
+    (dtype, state kind), then the step counters, all without synchronizing with the host."""
+    nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+    skip = nonfinite.to(torch.int32)
+    by_kind: dict[tuple, list[int]] = {}
+    for i, (p, g, s) in enumerate(zip(params, grads, state1)):
+        by_kind.setdefault((p.dtype, g.dtype, s.dtype), []).append(i)
+    for members in by_kind.values():
+        pick = (lambda xs: [xs[i] for i in members] if xs else [])  # noqa: E731
+        subset = [pick(xs) for xs in (params, grads, state1, absmax1, state2, absmax2, steps)]
+        tables = _device_tables(*subset)
+        launch(tables, skip if len(members) == len(params) else skip[members].contiguous(), subset)
+    increment = (~nonfinite).to(torch.float32)
+    if found_inf is not None:
+        increment = increment * (found_inf.reshape(()) == 0).to(torch.float32)
+    torch._foreach_add_(steps, list(increment.unbind(0)))
+
+
 @register(OPTIMIZER_STEP, "triton", ("cuda", "cpu"))
 def _optimizer_step_triton(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr,
                            beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
     from ..kernels import optim as triton_optim
     from .blockwise import _search_tables
 
-    # Per-parameter "gradient not finite" flags on the device (one multi-tensor reduction, no sync):
-    # the largest |g| is NaN or inf exactly when some value is.
-    nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
-    skip = nonfinite.to(torch.int32)
-    by_kind: dict[tuple, list[int]] = {}
-    for i, (p, g, s) in enumerate(zip(params, grads, state1)):
-        by_kind.setdefault((p.dtype, g.dtype, s.dtype), []).append(i)
     lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(1)
-    for members in by_kind.values():
-        pick = lambda xs: [xs[i] for i in members] if xs else []  # noqa: E731
-        triton_optim.optimizer_step(
-            algo, pick(params), pick(grads), pick(state1), pick(state2), pick(absmax1), pick(absmax2), pick(steps),
-            skip[members] if len(members) != len(params) else skip, qmap1, _search_tables(qmap1), qmap2,
-            _search_tables(qmap2), lr, beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf)
-    increment = (~nonfinite).to(torch.float32)
-    if found_inf is not None:
-        increment = increment * (found_inf.reshape(()) == 0).to(torch.float32)
-    torch._foreach_add_(steps, list(increment.unbind(0)))
+
+    def launch(tables, skip, subset):
+        p, g, s1 = subset[0], subset[1], subset[2]
+        triton_optim.optimizer_step(algo, tables, skip, p, g, s1, qmap1, _search_tables(qmap1), qmap2,
+                                    _search_tables(qmap2), lr, beta1, beta2, eps, weight_decay, maximize, nesterov,
+                                    grad_scale, found_inf)
+
+    _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, steps, found_inf)
+
+
+@register(OPTIMIZER_STEP, "cuda", ("cuda",))
+def _optimizer_step_cuda(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr,
+                         beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
+    native = _native.native_module()
+    lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(1)
+    # The CUDA kernel reads gradients in the parameter's dtype.
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+
+    def launch(tables, skip, subset):
+        table, work_tensor, work_block = tables
+        native.optimizer_step_cuda(_ALGO_IDS[algo], table, work_tensor, work_block, skip, subset[0][0],
+                                   subset[2][0].dtype == torch.uint8, qmap1, qmap2, lr, beta1, beta2, eps,
+                                   weight_decay, maximize, nesterov, grad_scale, found_inf)
+
+    _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, steps, found_inf)
