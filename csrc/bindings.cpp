@@ -296,7 +296,10 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
     if (two_state) bind_state(state2[i], absmax2[i], &t.state2, &t.absmax2, "state2");
     TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1 && steps[i].is_cpu(), op,
                 ": the step of param ", i, " must be a one-element float32 CPU tensor");
-    if (t.n == 0) continue;
+    if (t.n == 0) {  // nothing to update, but the step counts, as in the reference
+      *steps[i].data_ptr<float>() += 1.0f;
+      continue;
+    }
     std::atomic<bool> finite{true};
     at::parallel_for(0, t.n, 1 << 16, [&](int64_t begin, int64_t end) {
       if (finite.load(std::memory_order_relaxed) && !lightllm::all_finite_cpu(t.grad, t.grad_type, begin, end))

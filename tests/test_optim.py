@@ -471,3 +471,14 @@ def test_fsdp2_sharded_parameters_update_their_shards(tmp_path):
         opt.zero_grad()
     for a, b in zip(full, model.parameters()):
         assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_parameters_count_their_steps(backend):
+    empty, weight = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([empty, weight], lr=1e-2)
+    with lightllm.use_backend(backend):
+        for s in range(2):
+            empty.grad, weight.grad = torch.zeros(0), torch.randn(5000)
+            opt.step()
+    assert opt.state[empty]["step"].item() == 2 and opt.state[weight]["step"].item() == 2

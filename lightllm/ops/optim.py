@@ -225,7 +225,14 @@ def _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, ste
     """What the GPU backends share: per-parameter non-finite flags on the device (one multi-tensor
     reduction: the largest |g| is NaN or inf exactly when some value is), one launch per
     (dtype, state kind), then the step counters, all without synchronizing with the host."""
-    nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+    filled = [i for i, g in enumerate(grads) if g.numel()]
+    if len(filled) == len(grads):
+        nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+    else:  # empty tensors have no max norm; they are finite by definition (and have no blocks)
+        nonfinite = torch.zeros(len(grads), dtype=torch.bool, device=grads[0].device)
+        if filled:
+            nonfinite[filled] = ~torch.isfinite(torch.stack(torch._foreach_norm([grads[i] for i in filled],
+                                                                                  float("inf"))))
     skip = nonfinite.to(torch.int32)
     by_kind: dict[tuple, list[int]] = {}
     for i, (p, g, s) in enumerate(zip(params, grads, state1)):
