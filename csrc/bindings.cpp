@@ -262,9 +262,12 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
   h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   h.eps = static_cast<float>(eps);
   h.weight_decay = static_cast<float>(weight_decay);
+  h.beta1_d = beta1;
+  h.beta2_d = beta2;
   h.maximize = maximize;
   h.nesterov = nesterov;
-  h.inv_grad_scale = grad_scale.has_value() ? 1.0f / grad_scale->item<float>() : 1.0f;
+  h.has_grad_scale = grad_scale.has_value();
+  h.grad_scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
   const bool two_state = algo <= 1;
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
@@ -341,6 +344,8 @@ void optimizer_step_cuda(int64_t algo, const at::Tensor& table, const at::Tensor
   l.hyper.beta2 = static_cast<float>(beta2);
   l.hyper.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   l.hyper.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  l.hyper.beta1_d = beta1;
+  l.hyper.beta2_d = beta2;
   l.hyper.eps = static_cast<float>(eps);
   l.hyper.weight_decay = static_cast<float>(weight_decay);
   l.hyper.maximize = maximize;

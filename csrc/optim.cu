@@ -146,8 +146,7 @@ optimizer_step_kernel(const OptimDeviceTensor* __restrict__ tensors, const int32
   __syncthreads();
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const float lr = *lr_ptr;
-  const float inv_scale = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;
-  const float sign = h.maximize ? -inv_scale : inv_scale;
+  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   const int lane = threadIdx.x & 31;
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); w < n_work;
        w += static_cast<int64_t>(gridDim.x) * kWarpsPerCta) {
@@ -163,16 +162,21 @@ optimizer_step_kernel(const OptimDeviceTensor* __restrict__ tensors, const int32
 
     float g[8], p[8], m[8], v[8];
     load8(static_cast<const P*>(T.grad) + base, vector, valid, g);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {  // divided, as the reference does; then the sign for maximize
+      if (grad_scale != nullptr) g[i] = __fdiv_rn(g[i], scale);
+      if (h.maximize) g[i] = -g[i];
+    }
     load8(static_cast<const P*>(T.param) + base, vector, valid, p);
     load_state<STATE8>(T.state1, T.absmax1, smap1, block, base, vector, valid, m);
     if constexpr (kTwoState) load_state<STATE8>(T.state2, T.absmax2, smap2, block, base, vector, valid, v);
     const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * h.weight_decay);
     if constexpr (kTwoState) {
-      const float step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), step)));
-      const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), step)));
+      const float step_size = static_cast<float>(lr / (1.0 - pow(h.beta1_d, step)));
+      const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2_d, step)));
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        float gi = g[i] * sign;
+        float gi = g[i];
         float pi = p[i];
         if constexpr (ALGO == OptimAlgo::kAdamW) pi = __fmul_rn(pi, decay); else gi = __fadd_rn(gi, __fmul_rn(h.weight_decay, pi));
         const float mi = __fadd_rn(__fmul_rn(h.beta1, m[i]), __fmul_rn(h.one_minus_beta1, gi));
@@ -185,7 +189,7 @@ optimizer_step_kernel(const OptimDeviceTensor* __restrict__ tensors, const int32
     } else if constexpr (ALGO == OptimAlgo::kLion) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const float gi = g[i] * sign;
+        const float gi = g[i];
         const float c = __fadd_rn(__fmul_rn(h.beta1, m[i]), __fmul_rn(h.one_minus_beta1, gi));
         const float direction = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
         p[i] = __fsub_rn(__fmul_rn(p[i], decay), __fmul_rn(lr, direction));
@@ -195,7 +199,7 @@ optimizer_step_kernel(const OptimDeviceTensor* __restrict__ tensors, const int32
       const bool first = step == 1.0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const float gi = __fadd_rn(g[i] * sign, __fmul_rn(h.weight_decay, p[i]));
+        const float gi = __fadd_rn(g[i], __fmul_rn(h.weight_decay, p[i]));
         const float mi = first ? gi : __fadd_rn(__fmul_rn(h.beta1, m[i]), gi);
         const float d = h.nesterov ? __fadd_rn(gi, __fmul_rn(h.beta1, mi)) : mi;
         p[i] = __fsub_rn(p[i], __fmul_rn(lr, d));

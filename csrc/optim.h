@@ -15,8 +15,10 @@ struct OptimHyper {
   OptimAlgo algo;
   float lr, beta1, beta2, eps, weight_decay;
   float one_minus_beta1, one_minus_beta2;  // rounded from double on the host, as the reference does
+  double beta1_d, beta2_d;  // the betas as given, for the bias corrections 1 - beta^t (cancellation)
   bool maximize, nesterov;
-  float inv_grad_scale;  // 1 / grad_scale (1 when there is none)
+  bool has_grad_scale;
+  float grad_scale;  // gradients are divided by it (CPU; the CUDA kernel reads it from the device)
 };
 
 // One parameter's tensors. 8-bit state: uint8 codes + one float absmax per 256 values; 32-bit state:

@@ -199,7 +199,7 @@ LL_INLINE void store_state(void* state, float* absmax, const StateCodec* codec, 
   const float inv = m == 0.0f ? 0.0f : 1.0f / m;
   uint8_t* codes = static_cast<uint8_t*>(state) + start;
 #ifdef LL_HAVE_AVX512_PATH
-  if (kHasAvx512) {
+  if (kHasAvx512 && codec->steps <= 4) {
     switch (codec->steps) {
       case 0: return encode_avx512<0>(*codec, values, inv, keep_sign, codes, n);
       case 1: return encode_avx512<1>(*codec, values, inv, keep_sign, codes, n);
@@ -209,6 +209,15 @@ LL_INLINE void store_state(void* state, float* absmax, const StateCodec* codec, 
     }
   }
 #endif
+  if (codec->steps > 4) {  // a map that crowds midpoints into one bucket: plain binary search
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = values[i] * inv;
+      int code = static_cast<int>(std::lower_bound(codec->mid, codec->mid + 255, v) - codec->mid);
+      code -= (keep_sign && values[i] < 0.0f && code >= codec->first_nonnegative) ? 1 : 0;
+      codes[i] = static_cast<uint8_t>(code);
+    }
+    return;
+  }
   switch (codec->steps) {
     case 0: encode<0>(*codec, values, inv, keep_sign, codes, n); break;
     case 1: encode<1>(*codec, values, inv, keep_sign, codes, n); break;
@@ -260,18 +269,20 @@ LL_INLINE void update_blocks(const OptimHyper& h, const StepConstants& k, const 
                              const StateCodec* c2, int64_t block_begin, int64_t block_end) {
   constexpr bool kTwoState = ALGO == OptimAlgo::kAdam || ALGO == OptimAlgo::kAdamW;
   alignas(64) float g[kOptimBlock], p[kOptimBlock], m[kOptimBlock], v[kOptimBlock];
-  const float sign = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
+  const bool transform = h.has_grad_scale || h.maximize;
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * kOptimBlock;
     const int64_t n = std::min(kOptimBlock, t.n - start);
     // float32 gradients and parameters are used in place; other dtypes go through the buffers
     const float* gp = g;
-    if (t.grad_type == FloatType::kFloat32 && sign == 1.0f) {
+    if (t.grad_type == FloatType::kFloat32 && !transform) {
       gp = static_cast<const float*>(t.grad) + start;
     } else {
       load_floats(t.grad, t.grad_type, start, n, g);
-      if (sign != 1.0f)
-        for (int64_t i = 0; i < n; ++i) g[i] *= sign;
+      if (h.has_grad_scale)  // divided, as the reference does (not multiplied by a reciprocal)
+        for (int64_t i = 0; i < n; ++i) g[i] = g[i] / h.grad_scale;
+      if (h.maximize)
+        for (int64_t i = 0; i < n; ++i) g[i] = -g[i];
     }
     const bool param_f32 = t.param_type == FloatType::kFloat32;
     float* pp = param_f32 ? static_cast<float*>(t.param) + start : p;
@@ -337,8 +348,8 @@ void optimizer_update_cpu(const OptimHyper& h, const OptimTensor& t, float step,
                           const float* qmap2, int64_t block_begin, int64_t block_end) {
   // Bias corrections in double, as the reference computes them, then rounded once.
   StepConstants k;
-  k.step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), step)));
-  k.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), step)));
+  k.step_size = static_cast<float>(h.lr / (1.0 - std::pow(h.beta1_d, static_cast<double>(step))));
+  k.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2_d, static_cast<double>(step))));
   k.decay = static_cast<float>(1.0 - static_cast<double>(h.lr) * h.weight_decay);
   k.first = step == 1.0f;
   const auto c1 = codec_for(qmap1);

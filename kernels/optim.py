@@ -92,7 +92,7 @@ def _optimizer_step_kernel(
     p_ptr = _field(table_ptr, t, 0).to(tl.pointer_type(PARAM_DTYPE))
     g = tl.load(_field(table_ptr, t, 1).to(tl.pointer_type(GRAD_DTYPE)) + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr)
+        g = tl.math.div_rn(g, tl.load(grad_scale_ptr))
     if MAXIMIZE:
         g = -g
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -112,8 +112,9 @@ def _optimizer_step_kernel(
         bc2 = 1.0 - tl.exp(step64 * log_beta2)
         step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
         bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
-        denom = tl.sqrt(v) / bc2_sqrt + eps
-        p = p - step_size * m / denom
+        # IEEE sqrt and division (Triton's plain ones are approximate on the GPU), as the reference
+        denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - tl.math.div_rn(step_size * m, denom)
         _store_state(table_ptr, 4, 5, t, block, offs, ok, v, qmap2_ptr, mid2_ptr, bucket2_ptr,
                      STEPS2, TABLE2, False, STATE8)
     elif ALGO == 2:  # Lion

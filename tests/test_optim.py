@@ -397,7 +397,9 @@ def test_distributed_data_parallel_matches_one_process(tmp_path):
         opt.step()
         opt.zero_grad()
     for a, b in zip(torch.load(tmp_path / "ddp.pt"), model.parameters()):
-        assert (a - b).abs().max() < 1e-4  # all-reduce sums in another order: rare code flips only
+        # the all-reduce sums in another order: gradients differ in the last bits, which now and then
+        # moves an 8-bit state value across a code boundary (a one-step difference for that element)
+        assert_mostly_close(a.detach(), b.detach(), 1e-4, exact_fraction=0.99)
 
 
 def test_fine_tuning_the_embedded_model_converges_like_adamw():
@@ -470,7 +472,7 @@ def test_fsdp2_sharded_parameters_update_their_shards(tmp_path):
         opt.step()
         opt.zero_grad()
     for a, b in zip(full, model.parameters()):
-        assert (a - b).abs().max() < 1e-4
+        assert_mostly_close(a.detach(), b.detach(), 1e-4, exact_fraction=0.99)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -482,3 +484,106 @@ def test_empty_parameters_count_their_steps(backend):
             empty.grad, weight.grad = torch.zeros(0), torch.randn(5000)
             opt.step()
     assert opt.state[empty]["step"].item() == 2 and opt.state[weight]["step"].item() == 2
+
+
+def op_args(n=1000, backend_map=None):
+    from lightllm.functional import create_dynamic_map
+
+    p, g = torch.randn(n), torch.randn(n)
+    blocks = -(-n // 256)
+    return ["adamw", [p], [g], [torch.zeros(n, dtype=torch.uint8)], [torch.zeros(n, dtype=torch.uint8)],
+            [torch.zeros(blocks)], [torch.zeros(blocks)], [torch.zeros(())],
+            backend_map if backend_map is not None else create_dynamic_map(True), create_dynamic_map(False),
+            torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01, False, False, None, None]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_op_refuses_what_its_kernels_cannot_index(backend):
+    step = torch.ops.lightllm.optimizer_step
+    with lightllm.use_backend(backend):
+        args = op_args()
+        args[5] = [torch.zeros(2)]  # absmax too short for 1000 values
+        with pytest.raises(ValueError, match="needs a float32 absmax of 4 elements"):
+            step(*args)
+        args = op_args()
+        args[2] = [torch.randn(2000)[::2]]  # a strided gradient
+        with pytest.raises(ValueError, match="must be contiguous"):
+            step(*args)
+        args = op_args()
+        args[1], args[2] = args[1] * 2, args[2] * 2  # the same parameter twice
+        for i in (3, 4, 5, 6, 7):
+            args[i] = [args[i][0], args[i][0].clone()]
+        with pytest.raises(ValueError, match="appears twice"):
+            step(*args)
+        args = op_args()
+        args[4] = [torch.zeros(1000)]  # state2 32-bit next to an 8-bit state1
+        with pytest.raises(ValueError, match="both be 8-bit or both 32-bit"):
+            step(*args)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_crowded_custom_map_matches_the_reference(backend):
+    # 200 of the 256 values packed into [0.5, 0.5001]: many midpoints share one search bucket
+    crowded = torch.sort(torch.cat([torch.linspace(-1, 0, 28), torch.linspace(0.5, 0.5001, 200),
+                                    torch.linspace(0.6, 1, 28)]))[0]
+    results = []
+    for b in ("torch", backend):
+        torch.manual_seed(0)
+        args = op_args(backend_map=crowded)
+        with lightllm.use_backend(b):
+            torch.ops.lightllm.optimizer_step(*args)
+        results.append(args[3][0])
+    assert torch.equal(results[0], results[1])
+
+
+def test_sgd_momentum_survives_conversion_from_torch():
+    params = make_params([5000])
+    torch_opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    for s in range(3):
+        set_grads(params, s)
+        torch_opt.step()
+    ours_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = SGD8bit(ours_params, lr=1e-2, momentum=0.9, optim_bits=32)
+    ours.load_torch_state_dict(torch_opt.state_dict())
+    set_grads(params, 3)
+    set_grads(ours_params, 3)
+    torch_opt.step()
+    ours.step()
+    torch.testing.assert_close(ours_params[0], params[0], rtol=1e-6, atol=1e-7)
+
+
+def test_gradscaler_hands_over_its_scale():
+    model = torch.nn.Linear(64, 64)
+    reference = copy.deepcopy(model)
+    opt, ref_opt = AdamW8bit(model.parameters(), lr=1e-2), AdamW8bit(reference.parameters(), lr=1e-2)
+    seen = {}
+    original = opt.step
+
+    def spy(*args, **kwargs):
+        seen["grad_scale"] = getattr(opt, "grad_scale", None)
+        return original(*args, **kwargs)
+
+    opt.step = spy
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(8, 64)
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.step(opt)
+    reference(x).square().mean().backward()
+    ref_opt.step()
+    assert seen["grad_scale"] is not None and float(seen["grad_scale"]) == 2.0**10
+    torch.testing.assert_close(model.weight, reference.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_name_keyed_state_dicts_are_refused_and_stable_embedding_survives_to_empty():
+    p = make_params([5000])
+    opt = AdamW8bit(p)
+    with pytest.raises(ValueError, match="must be parameter indices"):
+        opt.load_state_dict({"state": {"0.weight": {}}, "param_groups": opt.state_dict()["param_groups"]})
+    with torch.device("meta"):
+        emb = StableEmbedding(5000, 8)
+    emb.to_empty(device="cpu")
+    emb.reset_parameters()
+    opt = AdamW8bit(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    assert opt.state[emb.weight]["state1"].dtype == torch.float32

@@ -2,7 +2,9 @@
 
 An nn.Embedding with Xavier-uniform initialization and a LayerNorm on its output, whose weight is
 registered for 32-bit optimizer state (the rows of a large vocabulary see rare, spiky gradients
-that 8-bit state tracks poorly). Same constructor as nn.Embedding, same state-dict keys as
+that 8-bit state tracks poorly). The registration follows the weight through ``.to()`` and
+``.to_empty()``; a weight replaced otherwise (FSDP2's ``fully_shard``) needs
+``GlobalOptimManager.get_instance().override_config(module.weight, "optim_bits", 32)`` again. Same constructor as nn.Embedding, same state-dict keys as
 bitsandbytes' StableEmbedding (``weight``, ``norm.weight``, ``norm.bias``).
 """
 
@@ -19,8 +21,17 @@ class StableEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                          sparse, _weight, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(embedding_dim, device=device)
+        self._register_32bit_state()
+
+    def _register_32bit_state(self) -> None:
         from ..optim import GlobalOptimManager
         GlobalOptimManager.get_instance().override_config(self.weight, "optim_bits", 32)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .to_empty(), .cuda() may put a new Parameter in place of the weight: register it too.
+        result = super()._apply(fn, *args, **kwargs)
+        self._register_32bit_state()
+        return result
 
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.weight)

@@ -115,6 +115,8 @@ def optimizer_step_op(algo: str, params: list[torch.Tensor], grads: list[torch.T
                       grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
     if not params:
         return
+    # Checked here, before any backend: the kernels index these tensors unchecked.
+    check_step_args(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2)
     _, impl = resolve(OPTIMIZER_STEP, params[0].device)
     impl(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr, beta1, beta2, eps,
          weight_decay, maximize, nesterov, grad_scale, found_inf)
@@ -126,7 +128,7 @@ def _(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2
     return None
 
 
-def check_step_args(algo, params, grads, state1, state2, absmax1, absmax2, steps) -> None:
+def check_step_args(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1=None, qmap2=None) -> None:
     """Shapes, dtypes and devices of one call (the kernels index these tensors unchecked)."""
     if algo not in ALGORITHMS:
         raise ValueError(f"optimizer_step: algo must be one of {ALGORITHMS}, got {algo!r}")
@@ -138,13 +140,32 @@ def check_step_args(algo, params, grads, state1, state2, absmax1, absmax2, steps
     for name, values in lists.items():
         if len(values) != n:
             raise ValueError(f"optimizer_step: {n} params but {len(values)} {name}")
+    for name, qmap in (("qmap1", qmap1), ("qmap2", qmap2)):
+        if qmap is not None and (qmap.dtype != torch.float32 or qmap.shape != (256,) or qmap.device != params[0].device):
+            raise ValueError(f"optimizer_step: {name} must be 256 float32 values on {params[0].device}, got "
+                             f"{qmap.dtype} {tuple(qmap.shape)} on {qmap.device}")
+    if len({p.data_ptr() for p in params if p.numel()}) != sum(1 for p in params if p.numel()):
+        raise ValueError("optimizer_step: a parameter appears twice in one step (its two updates would race)")
     for i, p in enumerate(params):
         g = grads[i]
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16) or g.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"optimizer_step: param {i} and its gradient must be float32, float16 or bfloat16, "
+                             f"got {p.dtype} and {g.dtype}")
+        if p.device != params[0].device:
+            raise ValueError(f"optimizer_step: param {i} is on {p.device}, param 0 on {params[0].device}: one call "
+                             "takes one device")
+        if steps[i].numel() != 1 or steps[i].dtype != torch.float32 or steps[i].device != p.device:
+            raise ValueError(f"optimizer_step: the step of param {i} must be one float32 value on {p.device}")
         if g.shape != p.shape or g.device != p.device:
             raise ValueError(f"optimizer_step: param {i} is {tuple(p.shape)} on {p.device} but its gradient is "
                              f"{tuple(g.shape)} on {g.device}")
         if not p.is_contiguous() or not g.is_contiguous():
-            raise ValueError(f"optimizer_step: param {i} and its gradient must be contiguous")
+            raise ValueError(f"optimizer_step: param {i} and its gradient must be contiguous (row-major; "
+                             "channels_last parameters are not supported)")
+        if two and state1[i].dtype != state2[i].dtype:
+            raise ValueError(f"optimizer_step: state1 and state2 of param {i} must both be 8-bit or both 32-bit, got "
+                             f"{state1[i].dtype} and {state2[i].dtype}")
         for name, s, a in (("state1", state1[i], absmax1[i]),) + ((("state2", state2[i], absmax2[i]),) if two else ()):
             if s.numel() != p.numel() or s.device != p.device or not s.is_contiguous():
                 raise ValueError(f"optimizer_step: {name} of param {i} must be contiguous with {p.numel()} elements "
@@ -186,8 +207,9 @@ class _DeviceTables:
     a CUDA graph (after one eager step) does no host work and reads tables that stay valid.
     """
 
-    def __init__(self, keep: int = 16):
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, keep: int = 256):
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # least recent first
+        self._captured: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # never evicted
         self._keep = keep
 
     def __call__(self, params, grads, state1, absmax1, state2, absmax2, steps):
@@ -199,11 +221,19 @@ class _DeviceTables:
                         absmax2[i].data_ptr() if absmax2 and absmax2[i].numel() else 0, steps[i].data_ptr()]
             aligned = all(ptr % 16 == 0 for ptr in pointers)
             rows.append((*pointers, p.numel(), int(aligned)))
-        key = (params[0].device, tuple(rows))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
         device = params[0].device
+        key = (device, tuple(rows))
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        hit = self._captured.get(key) or self._cache.pop(key, None)
+        if hit is not None:
+            if capturing:
+                self._captured[key] = hit  # a graph now holds these addresses: keep them alive
+            elif key not in self._captured:
+                self._cache[key] = hit  # most recently used last
+            return hit
+        if capturing:
+            raise RuntimeError("optimizer_step: capture a step in a CUDA graph only after one eager step with the "
+                               "same parameters, gradients and state (its address tables are built then)")
         blocks = torch.tensor([-(-p.numel() // BLOCKSIZE) for p in params])
         host = (torch.tensor(rows, dtype=torch.int64),
                 torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), blocks),
@@ -221,31 +251,30 @@ class _DeviceTables:
 _device_tables = _DeviceTables()
 
 
-def _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, steps, found_inf):
-    """What the GPU backends share: per-parameter non-finite flags on the device (one multi-tensor
-    reduction: the largest |g| is NaN or inf exactly when some value is), one launch per
-    (dtype, state kind), then the step counters, all without synchronizing with the host."""
-    filled = [i for i, g in enumerate(grads) if g.numel()]
-    if len(filled) == len(grads):
-        nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
-    else:  # empty tensors have no max norm; they are finite by definition (and have no blocks)
-        nonfinite = torch.zeros(len(grads), dtype=torch.bool, device=grads[0].device)
-        if filled:
-            nonfinite[filled] = ~torch.isfinite(torch.stack(torch._foreach_norm([grads[i] for i in filled],
-                                                                                  float("inf"))))
-    skip = nonfinite.to(torch.int32)
+def _gpu_step(launch, params, grads, state1, state2, absmax1, absmax2, steps, found_inf):
+    """What the GPU backends share, per (dtype, state kind) bucket: the "gradient not finite" flags on
+    the device (one multi-tensor reduction: the largest |g| is NaN or inf exactly when some value is;
+    an empty tensor stands in as one zero), one launch, then the step counters. No host
+    synchronization and no host-to-device copies once the tables are cached."""
     by_kind: dict[tuple, list[int]] = {}
     for i, (p, g, s) in enumerate(zip(params, grads, state1)):
         by_kind.setdefault((p.dtype, g.dtype, s.dtype), []).append(i)
     for members in by_kind.values():
         pick = (lambda xs: [xs[i] for i in members] if xs else [])  # noqa: E731
         subset = [pick(xs) for xs in (params, grads, state1, absmax1, state2, absmax2, steps)]
-        tables = _device_tables(*subset)
-        launch(tables, skip if len(members) == len(params) else skip[members].contiguous(), subset)
-    increment = (~nonfinite).to(torch.float32)
-    if found_inf is not None:
-        increment = increment * (found_inf.reshape(()) == 0).to(torch.float32)
-    torch._foreach_add_(steps, list(increment.unbind(0)))
+        probe = [g if g.numel() else g.new_zeros(1) for g in subset[1]]
+        nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(probe, float("inf"))))
+        launch(_device_tables(*subset), nonfinite.to(torch.int32), subset)
+        increment = (~nonfinite).to(torch.float32)
+        if found_inf is not None:
+            increment = increment * (found_inf.reshape(()) == 0).to(torch.float32)
+        torch._foreach_add_(subset[6], list(increment.unbind(0)))
+
+
+def _device_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if lr.device != device:
+        raise ValueError(f"optimizer_step: lr must be on the parameters' device ({device}), got {lr.device}")
+    return lr.to(torch.float32).reshape(1)
 
 
 @register(OPTIMIZER_STEP, "triton", ("cuda", "cpu"))
@@ -254,7 +283,7 @@ def _optimizer_step_triton(algo, params, grads, state1, state2, absmax1, absmax2
     from ..kernels import optim as triton_optim
     from .blockwise import _search_tables
 
-    lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(1)
+    lr = _device_lr(lr, params[0].device)
 
     def launch(tables, skip, subset):
         p, g, s1 = subset[0], subset[1], subset[2]
@@ -262,16 +291,21 @@ def _optimizer_step_triton(algo, params, grads, state1, state2, absmax1, absmax2
                                     _search_tables(qmap2), lr, beta1, beta2, eps, weight_decay, maximize, nesterov,
                                     grad_scale, found_inf)
 
-    _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, steps, found_inf)
+    _gpu_step(launch, params, grads, state1, state2, absmax1, absmax2, steps, found_inf)
 
 
 @register(OPTIMIZER_STEP, "cuda", ("cuda",))
 def _optimizer_step_cuda(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr,
                          beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
+    if any(g.dtype != p.dtype for p, g in zip(params, grads)):
+        # The CUDA kernel reads gradients in the parameter's dtype; casting a float32 gradient to a
+        # float16 parameter's dtype would overflow or underflow it. Mixed dtypes take the Triton
+        # kernel (or the reference).
+        fallback = _optimizer_step_triton if _triton_available() else optimizer_step_reference
+        return fallback(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr, beta1,
+                        beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf)
     native = _native.native_module()
-    lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(1)
-    # The CUDA kernel reads gradients in the parameter's dtype.
-    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+    lr = _device_lr(lr, params[0].device)
 
     def launch(tables, skip, subset):
         table, work_tensor, work_block = tables
@@ -279,4 +313,12 @@ def _optimizer_step_cuda(algo, params, grads, state1, state2, absmax1, absmax2, 
                                    subset[2][0].dtype == torch.uint8, qmap1, qmap2, lr, beta1, beta2, eps,
                                    weight_decay, maximize, nesterov, grad_scale, found_inf)
 
-    _gpu_step(launch, algo, params, grads, state1, state2, absmax1, absmax2, steps, found_inf)
+    _gpu_step(launch, params, grads, state1, state2, absmax1, absmax2, steps, found_inf)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -13,7 +13,9 @@ tensor per parameter (as in torch), so a step can be captured in a CUDA graph.
 
 FSDP2 (``fully_shard``, DTensor parameters): each rank updates its own shard, with state for that
 shard only; 8-bit blocks are formed within the shard, so when shard boundaries fall on multiples of
-256 elements the result is the same as in one process. Under DistributedDataParallel every rank
+256 elements the result is the same as in one process. The state stays rank-local: save and load
+``optimizer.state_dict()`` per rank; torch.distributed.checkpoint's optimizer-state functions are
+not supported (the state is not a DTensor) and ``load_state_dict`` refuses their name-keyed dicts. Under DistributedDataParallel every rank
 holds the whole state and updates identically.
 
 Non-finite gradients: a parameter whose gradient holds a NaN or inf is not updated at all (value,
@@ -108,6 +110,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
     """Base class; subclasses set ``algo`` ("adam", "adamw", "lion", "sgd")."""
 
     algo = ""
+    # torch.amp.GradScaler hands such optimizers its scale and inf flag (as self.grad_scale /
+    # self.found_inf) instead of unscaling the gradients and synchronizing on the flag itself.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  maximize: bool = False, optim_bits: int = 8, min_8bit_size: int = 4096, nesterov: bool = False,
@@ -194,16 +199,20 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         return state
 
     def _lr_tensor(self, group_index: int, group: dict, device: torch.device, config_lr) -> torch.Tensor:
-        """The learning rate as a one-element float32 tensor on ``device`` (the kernels read it there;
-        refilled in place, so a captured CUDA graph sees the current value)."""
+        """The learning rate as a one-element float32 tensor on ``device`` (the kernels read it there).
+
+        A float (or CPU tensor) is written into a cached device tensor with a fill kernel, no host
+        synchronization; inside a captured CUDA graph that fill is frozen at capture time, so to change
+        the learning rate between replays pass ``lr`` as a tensor on the device and update it in place.
+        """
         lr = config_lr
-        if isinstance(lr, torch.Tensor):
-            return lr.to(device=device, dtype=torch.float32).reshape(())
+        if isinstance(lr, torch.Tensor) and lr.device == device:
+            return lr.to(torch.float32).reshape(())
         key = (group_index, device)
         t = self._lr_tensors.get(key)
         if t is None:
             t = self._lr_tensors[key] = torch.empty((), dtype=torch.float32, device=device)
-        t.fill_(float(lr))
+        t.fill_(float(lr))  # a CPU tensor's value is read on the host: no device synchronization
         return t
 
     # ---- the step -----------------------------------------------------------------------------
@@ -213,6 +222,10 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         two_state = self.algo in TWO_STATE
         for gi, group in enumerate(self.param_groups):
             buckets: dict[tuple, list] = {}
@@ -238,7 +251,6 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 state2 = [s["state2"] for *_, s in members] if two_state else []
                 absmax2 = [s.get("absmax2", empty) for *_, s in members] if two_state else []
                 steps = [s["step"] for *_, s in members]
-                optim_ops.check_step_args(self.algo, params, grads, state1, state2, absmax1, absmax2, steps)
                 torch.ops.lightllm.optimizer_step(
                     self.algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr,
                     float(betas[0]), float(betas[1]), float(eps), float(weight_decay), bool(group["maximize"]),
@@ -252,6 +264,11 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         (torch's loader would cast float32 state to a float16 parameter's dtype)."""
         state_dict = dict(state_dict)
         incoming = {}
+        for index in state_dict["state"]:
+            if not isinstance(index, int) and not str(index).isdigit():
+                raise ValueError(f"{type(self).__name__}.load_state_dict: state keys must be parameter indices, got "
+                                 f"{index!r} (torch.distributed.checkpoint's name-keyed optimizer state dicts are not "
+                                 "supported; save and load optimizer.state_dict() on each rank)")
         for index, entry in state_dict["state"].items():
             entry = dict(entry)
             nested = entry.pop("__bnb_optimizer_quant_state__", None)
@@ -328,7 +345,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             if missing:
                 raise ValueError(f"load_torch_state_dict: parameter {index} has no {missing} in the torch state")
             state = self._init_state(p, self._config(p, group))
-            state["step"].fill_(float(entry.get("step", 0)))
+            # torch's SGD keeps no step; a momentum buffer means at least one step was taken (step 0
+            # would make the next step reset the momentum to the gradient)
+            state["step"].fill_(float(entry.get("step", 1 if self.algo == "sgd" else 0)))
             local = _local(p)
             for i, name in enumerate(names, 1):
                 value = _local(entry[name]).to(device=local.device, dtype=torch.float32).reshape(local.shape)
