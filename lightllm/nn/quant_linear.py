@@ -66,16 +66,26 @@ class QuantLinear(nn.Module):
                     checkpoint_format: str = "gptq") -> "QuantLinear":
         """Round-to-nearest quantization of ``linear`` (the baseline GPTQ improves on)."""
         weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
-                     checkpoint_format=checkpoint_format, device=weight.device)
         # v1 cannot store a zero of 0: asymmetric grids written as v1 keep z >= 1
         rtn = gptq_format.quantize_rtn(weight, bits, group_size, sym=sym,
                                        zero_min=1 if checkpoint_format == "gptq" and not sym else 0)
-        packed = gptq_format.pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, checkpoint_format)
+        return cls.from_quantized(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, group_size,
+                                  linear.bias, checkpoint_format)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int, group_size: int, bias: torch.Tensor | None = None,
+                       checkpoint_format: str = "gptq") -> "QuantLinear":
+        """A layer from unpacked codes q [K, N], true zeros and scales [G, N] and g_idx [K] (what
+        quantize_rtn and the GPTQ solver return), packed into the checkpoint format."""
+        k, n = q.shape
+        module = cls(k, n, bits, group_size, bias=bias is not None, checkpoint_format=checkpoint_format,
+                     device=q.device)
+        packed = gptq_format.pack_gptq(q, zeros, scales, g_idx, bits, checkpoint_format)
         for name, tensor in packed.items():
             getattr(module, name).copy_(tensor)
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
+        if bias is not None:
+            module.bias.copy_(bias.detach())
         module._to_kernel_layout()
         return module
 

@@ -91,12 +91,7 @@ class GlobalOptimManager:
 
     def override_config(self, parameters, key: str | None = None, value: Any = None,
                         key_value_dict: dict | None = None) -> None:
-        updates = dict(key_value_dict or {})
-        if key is not None:
-            updates[key] = value
-        unknown = set(updates) - set(self.KEYS)
-        if unknown:
-            raise ValueError(f"override_config: unknown keys {sorted(unknown)}; supported: {self.KEYS}")
+        updates = _override_updates(key, value, key_value_dict)
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         for p in parameters:
@@ -104,6 +99,17 @@ class GlobalOptimManager:
 
     def config_for(self, p: torch.Tensor) -> dict:
         return self._overrides.get(p)
+
+
+def _override_updates(key: str | None, value: Any, key_value_dict: dict | None) -> dict:
+    """override_config's arguments (bitsandbytes' calling conventions) as one checked dict."""
+    updates = dict(key_value_dict or {})
+    if key is not None:
+        updates[key] = value
+    unknown = set(updates) - set(GlobalOptimManager.KEYS)
+    if unknown:
+        raise ValueError(f"override_config: unknown keys {sorted(unknown)}; supported: {GlobalOptimManager.KEYS}")
+    return updates
 
 
 class BlockwiseOptimizer(torch.optim.Optimizer):
@@ -161,13 +167,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                         key_value_dict: dict | None = None) -> None:
         """Per-parameter override for this optimizer (see :class:`GlobalOptimManager`). Takes
         effect when the parameter's state is created, i.e. before its first step."""
-        updates = dict(key_value_dict or {})
-        if key is not None:
-            updates[key] = value
-        unknown = set(updates) - set(GlobalOptimManager.KEYS)
-        if unknown:
-            raise ValueError(f"override_config: unknown keys {sorted(unknown)}; supported: {GlobalOptimManager.KEYS}")
-        self._local_overrides.setdefault(param).update(updates)
+        self._local_overrides.setdefault(param).update(_override_updates(key, value, key_value_dict))
 
     def _config(self, p: torch.Tensor, group: dict) -> dict:
         config = {k: group[k] for k in GlobalOptimManager.KEYS}

@@ -174,18 +174,8 @@ def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _quant_linear_from(linear: nn.Module, result: GPTQResult, config: QuantConfig) -> QuantLinear:
-    weight = _linear_weight(linear)
-    n, k = weight.shape
-    module = QuantLinear(k, n, config.bits, config.group_size, bias=linear.bias is not None,
-                         checkpoint_format=config.checkpoint_format, device=weight.device)
-    packed = gptq_format.pack_gptq(result.q, result.zeros, result.scales, result.g_idx, config.bits,
-                                   config.checkpoint_format)
-    for key, tensor in packed.items():
-        getattr(module, key).copy_(tensor)
-    if linear.bias is not None:
-        module.bias.copy_(linear.bias.detach())
-    module._to_kernel_layout()
-    return module
+    return QuantLinear.from_quantized(result.q, result.zeros, result.scales, result.g_idx, config.bits,
+                                      config.group_size, linear.bias, config.checkpoint_format)
 
 
 def _rtn_result(linear: nn.Module, config: QuantConfig) -> GPTQResult:
