@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "search_tree.h"
+
 namespace lightllm {
 namespace {
 
@@ -55,6 +57,9 @@ struct StateCodec {
   float map[256];
   float mid[256];
   int32_t start[1 << kBucketBits];
+  // The midpoints as an Eytzinger tree cut into its 8 levels (level L: 2^L nodes, left to right),
+  // for the AVX-512 search that keeps the tree in registers.
+  alignas(64) float level[8][128] = {};
   int steps = 0;
   int first_nonnegative = 0;
 
@@ -70,6 +75,8 @@ struct StateCodec {
       steps = std::max(steps, in_bucket);
     }
     while (first_nonnegative < 256 && map[first_nonnegative] < 0.0f) ++first_nonnegative;
+    for (int l = 0; l < 8; ++l)
+      for (int p = 0; p < (1 << l); ++p) level[l][p] = mid[eytzinger_rank((1 << l) + p)];
   }
   static LL_INLINE uint32_t key_of(float v) {
     v += 0.0f;
@@ -115,13 +122,27 @@ LL_INLINE void encode(const StateCodec& c, const float* values, float inv, bool 
 #define LL_HAVE_AVX512_PATH 1
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 
+// map[code] * absmax with the 256-value map in 16 registers: 8 two-register permutes (32 entries
+// each, by the code's low 5 bits), then blends by bits 5, 6 and 7. No memory access for the map;
+// cheaper here than a 16-lane gather.
 __attribute__((target("avx512f,avx512bw"))) void decode_avx512(const uint8_t* codes, const float* map, float a,
                                                                  float* out, int64_t n) {
+  __m512 t[16];
+  for (int r = 0; r < 16; ++r) t[r] = _mm512_loadu_ps(map + 16 * r);
   const __m512 va = _mm512_set1_ps(a);
+  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64), bit7 = _mm512_set1_epi32(128);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(idx, map, 4), va));
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, bit5), b6 = _mm512_test_epi32_mask(idx, bit6),
+                    b7 = _mm512_test_epi32_mask(idx, bit7);
+    __m512 s[4];
+    for (int q = 0; q < 4; ++q)
+      s[q] = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[4 * q], idx, t[4 * q + 1]),
+                                  _mm512_permutex2var_ps(t[4 * q + 2], idx, t[4 * q + 3]));
+    const __m512 value = _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, s[0], s[1]),
+                                              _mm512_mask_blend_ps(b6, s[2], s[3]));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(value, va));
   }
   for (; i < n; ++i) out[i] = map[codes[i]] * a;
 }
@@ -133,6 +154,67 @@ __attribute__((target("avx512f,avx512bw"))) float absmax_avx512(const float* x, 
   float r = _mm512_reduce_max_ps(m);
   for (; i < n; ++i) r = std::max(r, std::fabs(x[i]));
   return r;
+}
+
+// Encode by walking the Eytzinger tree with the whole tree in 19 registers: the pivot of a lane at
+// level L is level[L][pos], looked up with permutes (one register for L <= 4, two for L = 5, then
+// blends of permutes), so the search costs no memory access at all; it replaced two gathers per 16
+// values (bucket table + one midpoint), which were the step's largest cost.
+__attribute__((target("avx512f,avx512bw"))) void encode_tree_avx512(const StateCodec& c, const float* values,
+                                                                      float inv, bool keep_sign, uint8_t* codes,
+                                                                      int64_t n) {
+  __m512 small[5];
+  for (int l = 0; l < 5; ++l) small[l] = _mm512_load_ps(c.level[l]);  // levels 0..4: <= 16 nodes, padded
+  __m512 l5[2], l6[4], l7[8];
+  for (int r = 0; r < 2; ++r) l5[r] = _mm512_load_ps(c.level[5] + 16 * r);
+  for (int r = 0; r < 4; ++r) l6[r] = _mm512_load_ps(c.level[6] + 16 * r);
+  for (int r = 0; r < 8; ++r) l7[r] = _mm512_load_ps(c.level[7] + 16 * r);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
+  const __m512i first_nonnegative = _mm512_set1_epi32(c.first_nonnegative);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(values + i);
+    const __m512 v = _mm512_mul_ps(x, vinv);
+    __m512i pos = _mm512_setzero_si512();
+    // one level: go right (pos = 2 pos + 1) where the pivot is below v, else left (2 pos)
+#define LL_DESCEND(pivot)                                                                  \
+  do {                                                                                     \
+    const __mmask16 right = _mm512_cmp_ps_mask((pivot), v, _CMP_LT_OQ);                   \
+    const __m512i twice = _mm512_slli_epi32(pos, 1);                                       \
+    pos = _mm512_mask_add_epi32(twice, right, twice, one);                                 \
+  } while (0)
+    for (int l = 0; l < 5; ++l) LL_DESCEND(_mm512_permutexvar_ps(pos, small[l]));
+    LL_DESCEND(_mm512_permutex2var_ps(l5[0], pos, l5[1]));
+    {
+      const __mmask16 hi = _mm512_test_epi32_mask(pos, bit5);
+      LL_DESCEND(_mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(l6[0], pos, l6[1]),
+                                      _mm512_permutex2var_ps(l6[2], pos, l6[3])));
+    }
+    {
+      const __mmask16 b5 = _mm512_test_epi32_mask(pos, bit5), b6 = _mm512_test_epi32_mask(pos, bit6);
+      const __m512 q0 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l7[0], pos, l7[1]),
+                                             _mm512_permutex2var_ps(l7[2], pos, l7[3]));
+      const __m512 q1 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l7[4], pos, l7[5]),
+                                             _mm512_permutex2var_ps(l7[6], pos, l7[7]));
+      LL_DESCEND(_mm512_mask_blend_ps(b6, q0, q1));
+    }
+#undef LL_DESCEND
+    if (keep_sign) {
+      const __mmask16 fix = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ) & _mm512_cmpge_epi32_mask(pos, first_nonnegative);
+      pos = _mm512_mask_sub_epi32(pos, fix, pos, one);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(pos));
+  }
+  for (; i < n; ++i) {  // the tail, by the same tree
+    const float v = values[i] * inv;
+    int pos = 0;
+    for (int l = 0; l < 8; ++l) pos = 2 * pos + (c.level[l][pos] < v ? 1 : 0);
+    pos -= (keep_sign && values[i] < 0.0f && pos >= c.first_nonnegative) ? 1 : 0;
+    codes[i] = static_cast<uint8_t>(pos);
+  }
 }
 
 template <int STEPS>
@@ -199,15 +281,7 @@ LL_INLINE void store_state(void* state, float* absmax, const StateCodec* codec, 
   const float inv = m == 0.0f ? 0.0f : 1.0f / m;
   uint8_t* codes = static_cast<uint8_t*>(state) + start;
 #ifdef LL_HAVE_AVX512_PATH
-  if (kHasAvx512 && codec->steps <= 4) {
-    switch (codec->steps) {
-      case 0: return encode_avx512<0>(*codec, values, inv, keep_sign, codes, n);
-      case 1: return encode_avx512<1>(*codec, values, inv, keep_sign, codes, n);
-      case 2: return encode_avx512<2>(*codec, values, inv, keep_sign, codes, n);
-      case 3: return encode_avx512<3>(*codec, values, inv, keep_sign, codes, n);
-      default: return encode_avx512<4>(*codec, values, inv, keep_sign, codes, n);
-    }
-  }
+  if (kHasAvx512) return encode_tree_avx512(*codec, values, inv, keep_sign, codes, n);
 #endif
   if (codec->steps > 4) {  // a map that crowds midpoints into one bucket: plain binary search
     for (int64_t i = 0; i < n; ++i) {
