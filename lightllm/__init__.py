@@ -7,7 +7,7 @@ Layers: kernels (``csrc/`` as lightllm._C, ``kernels/`` as lightllm.kernels) -> 
 import logging
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from . import functional, nn, optim, quantization
+from . import functional, nn, optim, quantization, tuning
 from .backends import (
     BackendUnavailableError,
     available_backends,
@@ -26,6 +26,7 @@ __all__ = [
     "functional",
     "nn",
     "quantization",
+    "tuning",
     "get_backend",
     "set_backend",
     "use_backend",

@@ -156,6 +156,12 @@ class QuantLinear(nn.Module):
             self._to_kernel_layout()  # buffers written from outside, in checkpoint layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_lora(x)
+
+    def forward_with_lora(self, x: torch.Tensor, lora_s: torch.Tensor | None = None,
+                          lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:
+        """``forward(x) + lora_scale * lora_s @ lora_b^T``, the rank-r term added in the kernel's
+        epilogue (``lora_s`` [tokens, r] float32 = x A^T, ``lora_b`` [out_features, r])."""
         # A decode step runs this once per layer and token: keep the host path short.
         if x.dtype not in _FLOAT_TYPES:
             raise TypeError(f"QuantLinear: input must be float32, float16 or bfloat16, got {x.dtype}")
@@ -171,7 +177,7 @@ class QuantLinear(nn.Module):
         if b["_perm"] is not None:
             x2 = x2.index_select(1, b["_perm"])
         y = ops_gptq.gptq_matmul(x2, qweight, b["qzeros"], b["scales"], b["g_idx"], b["bias"],
-                                 None, None, 0.0, self.bits, self.checkpoint_format == "gptq")
+                                 lora_s, lora_b, lora_scale, self.bits, self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
