@@ -264,6 +264,7 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
   h.weight_decay = static_cast<float>(weight_decay);
   h.beta1_d = beta1;
   h.beta2_d = beta2;
+  h.weight_decay_d = weight_decay;
   h.maximize = maximize;
   h.nesterov = nesterov;
   h.has_grad_scale = grad_scale.has_value();
@@ -346,6 +347,7 @@ void optimizer_step_cuda(int64_t algo, const at::Tensor& table, const at::Tensor
   l.hyper.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   l.hyper.beta1_d = beta1;
   l.hyper.beta2_d = beta2;
+  l.hyper.weight_decay_d = weight_decay;
   l.hyper.eps = static_cast<float>(eps);
   l.hyper.weight_decay = static_cast<float>(weight_decay);
   l.hyper.maximize = maximize;

@@ -170,7 +170,7 @@ optimizer_step_kernel(const OptimDeviceTensor* __restrict__ tensors, const int32
     load8(static_cast<const P*>(T.param) + base, vector, valid, p);
     load_state<STATE8>(T.state1, T.absmax1, smap1, block, base, vector, valid, m);
     if constexpr (kTwoState) load_state<STATE8>(T.state2, T.absmax2, smap2, block, base, vector, valid, v);
-    const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * h.weight_decay);
+    const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * h.weight_decay_d);
     if constexpr (kTwoState) {
       const float step_size = static_cast<float>(lr / (1.0 - pow(h.beta1_d, step)));
       const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2_d, step)));

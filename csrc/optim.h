@@ -16,6 +16,7 @@ struct OptimHyper {
   float lr, beta1, beta2, eps, weight_decay;
   float one_minus_beta1, one_minus_beta2;  // rounded from double on the host, as the reference does
   double beta1_d, beta2_d;  // the betas as given, for the bias corrections 1 - beta^t (cancellation)
+  double weight_decay_d;    // as given, for the decay factor 1 - lr * wd (computed in double, as the reference)
   bool maximize, nesterov;
   bool has_grad_scale;
   float grad_scale;  // gradients are divided by it (CPU; the CUDA kernel reads it from the device)

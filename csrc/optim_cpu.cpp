@@ -424,7 +424,7 @@ void optimizer_update_cpu(const OptimHyper& h, const OptimTensor& t, float step,
   StepConstants k;
   k.step_size = static_cast<float>(h.lr / (1.0 - std::pow(h.beta1_d, static_cast<double>(step))));
   k.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2_d, static_cast<double>(step))));
-  k.decay = static_cast<float>(1.0 - static_cast<double>(h.lr) * h.weight_decay);
+  k.decay = static_cast<float>(1.0 - static_cast<double>(h.lr) * h.weight_decay_d);
   k.first = step == 1.0f;
   const auto c1 = codec_for(qmap1);
   const auto c2 = codec_for(qmap2);
