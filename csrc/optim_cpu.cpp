@@ -49,40 +49,21 @@ LL_INLINE void store_floats(void* dst, FloatType type, int64_t start, int64_t n,
   }
 }
 
-// Nearest-code search for the optimizer states, laid out for vector gathers: the bucket table of
-// CodeSearch (see search_tree.h) widened to int32, the midpoints, and the index of the map's first
-// value >= 0 (so the momentum's sign rule needs no second lookup).
+// Nearest-code search for the optimizer states: the shared CPU search of search_tree.h (bucket
+// table, cached per map), plus what the step needs on top: the midpoints as an Eytzinger tree cut
+// into its 8 levels (level L: 2^L nodes, left to right) for the AVX-512 search that keeps the tree
+// in registers, and the index of the map's first value >= 0 (the momentum's sign rule).
 struct StateCodec {
-  static constexpr int kBucketBits = 16;  // 256 KB of int32: at most 2 midpoints per bucket for the dynamic maps
   float map[256];
-  float mid[256];
-  int32_t start[1 << kBucketBits];
-  // The midpoints as an Eytzinger tree cut into its 8 levels (level L: 2^L nodes, left to right),
-  // for the AVX-512 search that keeps the tree in registers.
   alignas(64) float level[8][128] = {};
-  int steps = 0;
   int first_nonnegative = 0;
+  std::shared_ptr<const CodeSearch> search;
 
-  explicit StateCodec(const float* m) {
+  explicit StateCodec(const float* m) : search(code_search_for(m)) {
     std::copy_n(m, 256, map);
-    for (int i = 0; i < 255; ++i) mid[i] = (m[i] + m[i + 1]) * 0.5f;
-    mid[255] = __builtin_inff();
-    int below = 0;
-    for (uint32_t b = 0; b < (1u << kBucketBits); ++b) {
-      start[b] = below;
-      int in_bucket = 0;
-      while (below < 255 && (key_of(mid[below]) >> (32 - kBucketBits)) == b) { ++below; ++in_bucket; }
-      steps = std::max(steps, in_bucket);
-    }
     while (first_nonnegative < 256 && map[first_nonnegative] < 0.0f) ++first_nonnegative;
     for (int l = 0; l < 8; ++l)
-      for (int p = 0; p < (1 << l); ++p) level[l][p] = mid[eytzinger_rank((1 << l) + p)];
-  }
-  static LL_INLINE uint32_t key_of(float v) {
-    v += 0.0f;
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+      for (int p = 0; p < (1 << l); ++p) level[l][p] = map_midpoint(m, eytzinger_rank((1 << l) + p));
   }
 };
 
@@ -101,22 +82,7 @@ std::shared_ptr<const StateCodec> codec_for(const float* map) {
 }
 
 
-// Encode with the block's new absmax: bucket, then up to `steps` midpoint compares (branch-free,
-// so the loop vectorizes into gathers). The values are finite (gradients were checked).
-template <int STEPS>
-LL_INLINE void encode(const StateCodec& c, const float* values, float inv, bool keep_sign, uint8_t* codes,
-                      int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = values[i] * inv;
-    int32_t code = c.start[StateCodec::key_of(v) >> (32 - StateCodec::kBucketBits)];
-    for (int s = 0; s < STEPS; ++s) code += c.mid[code] < v ? 1 : 0;
-    // a negative value keeps a negative code (bitsandbytes' rule for the momentum)
-    code -= (keep_sign && values[i] < 0.0f && code >= c.first_nonnegative) ? 1 : 0;
-    codes[i] = static_cast<uint8_t>(code);
-  }
-}
-
-// ---- AVX-512 paths for the 8-bit state (gathers for the map and the search tables) -------------
+// ---- AVX-512 paths for the 8-bit state (map and search tree held in registers) ---------------
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define LL_HAVE_AVX512_PATH 1
@@ -217,34 +183,6 @@ __attribute__((target("avx512f,avx512bw"))) void encode_tree_avx512(const StateC
   }
 }
 
-template <int STEPS>
-__attribute__((target("avx512f,avx512bw"))) void encode_avx512(const StateCodec& c, const float* values, float inv,
-                                                                 bool keep_sign, uint8_t* codes, int64_t n) {
-  const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512i one = _mm512_set1_epi32(1);
-  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512i first_nonnegative = _mm512_set1_epi32(c.first_nonnegative);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_loadu_ps(values + i);
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(x, vinv), zero);  // + 0: -0 becomes +0, as key_of does
-    const __m512i u = _mm512_castps_si512(v);
-    const __mmask16 negative = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512());
-    const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign_bit), negative, u, _mm512_set1_epi32(-1));
-    __m512i code = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 32 - StateCodec::kBucketBits), c.start, 4);
-    for (int s = 0; s < STEPS; ++s) {
-      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_i32gather_ps(code, c.mid, 4), v, _CMP_LT_OQ);
-      code = _mm512_mask_add_epi32(code, below, code, one);
-    }
-    if (keep_sign) {
-      const __mmask16 fix = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ) & _mm512_cmpge_epi32_mask(code, first_nonnegative);
-      code = _mm512_mask_sub_epi32(code, fix, code, one);
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
-  }
-  encode<STEPS>(c, values + i, inv, keep_sign, codes + i, n - i);
-}
 #endif
 
 // Decode: map[code] * absmax (8-bit) or a copy (32-bit).
@@ -283,21 +221,9 @@ LL_INLINE void store_state(void* state, float* absmax, const StateCodec* codec, 
 #ifdef LL_HAVE_AVX512_PATH
   if (kHasAvx512) return encode_tree_avx512(*codec, values, inv, keep_sign, codes, n);
 #endif
-  if (codec->steps > 4) {  // a map that crowds midpoints into one bucket: plain binary search
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = values[i] * inv;
-      int code = static_cast<int>(std::lower_bound(codec->mid, codec->mid + 255, v) - codec->mid);
-      code -= (keep_sign && values[i] < 0.0f && code >= codec->first_nonnegative) ? 1 : 0;
-      codes[i] = static_cast<uint8_t>(code);
-    }
-    return;
-  }
-  switch (codec->steps) {
-    case 0: encode<0>(*codec, values, inv, keep_sign, codes, n); break;
-    case 1: encode<1>(*codec, values, inv, keep_sign, codes, n); break;
-    case 2: encode<2>(*codec, values, inv, keep_sign, codes, n); break;
-    case 3: encode<3>(*codec, values, inv, keep_sign, codes, n); break;
-    default: encode<4>(*codec, values, inv, keep_sign, codes, n); break;
+  codec->search->encode(values, inv, codes, n);  // nearest codes (the shared CPU search)
+  if (keep_sign) {  // a negative value keeps a negative code (bitsandbytes' rule for the momentum)
+    for (int64_t i = 0; i < n; ++i) codes[i] -= (values[i] < 0.0f && codes[i] >= codec->first_nonnegative) ? 1 : 0;
   }
 }
 

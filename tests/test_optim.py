@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import lightllm
-from lightllm import backends
 from lightllm.nn import StableEmbedding
 from lightllm.optim import Adam8bit, AdamW8bit, GlobalOptimManager, Lion8bit, SGD8bit
 
@@ -359,27 +358,22 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     assert opt.state[params[0]]["step"].item() == step_before + 1
 
 
-def _ddp_worker(rank, world, port, result_path):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
-    ddp = DistributedDataParallel(model)
-    opt = AdamW8bit(ddp.parameters(), lr=1e-2, min_8bit_size=1024)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+
+
+def _train_steps(model, opt, rank=0, world=1) -> None:
+    """8 steps on a fixed data set; each of `world` ranks takes its share of every batch."""
     data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
     for step in range(8):
-        batch = data[step].chunk(world)[rank]
-        ddp(batch).square().mean().backward()
+        model(data[step].chunk(world)[rank]).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    if rank == 0:
-        torch.save([p.detach() for p in model.parameters()], result_path)
-    dist.destroy_process_group()
 
 
-def test_distributed_data_parallel_matches_one_process(tmp_path):
+def _spawn_two(worker, result_path) -> None:
+    """Run worker(rank, 2, port, result_path) in two processes joined by a gloo group on a free port."""
     import socket
 
     import torch.multiprocessing as mp
@@ -387,15 +381,32 @@ def test_distributed_data_parallel_matches_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
-    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1024)
-    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
-    for step in range(8):
-        model(data[step]).square().mean().backward()  # the mean over both halves = DDP's averaged gradient
-        opt.step()
-        opt.zero_grad()
+    mp.spawn(worker, args=(2, port, str(result_path)), nprocs=2, join=True)
+
+
+def _one_process(min_8bit_size: int) -> torch.nn.Module:
+    """The same training in one process, full batches (the mean over the ranks' halves)."""
+    model = _small_model()
+    _train_steps(model, AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=min_8bit_size))
+    return model
+
+
+def _ddp_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = _small_model()
+    ddp = DistributedDataParallel(model)
+    _train_steps(ddp, AdamW8bit(ddp.parameters(), lr=1e-2, min_8bit_size=1024), rank, world)
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], result_path)
+    dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_matches_one_process(tmp_path):
+    _spawn_two(_ddp_worker, tmp_path / "ddp.pt")
+    model = _one_process(min_8bit_size=1024)
     for a, b in zip(torch.load(tmp_path / "ddp.pt"), model.parameters()):
         # the all-reduce sums in another order: gradients differ in the last bits, which now and then
         # moves an 8-bit state value across a code boundary (a one-step difference for that element)
@@ -434,15 +445,10 @@ def _fsdp2_worker(rank, world, port, result_path):
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    model = _small_model()
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=256)
-    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
-    for step in range(8):
-        model(data[step].chunk(world)[rank]).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+    _train_steps(model, opt, rank, world)
     local_kinds = [opt.state[p]["state1"].dtype for p in model.parameters()]
     full = [p.full_tensor().detach() for p in model.parameters()]
     if rank == 0:
@@ -453,24 +459,10 @@ def _fsdp2_worker(rank, world, port, result_path):
 def test_fsdp2_sharded_parameters_update_their_shards(tmp_path):
     # Shards here are 4096 and 512 elements (multiples of 256): the blocks are those of one process,
     # so the sharded run must match it.
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp2_worker, args=(2, port, str(tmp_path / "fsdp.pt")), nprocs=2, join=True)
+    _spawn_two(_fsdp2_worker, tmp_path / "fsdp.pt")
     full, kinds = torch.load(tmp_path / "fsdp.pt")
     assert kinds == [torch.uint8, torch.float32, torch.uint8, torch.float32]  # 8-bit shards; biases stay 32-bit
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
-    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=256)
-    data = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(1))
-    for step in range(8):
-        model(data[step]).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+    model = _one_process(min_8bit_size=256)
     for a, b in zip(full, model.parameters()):
         assert_mostly_close(a.detach(), b.detach(), 1e-4, exact_fraction=0.99)
 

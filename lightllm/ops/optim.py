@@ -28,7 +28,7 @@ import torch
 
 from .. import _native
 from ..backends import register, resolve
-from .blockwise import _as_blocks, dequantize_blockwise_reference, midpoints
+from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 
 OPTIMIZER_STEP = "optimizer_step"
 ALGORITHMS = ("adam", "adamw", "lion", "sgd")
@@ -39,16 +39,13 @@ BLOCKSIZE = 256
 # ---- reference (pure PyTorch, any device) ---------------------------------------------------
 
 def encode_state_reference(x: torch.Tensor, qmap: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 state -> (uint8 codes, absmax per 256): nearest map value; negative values keep a
-    negative code (bitsandbytes moves the index down one when rounding reached 0 or above)."""
-    blocks = _as_blocks(x.reshape(-1), BLOCKSIZE)
-    absmax = blocks.abs().amax(dim=1)
-    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
-    normalized = (blocks * inv[:, None]).reshape(-1)[: x.numel()]
-    codes = torch.searchsorted(midpoints(qmap), normalized, right=False)
+    """float32 state -> (uint8 codes, absmax per 256): block-wise quantization (nearest map value),
+    then for the momentum bitsandbytes' sign rule: a negative value whose code reached 0 or above
+    moves down one code."""
+    codes, absmax = quantize_blockwise_reference(x, qmap, BLOCKSIZE)
     if signed:
-        codes = torch.where((x.reshape(-1) < 0) & (qmap[codes] >= 0), codes - 1, codes)
-    return codes.to(torch.uint8).view(x.shape), absmax
+        codes = torch.where((x < 0) & (qmap[codes.long()] >= 0), codes - 1, codes)
+    return codes, absmax
 
 
 def _decode(state: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:

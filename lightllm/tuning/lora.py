@@ -279,10 +279,11 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         model = self.model
-        targets = [(n, m) for n, m in model.named_modules()
-                   if not isinstance(m, LoraLinear) and not any(n.startswith(p + ".") for p in self.lora_layers())
-                   and (isinstance(m, (nn.Linear, QuantLinear)) or _is_conv1d(m)) and _matches(n, config, model, m)]
         wrapped = self.lora_layers()
+        inside = tuple(name + "." for name in wrapped)  # a wrapped layer's own submodules
+        targets = [(n, m) for n, m in model.named_modules()
+                   if not isinstance(m, LoraLinear) and not n.startswith(inside)
+                   and (isinstance(m, (nn.Linear, QuantLinear)) or _is_conv1d(m)) and _matches(n, config, model, m)]
         targets += [(n, m.base_layer) for n, m in wrapped.items() if _matches(n, config, model, m.base_layer)]
         if not targets:
             raise ValueError(f"target_modules={config.target_modules!r} matches no Linear, Conv1D or QuantLinear "
