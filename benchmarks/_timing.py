@@ -251,6 +251,37 @@ def bench_eager(fn: Callable[[], object], *, warmup: int, iters: int, repeats: i
     return Timing.from_samples(samples, "host wall")
 
 
+def time_capped(fn: Callable[[], object], *, warmup: int, iters: int, eager_iters: int, eager_repeats: int,
+                max_seconds: float, device) -> dict:
+    """Device time and eager time of ``fn``, iteration counts lowered (device calls not below 3)
+    so that a slow call (a reference implementation, say) fits in ``max_seconds``, half for each
+    measurement (0 = no cap). One synchronized call first estimates the cost; the caller has
+    already run ``fn`` once (compiled, autotuned). Returns the row fields of both timings."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    per_call = time.perf_counter() - t0
+    half = max_seconds / 2
+    if max_seconds > 0 and per_call > 0:
+        iters = min(iters, max(3, int(half / per_call)))
+        eager_iters = max(1, min(eager_iters, int(half / (per_call * eager_repeats))))
+    dev = bench_device(fn, warmup=warmup, iters=iters, device=device)
+    eager = bench_eager(fn, warmup=0, iters=eager_iters, repeats=eager_repeats, device=device)
+    return {"method": dev.method, "device_us": dev.median_us, "device_us_p20": dev.p20_us,
+            "device_us_p80": dev.p80_us, "iters": iters, "eager_us": eager.median_us}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    import argparse
+
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return value
+
+
 def measure_copy_bandwidth(device, nbytes: int = 1 << 30, *, warmup: int = 2, iters: int = 10) -> float:
     """Achieved ``dst.copy_(src)`` bandwidth in bytes/s, counting bytes read plus bytes written.
 

@@ -42,7 +42,6 @@ import contextlib
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,16 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     RESULTS_DIR,
     CsvWriter,
-    bench_device,
-    bench_eager,
     env_tags,
     fmt_float,
     format_table,
     measure_copy_bandwidth,
+    positive_int,
     resolve_device,
     retain_freed_cpu_memory,
     setup_logging,
-    synchronize,
+    time_capped,
     warn_if_busy,
 )
 
@@ -371,29 +369,9 @@ def check_accuracy(y: torch.Tensor, x: torch.Tensor, weight64: torch.Tensor, dty
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def _fit(want: int, calls_per_unit: int, seconds_per_call: float, budget: float) -> int:
-    """``want`` lowered (not below 3) so that ``calls_per_unit`` calls per unit fit in ``budget``."""
-    if budget <= 0 or seconds_per_call <= 0:
-        return want
-    return min(want, max(3, int(budget / (seconds_per_call * calls_per_unit))))
-
-
 def time_case(fn: Callable[[], object], sched: Schedule, device: torch.device) -> dict:
-    # One synchronized call estimates the cost (the accuracy call before it compiled and warmed up).
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    per_call = time.perf_counter() - t0
-    half = sched.max_seconds / 2  # half for device time, half for eager time
-    iters = _fit(sched.iters, 1, per_call, half)
-    eager_iters = max(1, min(sched.eager_iters, int(half / max(per_call * sched.eager_repeats, 1e-9))))
-    if iters < sched.iters:
-        logger.debug("  %.3g s per call: %d timed calls instead of %d", per_call, iters, sched.iters)
-    dev = bench_device(fn, warmup=sched.warmup, iters=iters, device=device)
-    eager = bench_eager(fn, warmup=0, iters=eager_iters, repeats=sched.eager_repeats, device=device)
-    return {"method": dev.method, "device_us": dev.median_us, "device_us_p20": dev.p20_us,
-            "device_us_p80": dev.p80_us, "iters": iters, "eager_us": eager.median_us}
+    return time_capped(fn, warmup=sched.warmup, iters=sched.iters, eager_iters=sched.eager_iters,
+                       eager_repeats=sched.eager_repeats, max_seconds=sched.max_seconds, device=device)
 
 
 def run_shape(n: int, k: int, impls: list[Impl], plan: dict[int, list[int]], ms: list[int], args,
@@ -538,13 +516,6 @@ def _shape(text: str) -> tuple[int, int]:
     return n, k
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Time lightllm's GPTQ dequant-matmul (QuantLinear, every backend that runs on the device) "
@@ -567,11 +538,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to run (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="NxK",
                    help="weight shapes, N (out) x K (in), e.g. 4096x4096 11008x4096")
-    p.add_argument("--m", type=_positive, nargs="+", default=None, metavar="M", help="rows of x, e.g. 1 16 64")
+    p.add_argument("--m", type=positive_int, nargs="+", default=None, metavar="M", help="rows of x, e.g. 1 16 64")
     p.add_argument("--bits", type=int, nargs="+", default=None, choices=GPTQ_BITS, metavar="BITS",
                    help=f"bit widths of ours ({', '.join(map(str, GPTQ_BITS))}), each at every M "
                         "(default: 4 at every M and 3 at M=1). The torch-int4 and bnb-nf4 baselines are 4-bit.")
-    p.add_argument("--group-size", type=_positive, default=128, help="GPTQ group size (default 128)")
+    p.add_argument("--group-size", type=positive_int, default=128, help="GPTQ group size (default 128)")
     p.add_argument("--act-order", action="store_true",
                    help="also time each lightllm backend on the same codes with an act-order g_idx (target: at most "
                         "5%% slower)")
@@ -583,13 +554,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", nargs="+", default=None, choices=IMPL_CHOICES, metavar="IMPL",
                    help="only these implementations: " + ", ".join(IMPL_CHOICES)
                         + f" (default: all that run on the device; {CUBLAS_FP16} is always timed)")
-    p.add_argument("--iters", type=_positive, default=None, help="timed calls per case (overrides the schedule)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed calls per case (overrides the schedule)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (overrides the schedule)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time cap per case: iteration counts are lowered (not below 3) for slow calls such as "
                         "the reference backend's (default 3 s on CUDA, 1 s with --quick; 6 s and 3 s on the CPU; "
                         "0 = no cap)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (torch.set_num_threads) for a CPU run (default: torch's choice; 1 is "
                         "steadier when other processes keep a core busy)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights and inputs")

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_check.sh [--quick] [--only AREA]...
 #
-# Areas: build, tests, blockwise, quant, gptq, optim (default: all). --quick stays under 6 minutes on an H100
+# Areas: build, tests, blockwise, quant, gptq, optim, lora (default: all). --quick stays under 6 minutes on an H100
 # including the build; later issues add areas and keep that bound.
 # A bitsandbytes baseline is used when importable; point BNB_PATH at an unpacked (trimmed) wheel
 # to put it on PYTHONPATH, since the device machine has no bitsandbytes and no network.
@@ -73,6 +73,10 @@ if wants optim; then
   step optim python benchmarks/bench_optim.py $QUICK --device cuda --out "$RESULTS/bench_optim.csv"
   step optim_bf16 python benchmarks/bench_optim.py $QUICK --device cuda --dtype bfloat16 --problems 134m \
     --out "$RESULTS/bench_optim.csv"
+fi
+
+if wants lora; then
+  step lora python benchmarks/bench_lora.py $QUICK --device cuda --out "$RESULTS/bench_lora.csv"
 fi
 
 echo

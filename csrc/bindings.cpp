@@ -1,8 +1,11 @@
 // The only translation unit that sees at::Tensor: argument checks, output allocation, stream
 // selection, then a call into the torch-free launchers of the kernel files.
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <atomic>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <torch/extension.h>
 
 #ifdef LIGHTLLM_WITH_CUDA
@@ -12,6 +15,7 @@
 
 #include "blockwise.h"
 #include "gptq.h"
+#include "lora.h"
 #include "optim.h"
 
 namespace {
@@ -173,10 +177,59 @@ at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& qzeros, 
   return out;
 }
 
+#ifdef LIGHTLLM_WITH_CUDA
+// One int32 counter buffer per (device, stream) for the split reductions of the one-launch GEMVs:
+// zeroed once and left zeroed by every launch (split_lora.cuh). Launches on one stream run in
+// order, so they share it. Never destroyed: a static tensor would be freed after CUDA at exit.
+at::Tensor split_counters(const at::Tensor& like, int64_t count) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& slot = (*cache)[{like.device().index(), stream}];
+  if (!slot.defined() || slot.numel() < count)
+    slot = at::zeros({std::max<int64_t>(count, 1024)}, like.options().dtype(at::kInt));
+  return slot;
+}
+
+// Contiguous and 16-byte aligned (for vector loads): a view that starts off a boundary is copied.
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+#endif
+
+// LoRA's adapter tensors for x [m, k] and an output of n columns: lora_a [r, k] and/or lora_s [m, r]
+// (float32), with lora_b [n, r]; returns r (0 without an adapter).
+int64_t check_lora(const char* op, const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& lora_a,
+                   const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_b) {
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK((lora_a.has_value() || lora_s.has_value()) == lora_b.has_value(), op,
+              ": lora_b goes with lora_a or lora_s (the rank-r term needs both factors)");
+  if (!lora_b.has_value()) return 0;
+  const int64_t r = lora_b->dim() == 2 ? lora_b->size(1) : -1;
+  TORCH_CHECK(lora_b->dim() == 2 && lora_b->size(0) == n && r >= 1, op, ": lora_b must be [N, r] = [", n,
+              ", r] with r >= 1, got ", lora_b->sizes());
+  if (lora_a.has_value())
+    TORCH_CHECK(lora_a->dim() == 2 && lora_a->size(0) == r && lora_a->size(1) == k, op, ": lora_a must be [r, K] = [",
+                r, ", ", k, "], got ", lora_a->sizes());
+  if (lora_s.has_value())
+    TORCH_CHECK(lora_s->dim() == 2 && lora_s->size(0) == m && lora_s->size(1) == r, op, ": lora_s must be [M, r] = [",
+                m, ", ", r, "], got ", lora_s->sizes());
+  for (const auto* t : {&lora_a, &lora_s, &lora_b}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->device() == x.device(), op, ": the adapter tensors must be on ", x.device(), ", one is on ",
+                (*t)->device());
+    float_type_of((*t)->scalar_type(), op, "the adapter tensors");
+  }
+  return r;
+}
+
 at::Tensor gptq_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                        const at::Tensor& g_idx, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_b,
-                       double lora_scale, int64_t bits, bool zeros_v1) {
+                       const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_s,
+                       const std::optional<at::Tensor>& lora_b, double lora_scale, int64_t bits, bool zeros_v1) {
   constexpr const char* op = "gptq_matmul";
   check_gptq(op, qweight, qzeros, scales, g_idx, bits);
   const FloatType x_type = float_type_of(x.scalar_type(), op, "x");
@@ -187,40 +240,141 @@ at::Tensor gptq_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->device() == x.device(), op, ": bias must be [", n,
                 "] on ", x.device(), ", got ", bias->sizes(), " on ", bias->device());
-  TORCH_CHECK(lora_s.has_value() == lora_b.has_value(), op, ": lora_s and lora_b go together");
-  if (lora_s.has_value())
-    TORCH_CHECK(lora_s->dim() == 2 && lora_b->dim() == 2 && lora_s->size(0) == m && lora_b->size(0) == n &&
-                    lora_s->size(1) == lora_b->size(1) && lora_s->device() == x.device() && lora_b->device() == x.device(),
-                op, ": lora_s must be [M, r] and lora_b [N, r] on x's device; got ", lora_s->sizes(), " and ",
-                lora_b->sizes(), " for M = ", m, ", N = ", n);
+  const int64_t r = check_lora(op, x, n, lora_a, lora_s, lora_b);
 #ifdef LIGHTLLM_WITH_CUDA
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor acc;  // float32 [M, N] when the epilogue needs one
   if (m <= lightllm::kGptqGemvMaxRows) {
-    // The GEMV reads qweight with 16-byte loads: a view that starts off a 16-byte boundary is copied.
-    at::Tensor qw = qweight.contiguous();
-    if (reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16 != 0) qw = qw.clone();
-    const at::Tensor xc = x.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(), gi = g_idx.contiguous();
-    acc = at::zeros({m, n}, x.options().dtype(at::kFloat));
-    if (m > 0 && n > 0 && k > 0)
-      check_launch(op, lightllm::launch_gptq_gemv(
-                           xc.data_ptr(), x_type, m, k, qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(), sc.data_ptr(),
-                           float_type_of(sc.scalar_type(), op, "scales"), gi.data_ptr<int32_t>(), n,
-                           static_cast<int>(bits), zeros_v1 ? 1 : 0, acc.data_ptr<float>(),
-                           c10::cuda::getCurrentCUDAStream().stream()));
-  } else {
-    // Compute-bound: dequantize once, then cuBLAS.
-    const at::Tensor weight = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.scalar_type());
-    if (!lora_s.has_value()) return at::linear(x, weight, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
-    acc = at::linear(x, weight).to(at::kFloat);
+    // One launch: the GEMV with the split reduction, the rank-r term and the bias.
+    at::Tensor y = at::empty({m, n}, x.options());
+    if (m == 0 || n == 0) return y;
+    const at::Tensor qw = aligned16(qweight), xc = x.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(),
+                     gi = g_idx.contiguous();
+    // S for the rows in shared memory up to ranks of 6000; beyond, S = x A^T first (cuBLAS).
+    const bool s_here = lora_a.has_value() && !lora_s.has_value() && m * r * 4 <= 192 * 1024;
+    const std::optional<at::Tensor> s_first =
+        lora_a.has_value() && !lora_s.has_value() && !s_here
+            ? std::optional<at::Tensor>(at::matmul(x.to(at::kFloat), lora_a->to(at::kFloat).t()))
+            : std::nullopt;
+    const std::optional<at::Tensor>& s_given = s_first.has_value() ? s_first : lora_s;
+    at::Tensor a, s, b, bias_c;
+    if (s_here) {  // 16-byte rows for the vector loads: half rows need K % 8 == 0, float rows K % 4 == 0
+      a = aligned16(lora_a->scalar_type() != at::kFloat && k % 8 != 0 ? lora_a->to(at::kFloat) : *lora_a);
+    }
+    if (s_given.has_value()) s = s_given->to(at::kFloat).contiguous();
+    if (r > 0) b = lora_b->contiguous();
+    if (bias.has_value()) bias_c = bias->contiguous();
+    const int64_t tiles = lightllm::gptq_gemv_tiles(n), splits = lightllm::gptq_gemv_splits(k);
+    at::Tensor ws_y = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
+    at::Tensor ws_s = s_here ? at::empty({tiles, splits, m, r}, x.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor counters = split_counters(x, tiles);
+    lightllm::GptqGemvParams p{};
+    p.x = xc.data_ptr();
+    p.x_type = x_type;
+    p.m = m;
+    p.k = k;
+    p.n = n;
+    p.qweight = qw.data_ptr<int32_t>();
+    p.qzeros = qz.data_ptr<int32_t>();
+    p.scales = sc.data_ptr();
+    p.scales_type = float_type_of(sc.scalar_type(), op, "scales");
+    p.g_idx = gi.data_ptr<int32_t>();
+    p.bits = static_cast<int>(bits);
+    p.zero_offset = zeros_v1 ? 1 : 0;
+    p.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
+    p.bias_type = bias.has_value() ? float_type_of(bias_c.scalar_type(), op, "bias") : FloatType::kFloat32;
+    p.lora_a = s_here ? a.data_ptr() : nullptr;
+    p.a_type = s_here ? float_type_of(a.scalar_type(), op, "lora_a") : FloatType::kFloat32;
+    p.lora_s = s_given.has_value() ? s.data_ptr<float>() : nullptr;
+    p.lora_b = r > 0 ? b.data_ptr() : nullptr;
+    p.b_type = r > 0 ? float_type_of(b.scalar_type(), op, "lora_b") : FloatType::kFloat32;
+    p.r = static_cast<int>(r);
+    p.scale = static_cast<float>(lora_scale);
+    p.y = y.data_ptr();
+    p.ws_y = ws_y.data_ptr<float>();
+    p.ws_s = s_here ? ws_s.data_ptr<float>() : nullptr;
+    p.counters = counters.data_ptr<int>();
+    check_launch(op, lightllm::launch_gptq_gemv(p, c10::cuda::getCurrentCUDAStream().stream()));
+    return y;
   }
-  if (lora_s.has_value()) {
-    acc.addmm_(lora_s->to(at::kFloat), lora_b->to(at::kFloat).t(), 1.0, lora_scale);
-  }
+  // Compute-bound: dequantize once, then cuBLAS; the rank-r term and the bias in float32.
+  const at::Tensor weight = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, x.scalar_type());
+  std::optional<at::Tensor> s;
+  if (lora_s.has_value()) s = lora_s->to(at::kFloat);
+  else if (lora_a.has_value()) s = at::matmul(x.to(at::kFloat), lora_a->to(at::kFloat).t());
+  if (!s.has_value())
+    return at::linear(x, weight, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
+  at::Tensor acc = at::linear(x, weight).to(at::kFloat);
+  acc.addmm_(*s, lora_b->to(at::kFloat).t(), 1.0, lora_scale);
   if (bias.has_value()) acc.add_(bias->to(at::kFloat));
   return acc.to(x.scalar_type());
 #else
-  (void)m; (void)n; (void)k; (void)x_type;
+  (void)m; (void)n; (void)k; (void)x_type; (void)r;
+  TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
+#endif
+}
+
+// LoRA on a dense layer at decode sizes (lightllm/ops/lora.py): (y, S) in one launch.
+std::tuple<at::Tensor, at::Tensor> lora_decode(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                               const at::Tensor& lora_b, double scale) {
+  constexpr const char* op = "lora_decode";
+  TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel takes CUDA tensors, got x on ", x.device());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1), op,
+              ": x must be [M, K] and weight [N, K]; got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op, ": weight must be ",
+              x.scalar_type(), " on ", x.device(), ", got ", weight.scalar_type(), " on ", weight.device());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(m <= 16, op, ": at most 16 rows of x, got ", m);
+  TORCH_CHECK(weight.is_contiguous() && k % 8 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0, op,
+              ": weight must be a contiguous, 16-byte aligned [N, K] with K a multiple of 8; got ", weight.sizes(),
+              " with strides ", weight.strides());
+  const std::optional<at::Tensor> a_opt(lora_a), b_opt(lora_b);
+  const int64_t r = check_lora(op, x, n, a_opt, std::nullopt, b_opt);
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->device() == x.device(), op, ": bias must be [", n,
+                "] on ", x.device(), ", got ", bias->sizes(), " on ", bias->device());
+  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor s = at::empty({m, r}, x.options().dtype(at::kFloat));
+#ifdef LIGHTLLM_WITH_CUDA
+  if (m == 0 || n == 0) {
+    if (m > 0) s = at::matmul(x.to(at::kFloat), lora_a.to(at::kFloat).t());
+    return {y, s};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = aligned16(x), a = aligned16(lora_a), b = lora_b.contiguous();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const lightllm::LoraDecodePlan plan = lightllm::plan_lora_decode(n, k, x.device().index());
+  at::Tensor ws_y = at::empty({plan.splits, m, n}, x.options().dtype(at::kFloat));
+  at::Tensor ws_s = at::empty({plan.tiles, plan.splits, m, r}, x.options().dtype(at::kFloat));
+  at::Tensor counters = split_counters(x, plan.tiles);
+  lightllm::LoraDecodeParams p{};
+  p.x = xc.data_ptr();
+  p.x_type = float_type_of(x.scalar_type(), op, "x");
+  p.w = weight.data_ptr();
+  p.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
+  p.bias_type = bias.has_value() ? float_type_of(bias_c.scalar_type(), op, "bias") : FloatType::kFloat32;
+  p.a = a.data_ptr();
+  p.a_type = float_type_of(a.scalar_type(), op, "lora_a");
+  p.b = b.data_ptr();
+  p.b_type = float_type_of(b.scalar_type(), op, "lora_b");
+  p.y = y.data_ptr();
+  p.s_out = s.data_ptr<float>();
+  p.ws_y = ws_y.data_ptr<float>();
+  p.ws_s = ws_s.data_ptr<float>();
+  p.counters = counters.data_ptr<int>();
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.r = static_cast<int>(r);
+  p.scale = static_cast<float>(scale);
+  p.splits = plan.splits;
+  p.k_per_split = plan.k_per_split;
+  check_launch(op, lightllm::launch_lora_decode(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {y, s};
+#else
+  (void)scale; (void)r;
   TORCH_CHECK(false, op, ": lightllm._C was built without CUDA kernels");
 #endif
 }
@@ -383,9 +537,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("dtype"));
   m.def("gptq_dequantize", &gptq_dequantize, "GPTQ weight -> dense [N, K] (CUDA tensors)", py::arg("qweight"),
         py::arg("qzeros"), py::arg("scales"), py::arg("g_idx"), py::arg("bits"), py::arg("zeros_v1"), py::arg("dtype"));
-  m.def("gptq_matmul", &gptq_matmul, "x @ W^T + bias + s * S B^T with W in the GPTQ layout (CUDA tensors)",
+  m.def("gptq_matmul", &gptq_matmul,
+        "x @ W^T + bias + s * S B^T with W in the GPTQ layout, S given or x A^T (CUDA tensors)",
         py::arg("x"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"), py::arg("g_idx"), py::arg("bias"),
-        py::arg("lora_s"), py::arg("lora_b"), py::arg("lora_scale"), py::arg("bits"), py::arg("zeros_v1"));
+        py::arg("lora_a"), py::arg("lora_s"), py::arg("lora_b"), py::arg("lora_scale"), py::arg("bits"),
+        py::arg("zeros_v1"));
+  m.def("lora_decode", &lora_decode,
+        "(x W^T + bias + s * (x A^T) B^T, x A^T) for up to 16 rows of x in one launch (CUDA tensors)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"));
   m.def("optimizer_step_cpu", &optimizer_step_cpu, "fused optimizer step for a list of CPU parameters",
         py::arg("algo"), py::arg("params"), py::arg("grads"), py::arg("state1"), py::arg("state2"),
         py::arg("absmax1"), py::arg("absmax2"), py::arg("steps"), py::arg("qmap1"), py::arg("qmap2"), py::arg("lr"),

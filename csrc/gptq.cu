@@ -10,8 +10,11 @@
 // memory as float, the group's scales and zeros reloaded only when the group changes (uniform
 // across the CTA), the number of rows a template parameter, and float32 arithmetic throughout: W
 // is the reference's float32 weight exactly (the reference then rounds it to x's dtype, the GEMV
-// does not). Not yet measured on a GPU; the magic-number conversion and tensor cores for M > 8
-// are the next steps once a profiler can say what limits it.
+// does not). The K slices meet in the split reduction (split_lora.cuh): the last CTA of a column
+// tile adds LoRA's rank-r term (S given, or x A^T summed from the slices' parts) and the bias
+// and stores y in x's dtype, so the whole layer is one launch. Not yet measured on a GPU; the
+// magic-number conversion and tensor cores for M > 8 are the next steps once a profiler can say
+// what limits it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,14 +23,17 @@
 #include <utility>
 
 #include "gptq.h"
+#include "split_lora.cuh"
 
 namespace lightllm {
 namespace {
 
 constexpr int kThreads = 128;  // threads per CTA
 constexpr int kCols = 4;       // adjacent output columns per thread (one 16-byte load of packed words)
-constexpr int kSlice = 256;    // K values per CTA (a multiple of every chunk: 16, 32, 8, 4), so that
-                               // a 4096-wide layer still makes 8 x 16 = 128 CTAs at K = 4096
+constexpr int kSlice = static_cast<int>(kGptqGemvSlice);  // K values per CTA (a multiple of every
+                               // chunk: 16, 32, 8, 4), so that a 4096-wide layer still makes
+                               // 8 x 16 = 128 CTAs at K = 4096
+static_assert(kGptqGemvTileN == kThreads * kCols, "a column tile is one CTA's columns");
 
 template <int BITS>
 struct Packing {
@@ -55,16 +61,8 @@ struct Packing {
   }
 };
 
-__device__ __forceinline__ float load_float(const void* p, FloatType t, int64_t i) {
-  switch (t) {
-    case FloatType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case FloatType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_as(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+using split_lora::load_float;
+using split_lora::store_float;
 
 // Scale and zero of group g for column n, as float (zero includes the v1 offset).
 template <int BITS>
@@ -77,28 +75,38 @@ __device__ __forceinline__ void group_params(const int32_t* qzeros, const void* 
 
 // Each thread owns kCols adjacent output columns: one 16-byte load brings a packed word of each, so
 // a warp reads 512 contiguous bytes per packed row. ROWS (1, 2, 4 or 8) bounds the rows of x; rows
-// beyond the real ones are zeros in shared memory, so the inner loops carry no predicates.
+// beyond the real ones are zeros in shared memory, so the inner loops carry no predicates. The CTA
+// then stores its partial, and the last CTA of its column tile finishes (split reduction).
 template <int BITS, int ROWS>
-__global__ void __launch_bounds__(kThreads)
-gptq_gemv_kernel(const void* __restrict__ x, FloatType x_type, int rows, int64_t k_total, const int32_t* __restrict__ qweight,
-                 const int32_t* __restrict__ qzeros, const void* __restrict__ scales, FloatType scales_type,
-                 const int32_t* __restrict__ g_idx, int64_t n_total, int zero_offset, float* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) gptq_gemv_kernel(GptqGemvParams p) {
   using P = Packing<BITS>;
   __shared__ float xs[ROWS][kSlice];
   __shared__ int groups[kSlice];
+  extern __shared__ float s_acc[];  // [rows][r]: this slice's part of S = x A^T, then the tile's S
 
-  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kSlice;
+  const int rows = static_cast<int>(p.m), r = p.r;
+  const int64_t k_total = p.k, n_total = p.n;
+  const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int64_t k0 = static_cast<int64_t>(split) * kSlice;
   const int64_t k1 = k0 + kSlice < k_total ? k0 + kSlice : k_total;
   for (int i = threadIdx.x; i < kSlice; i += kThreads) {
     const int64_t k = k0 + i;
-    groups[i] = k < k1 ? __ldg(g_idx + k) : 0;
+    groups[i] = k < k1 ? __ldg(p.g_idx + k) : 0;
 #pragma unroll
-    for (int m = 0; m < ROWS; ++m) xs[m][i] = (m < rows && k < k1) ? load_float(x, x_type, m * k_total + k) : 0.0f;
+    for (int m = 0; m < ROWS; ++m)
+      xs[m][i] = (m < rows && k < k1) ? load_float(p.x, p.x_type, m * k_total + k) : 0.0f;
   }
+  const bool s_here = p.lora_a != nullptr && p.lora_s == nullptr;  // S from the slices' parts
+  if (s_here)
+    for (int e = threadIdx.x; e < rows * r; e += kThreads) s_acc[e] = 0.0f;
   __syncthreads();
+  if (s_here)
+    split_lora::add_s_part<ROWS>([&](int m, int kk) { return xs[m][kk]; }, rows, p.lora_a, p.a_type, k_total, r, k0,
+                                 static_cast<int>(k1 - k0), s_acc);
 
+  // N is a multiple of kCols (packing); threads past it do no loads but join the barriers below.
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kCols;
-  if (n >= n_total) return;  // N is a multiple of kCols (packing); no barrier below
+  const bool active = n < n_total;
 
   float acc[ROWS][kCols] = {};
   int current_group = -1;
@@ -107,14 +115,14 @@ gptq_gemv_kernel(const void* __restrict__ x, FloatType x_type, int rows, int64_t
   // Runs are taken kBatch at a time, all their words loaded before any is decoded, so that
   // kBatch * kWords 16-byte loads are in flight per thread.
   constexpr int kBatch = 2;
-  for (int64_t c0 = k0; c0 < k1; c0 += kBatch * P::kChunk) {
+  for (int64_t c0 = k0; active && c0 < k1; c0 += kBatch * P::kChunk) {
     uint4 words[kBatch][P::kWords];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int64_t row = (c0 / P::kChunk + b) * P::kWords;
 #pragma unroll
       for (int w = 0; w < P::kWords; ++w)
-        words[b][w] = c0 + b * P::kChunk < k1 ? __ldg(reinterpret_cast<const uint4*>(qweight + (row + w) * n_total + n))
+        words[b][w] = c0 + b * P::kChunk < k1 ? __ldg(reinterpret_cast<const uint4*>(p.qweight + (row + w) * n_total + n))
                                               : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
@@ -130,7 +138,7 @@ gptq_gemv_kernel(const void* __restrict__ x, FloatType x_type, int rows, int64_t
              current_group = g;
 #pragma unroll
              for (int c = 0; c < kCols; ++c)
-               group_params<BITS>(qzeros, scales, scales_type, n_total, n + c, g, zero_offset, s[c], z[c]);
+               group_params<BITS>(p.qzeros, p.scales, p.scales_type, n_total, n + c, g, p.zero_offset, s[c], z[c]);
            }
 #pragma unroll
            for (int c = 0; c < kCols; ++c) {
@@ -150,11 +158,63 @@ gptq_gemv_kernel(const void* __restrict__ x, FloatType x_type, int rows, int64_t
         for (int c = 0; c < kCols; ++c) acc[m][c] += run[m][c];
     }
   }
+
+  if (active)
 #pragma unroll
-  for (int m = 0; m < ROWS; ++m)
-    if (m < rows)
+    for (int m = 0; m < ROWS; ++m)
+      if (m < rows)
+        *reinterpret_cast<float4*>(p.ws_y + (static_cast<int64_t>(split) * rows + m) * n_total + n) =
+            make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+  if (s_here) {
+    __syncthreads();  // s_acc was written by lane 0 of each warp
+    split_lora::store_s_part(s_acc, rows, r, p.ws_s, tile, splits, split);
+  }
+
+  if (!split_lora::arrive_last(p.counters + tile, splits)) return;
+
+  const float* s_tile = p.lora_s;  // [rows][r]
+  if (s_here) {
+    split_lora::sum_s_parts(p.ws_s, rows, r, tile, splits, s_acc);
+    __syncthreads();
+    s_tile = s_acc;
+  }
+  if (active) {
+    float out[ROWS][kCols] = {};
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) atomicAdd(out + m * n_total + n + c, acc[m][c]);
+    for (int m = 0; m < ROWS; ++m) {
+      if (m >= rows) break;
+      for (int i = 0; i < splits; ++i) {
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws_y + (static_cast<int64_t>(i) * rows + m) * n_total + n));
+        out[m][0] += v.x; out[m][1] += v.y; out[m][2] += v.z; out[m][3] += v.w;
+      }
+    }
+    if (s_tile != nullptr && p.lora_b != nullptr) {
+      for (int j = 0; j < r; ++j) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float bj = p.scale * load_float(p.lora_b, p.b_type, (n + c) * r + j);
+#pragma unroll
+          for (int m = 0; m < ROWS; ++m)
+            if (m < rows) out[m][c] = fmaf(s_tile[m * r + j], bj, out[m][c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const float bias = p.bias != nullptr ? load_float(p.bias, p.bias_type, n + c) : 0.0f;
+#pragma unroll
+      for (int m = 0; m < ROWS; ++m) {
+        if (m >= rows) break;
+        const int64_t at = m * n_total + n + c;
+        switch (p.x_type) {
+          case FloatType::kFloat16: store_float(static_cast<__half*>(p.y) + at, out[m][c] + bias); break;
+          case FloatType::kBFloat16: store_float(static_cast<__nv_bfloat16*>(p.y) + at, out[m][c] + bias); break;
+          default: store_float(static_cast<float*>(p.y) + at, out[m][c] + bias); break;
+        }
+      }
+    }
+  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;  // every CTA of this tile has arrived
 }
 
 // One thread per (run of K values, column): decodes a run and writes it along K.
@@ -181,25 +241,30 @@ gptq_dequantize_kernel(const int32_t* __restrict__ qweight, const int32_t* __res
          current_group = g;
          group_params<BITS>(qzeros, scales, scales_type, n_total, n, g, zero_offset, s, z);
        }
-       store_as(dst + J, __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words)), z), s));
+       store_float(dst + J, __fmul_rn(__fsub_rn(static_cast<float>(P::template value<J>(words)), z), s));
      }()),
      ...);
   }(std::make_integer_sequence<int, P::kChunk>{});
 }
 
 template <int BITS>
-int gemv_bits(const void* x, FloatType x_type, int64_t m, int64_t k, const int32_t* qweight, const int32_t* qzeros,
-              const void* scales, FloatType scales_type, const int32_t* g_idx, int64_t n, int zero_offset, float* out,
-              cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n / kCols + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((k + kSlice - 1) / kSlice));
-  const int rows = static_cast<int>(m);
-#define LIGHTLLM_GEMV(R) \
-  gptq_gemv_kernel<BITS, R><<<grid, kThreads, 0, stream>>>(x, x_type, rows, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out)
-  if (rows <= 1) LIGHTLLM_GEMV(1);
-  else if (rows <= 2) LIGHTLLM_GEMV(2);
-  else if (rows <= 4) LIGHTLLM_GEMV(4);
-  else if (rows <= 8) LIGHTLLM_GEMV(8);
+int gemv_bits(const GptqGemvParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(gptq_gemv_tiles(p.n)), static_cast<unsigned>(gptq_gemv_splits(p.k)));
+  const size_t smem = p.lora_a != nullptr && p.lora_s == nullptr ? static_cast<size_t>(p.m) * p.r * sizeof(float) : 0;
+  // The dynamic [rows][r] part of S beside at most 9.1 KB static: ranks above ~1000 need the opt-in.
+#define LIGHTLLM_GEMV(R)                                                                                        \
+  do {                                                                                                          \
+    if (smem > 32 * 1024) {                                                                                     \
+      const cudaError_t e = cudaFuncSetAttribute(gptq_gemv_kernel<BITS, R>,                                    \
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)); \
+      if (e != cudaSuccess) return static_cast<int>(e);                                                         \
+    }                                                                                                           \
+    gptq_gemv_kernel<BITS, R><<<grid, kThreads, smem, stream>>>(p);                                             \
+  } while (0)
+  if (p.m <= 1) LIGHTLLM_GEMV(1);
+  else if (p.m <= 2) LIGHTLLM_GEMV(2);
+  else if (p.m <= 4) LIGHTLLM_GEMV(4);
+  else if (p.m <= 8) LIGHTLLM_GEMV(8);
   else return static_cast<int>(cudaErrorInvalidValue);
 #undef LIGHTLLM_GEMV
   return static_cast<int>(cudaGetLastError());
@@ -231,15 +296,13 @@ int dequantize_bits(const int32_t* qweight, const int32_t* qzeros, const void* s
 
 }  // namespace
 
-int launch_gptq_gemv(const void* x, FloatType x_type, int64_t m, int64_t k, const int32_t* qweight,
-                     const int32_t* qzeros, const void* scales, FloatType scales_type, const int32_t* g_idx,
-                     int64_t n, int bits, int zero_offset, float* out_f32, void* stream) {
+int launch_gptq_gemv(const GptqGemvParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (bits) {
-    case 2: return gemv_bits<2>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
-    case 3: return gemv_bits<3>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
-    case 4: return gemv_bits<4>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
-    case 8: return gemv_bits<8>(x, x_type, m, k, qweight, qzeros, scales, scales_type, g_idx, n, zero_offset, out_f32, s);
+  switch (p.bits) {
+    case 2: return gemv_bits<2>(p, s);
+    case 3: return gemv_bits<3>(p, s);
+    case 4: return gemv_bits<4>(p, s);
+    case 8: return gemv_bits<8>(p, s);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

@@ -1,4 +1,5 @@
-"""GPTQ dequant-matmul in Triton: ``out = x @ W^T (+ bias)`` with W read in the GPTQ layout.
+"""GPTQ dequant-matmul in Triton: ``out = x @ W^T (+ bias) (+ LoRA's rank-r term)`` with W read in
+the GPTQ layout.
 
 W[n, k] = scales[g[k], n] * (q[k, n] - z[g[k], n]); q packed along K in ``qweight``, z along N in
 ``qzeros`` (see lightllm/quantization/gptq_format.py). Each program owns a [BLOCK_M, BLOCK_N] tile
@@ -7,19 +8,24 @@ them with shifts and masks, applies the group's zero and scale in float32, and f
 (tl.dot) with fp32 accumulation. The group index is loaded once per K row, not per element; for
 act-order checkpoints the module permutes K once at load so that a tile's rows share few groups.
 
+Small M slices K over programs (split reduction, kernels/_common.py): one launch, no memset and
+no cast pass. With a LoRA adapter the epilogue adds ``scale * S B^T`` before the one rounding,
+S given or, for up to 16 rows, computed in the kernel from A (QLoRA decode in one launch).
+
 Every bit width uses the same decode: along the packed axis the values form one little-endian bit
 stream, value j of a run at bit ``BITS * j``; only 3-bit values can straddle two words.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import add_rank_r, arrive, device_guard, interpreted, sm_count, split_counters, sum_partials
+from .lora import _block_r, _precisions, lora_shrink
 
 
 @triton.jit
@@ -71,12 +77,19 @@ def _weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n,
 
 @triton.jit
 def _gptq_matmul_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, lora_s_ptr, lora_b_ptr, out_ptr,
-    M, N, K, R, stride_xm, stride_om, lora_scale,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, lora_a_ptr, lora_s_ptr, lora_b_ptr, out_ptr,
+    ws_y_ptr, ws_s_ptr, counter_ptr,
+    M, N, K, R, stride_xm, stride_om, stride_ar, stride_ak, stride_bn, stride_br, lora_scale,
     BITS: tl.constexpr, CHUNK_VALUES: tl.constexpr, CHUNK_WORDS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, LORA: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    S_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """LORA: 0 none; 1 S given ([M, R] float32, contiguous); 2 S = x A^T computed here (one M tile).
+
+    With SPLIT_K slices (or an in-kernel S) the partials go through the split reduction of
+    kernels/_common.py: the last program of an output tile adds them up and runs the epilogue.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -84,12 +97,13 @@ def _gptq_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = _weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_ok, n_ok, N,
                          BITS, CHUNK_VALUES, CHUNK_WORDS, ZERO_OFFSET).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         if FP32_DOT:
@@ -97,23 +111,46 @@ def _gptq_matmul_kernel(
         else:
             acc += tl.dot(x, w)
 
-    # The epilogue terms are added once, by the first K slice.
-    if HAS_LORA and pid_k == 0:
-        # Epilogue: + lora_scale * S[m, :] @ B[n, :]^T, S and B read as float32 (r <= BLOCK_R).
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        s_tile = tl.load(lora_s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
-                         mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        b_tile = tl.load(lora_b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
-        acc += lora_scale * tl.dot(s_tile, b_tile, input_precision="ieee")
-    if HAS_BIAS and pid_k == 0:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:  # out_ptr is a zeroed float32 buffer; slices of K add up in it
-        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT_K == 1 and LORA != 2:
+        if LORA == 1:
+            acc = add_rank_r(acc, lora_s_ptr, R, 1, 0, 1, lora_b_ptr, stride_bn, stride_br, offs_m, offs_n, m_ok, n_ok,
+                             R, lora_scale, BLOCK_R, EPI_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws_y = ws_y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]  # [SPLIT_K, M, N]
+        tl.store(ws_y + pid_k * M * N, acc, mask=out_mask)
+        ws_s = ws_s_ptr + (pid_n * SPLIT_K).to(tl.int64) * M * R  # [column tiles, SPLIT_K, M, R]
+        if LORA == 2:
+            # This program's part of S = x A^T (its K blocks), r in chunks.
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = offs_r < R
+                s_part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < K
+                    x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                    at = tl.load(lora_a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
+                                 mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                    s_part = tl.dot(x, at, s_part, input_precision=S_PRECISION)
+                tl.store(ws_s + pid_k * M * R + offs_m[:, None] * R + offs_r[None, :], s_part,
+                         mask=m_ok[:, None] & r_ok[None, :])
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if arrive(counter_ptr + tile) == SPLIT_K - 1:
+            total = sum_partials(ws_y, M * N, out_mask, SPLIT_K)
+            if LORA == 1:
+                total = add_rank_r(total, lora_s_ptr, R, 1, 0, 1, lora_b_ptr, stride_bn, stride_br, offs_m, offs_n,
+                                   m_ok, n_ok, R, lora_scale, BLOCK_R, EPI_PRECISION)
+            if LORA == 2:
+                total = add_rank_r(total, ws_s, R, 1, M * R, SPLIT_K, lora_b_ptr, stride_bn, stride_br, offs_m, offs_n,
+                                   m_ok, n_ok, R, lora_scale, BLOCK_R, EPI_PRECISION)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(counter_ptr + tile, 0)
 
 
 @triton.jit
@@ -142,9 +179,8 @@ def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     if n == 0 or k == 0:
         return out
     chunk_values = 32 // math.gcd(32, bits)
-    block_k, block_n = (32, 32) if os.environ.get("TRITON_INTERPRET", "") == "1" else (64, 64)
-    guard = torch.cuda.device(qweight.device) if qweight.is_cuda else contextlib.nullcontext()
-    with guard:
+    block_k, block_n = (32, 32) if interpreted() else (64, 64)
+    with device_guard(qweight.device):
         _gptq_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
             qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), out, n, k,
             BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
@@ -157,27 +193,25 @@ def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 # until measured on a GPU).
 DEQUANTIZE_THEN_GEMM_ROWS = 256
 
-_SM_COUNT: dict[int, int] = {}
-
 
 def _split_k(device: torch.device, tiles: int, k_blocks: int) -> int:
     """Slices of K so that small-M launches still fill the GPU (a 4096-wide layer at M = 1 has
     only 64 output tiles of 64 columns for 132 SMs); each slice keeps at least 4 K blocks."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    wanted = -(-2 * _SM_COUNT[index] // tiles)
+    wanted = -(-2 * sm_count(device) // tiles)
     return max(1, min(wanted, k_blocks // 4))
 
 
-def _blocks(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). One config per M bucket; tuned on a GPU later."""
-    if os.environ.get("TRITON_INTERPRET", "") == "1":
+def _blocks(m: int, in_kernel_lora: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). One config per M bucket; tuned on a GPU later.
+    With S computed in the kernel every column tile reads A's slice, so the tiles are wider; and
+    shorter along K, since the pipeliner buffers the S part's tiles too (at 16 x 256 x 64 a 3-bit
+    layer needed 330-363 KB of shared memory, more than an H100 has; 16 x 128 x 32 fits an A100)."""
+    if interpreted():
         return 16, 32, 32, 4
     if m <= 16:
-        return 16, 64, 128, 4
+        return (16, 128, 32, 4) if in_kernel_lora else (16, 64, 128, 4)
     if m <= 64:
         return 64, 64, 64, 4
     return 128, 128, 32, 8
@@ -185,41 +219,47 @@ def _blocks(m: int) -> tuple[int, int, int, int]:
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zeros_v1: bool,
-                lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-                lora_scale: float = 0.0, split_k: int | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T + bias + lora_scale * lora_s @ lora_b^T`` -> [M, N] in x's dtype.
+                lora_a: torch.Tensor | None = None, lora_s: torch.Tensor | None = None,
+                lora_b: torch.Tensor | None = None, lora_scale: float = 0.0, split_k: int | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias + lora_scale * S @ lora_b^T`` -> [M, N] in x's dtype, one launch.
 
-    ``split_k``: slices of K reduced with float32 atomics (default: chosen to fill the GPU).
-    (The op layer sends large M to :func:`gptq_dequantize` + cuBLAS instead; see
-    ``DEQUANTIZE_THEN_GEMM_ROWS``.)
+    S is ``lora_s`` [M, r] (float32) or, given ``lora_a`` [r, K] instead, x A^T computed in the
+    kernel (up to 16 rows of x; above, S is computed first by kernels/lora.py). ``split_k``: slices
+    of K (default: chosen to fill the GPU), added up by the split reduction. (The op layer sends
+    large M to :func:`gptq_dequantize` + a dense GEMM instead; see ``DEQUANTIZE_THEN_GEMM_ROWS``.)
     """
     m, k = x.shape
     n = qweight.shape[1]
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=x.dtype, device=x.device)
     x = x.contiguous()
+    if lora_s is None and lora_a is not None and m > 16:
+        lora_s = lora_shrink(x, lora_a)
+    lora = 2 if lora_s is None and lora_a is not None else 1 if lora_s is not None else 0
+    rank = 0 if lora == 0 else (lora_a.shape[0] if lora == 2 else lora_s.shape[1])
     chunk_values = 32 // math.gcd(32, bits)
-    block_m, block_n, block_k, warps = _blocks(m)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    block_m, block_n, block_k, warps = _blocks(m, in_kernel_lora=lora == 2)
+    tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     if split_k is None:
-        split_k = _split_k(x.device, tiles, triton.cdiv(k, block_k))
-    if split_k > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    has_lora = lora_s is not None
-    rank = lora_s.shape[1] if has_lora else 0
-    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with guard:
-        _gptq_matmul_kernel[grid](
+        split_k = _split_k(x.device, tiles_m * tiles_n, triton.cdiv(k, block_k))
+    reduce = split_k > 1 or lora == 2
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    ws_y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if reduce else out
+    ws_s = torch.empty((tiles_n, split_k, m, rank), dtype=torch.float32, device=x.device) if lora == 2 else out
+    counters = split_counters(x.device, tiles_m * tiles_n) if reduce else out
+    lora_s = lora_s.float().contiguous() if lora == 1 else None
+    _, epi, s_precision = _precisions(x.dtype)
+    with device_guard(x.device):
+        _gptq_matmul_kernel[(tiles_m, tiles_n, split_k)](
             x, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(),
-            bias.contiguous() if bias is not None else x,
-            lora_s.contiguous() if has_lora else x, lora_b.contiguous() if has_lora else x, out,
-            m, n, k, rank, x.stride(0), out.stride(0), float(lora_scale),
+            bias.contiguous() if bias is not None else x, lora_a if lora == 2 else x,
+            lora_s if lora == 1 else x, lora_b if lora else x, out, ws_y, ws_s, counters,
+            m, n, k, rank, x.stride(0), out.stride(0),
+            lora_a.stride(0) if lora == 2 else 0, lora_a.stride(1) if lora == 2 else 0,
+            lora_b.stride(0) if lora else 0, lora_b.stride(1) if lora else 0, float(lora_scale),
             BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
             ZERO_OFFSET=1 if zeros_v1 else 0, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-            HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(rank)) if has_lora else 16,
+            LORA=lora, EPI_PRECISION=epi, S_PRECISION=s_precision, BLOCK_R=_block_r(rank),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
         )
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out

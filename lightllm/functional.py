@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.lightllm.*)
+from .ops import lora as _ops_lora
 from .ops.blockwise import _PerMapCache
 from .quantization.gptq_format import dequantize_gptq, pack_gptq, unpack_gptq
 
@@ -19,6 +20,7 @@ __all__ = [
     "pack_gptq",
     "unpack_gptq",
     "dequantize_gptq",
+    "lora_linear",
 ]
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,3 +163,20 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
         )
     code = _resolve_map(op, code, codes.device)
     return torch.ops.lightllm.dequantize_blockwise(codes, absmax.reshape(-1), code, blocksize, dtype)
+
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """LoRA's layer, fused: ``x @ weight^T + bias + scale * (x @ lora_a^T) @ lora_b^T``.
+
+    x [..., in_features] and weight [out_features, in_features] (any strides) share a float dtype;
+    bias [out_features], lora_a [r, in_features] and lora_b [out_features, r] may be any float
+    dtype. S = x lora_a^T is kept in float32 and the rank-r term is added before the one rounding
+    to x's dtype; up to 16 tokens the CUDA and Triton kernels do it in one launch. Differentiable
+    in x, the adapters, the bias and the weight (lightllm/ops/lora.py).
+    """
+    if x.dim() < 1:
+        raise ValueError("lora_linear: x must have at least one dimension (in_features)")
+    y = _ops_lora.lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

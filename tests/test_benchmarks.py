@@ -62,3 +62,17 @@ def test_bench_optim_runs(tmp_path):
     assert ("torch AdamW fused", "-") in impls and ("lightllm AdamW8bit", "cpp") in impls
     ours = next(row for row in rows if row["impl"] == "lightllm AdamW8bit")
     assert float(ours["state_bytes_per_param"]) < 2.1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the benchmarks plot with matplotlib")
+def test_bench_lora_runs(tmp_path):
+    rows = run_script("bench_lora.py", tmp_path / "lora.csv", "--shapes", "64x40", "--tokens", "1", "17",
+                      "--rank", "4", "--iters", "2", "--warmup", "1")
+    impls = {(row["mode"], row["impl"]) for row in rows}
+    assert {("fwd", "linear"), ("fwd", "lightllm-torch"), ("fwd", "addmm"), ("fwd+bwd", "lightllm-torch"),
+            ("quant", "quant-linear"), ("quant", "lightllm-torch")} <= impls
+    if importlib.util.find_spec("peft") is not None:
+        assert ("fwd", "peft-fp32") in impls and ("fwd", "peft-fp16") in impls
+    assert all(row["accuracy"] == "ok" for row in rows), [(r["impl"], r["accuracy"]) for r in rows]
+    ours = [row for row in rows if row["impl"] == "lightllm-torch"]
+    assert all(row["ratio_vs_base"] for row in ours)

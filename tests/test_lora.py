@@ -8,6 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import lightllm  # noqa: E402
+
 from lightllm.nn import QuantLinear  # noqa: E402
 from lightllm.quantization import QuantConfig, quantize_model  # noqa: E402
 from lightllm.tuning import LoraConfig, LoraLinear, from_pretrained, get_peft_model  # noqa: E402
@@ -167,3 +169,202 @@ def test_training_the_embedded_model_matches_peft_with_adamw():
 
     ours, theirs = train(True), train(False)
     assert abs(ours - theirs) <= 0.02 * theirs, (ours, theirs)
+
+
+# ---- the fused layer against the plain formula --------------------------------------------------
+
+def _base_layer(kind, k, n, dtype, seed=0):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        return torch.nn.Linear(k, n, dtype=dtype)
+    if kind == "conv1d":  # GPT-2's layer: weight stored [in, out]
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(n, k)
+        torch.nn.init.normal_(layer.weight, std=k ** -0.5)
+        torch.nn.init.normal_(layer.bias, std=0.1)
+        return layer.to(dtype)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, n), 4, 32, sym=False)
+    if kind == "quant-act-order":  # groups scattered over K: the module permutes x and A
+        state = q.state_dict()
+        state["g_idx"] = (torch.argsort(torch.randperm(k, generator=torch.Generator().manual_seed(seed))) // 32).int()
+        q.load_state_dict(state)
+    return q.to(dtype=dtype) if dtype != torch.float32 else q
+
+
+def _dense_weight(base):
+    if isinstance(base, QuantLinear):
+        return base.dequantize(torch.float64)
+    w = base.weight.detach().double()
+    return w.t() if type(base).__name__ == "Conv1D" else w
+
+
+def check_fused_layer(kind, backend, tokens, dtype, device, monkeypatch):
+    """Forward (training and inference paths) and the gradients of x, A and B of a LoraLinear whose
+    fused path must serve, against float64 autograd of the formula on the same weights."""
+    layer = LoraLinear(_base_layer(kind, 96 if device == "cpu" else 1032, 40 if device == "cpu" else 776, dtype))
+    layer.to(device)
+    layer.add_adapter("default", 3, 6, init=False)
+    for p in layer.base_layer.parameters():
+        p.requires_grad_(False)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(*tokens, layer.in_features).to(dtype).to(device).requires_grad_()
+
+    def fused_only(self, inp):  # the fused ops must serve, not the plain path
+        out = LoraLinear._fused_forward(self, inp, "default")
+        assert out is not None, "the fused path declined"
+        return out
+
+    monkeypatch.setattr(LoraLinear, "forward", fused_only)
+    with lightllm.use_backend(backend):
+        y = layer(x)
+        grad = torch.randn(y.shape).to(dtype).to(device)
+        gx, ga, gb = torch.autograd.grad(y, [x, a, b], grad)
+        with torch.no_grad():  # the inference path (one launch at up to 16 tokens)
+            y_inf = layer(x)
+    base = layer.base_layer
+    bias = None if getattr(base, "bias", None) is None else base.bias.detach().double()
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = x64 @ _dense_weight(base).t() + 2.0 * (x64 @ a64.t()) @ b64.t()
+    if bias is not None:
+        y64 = y64 + bias
+    e = torch.autograd.grad(y64, [x64, a64, b64], grad.double())
+    tol = (8 if dtype == torch.float32 else 16) * torch.finfo(dtype).eps
+    assert y.dtype == dtype and y.shape == (*tokens, layer.out_features)
+    for got, want in [(y, y64), (y_inf, y64), (gx, e[0]), (ga, e[1]), (gb, e[2])]:
+        assert (got.double() - want.detach()).abs().max() <= tol * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "quant", "quant-act-order"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tokens", [(1,), (2, 7), (3, 11)])
+def test_fused_layer_forward_and_backward_match_the_formula(kind, backend, tokens, monkeypatch):
+    if backend not in lightllm.available_backends():
+        pytest.skip(f"{backend} cannot run here")
+    dtype = torch.float16 if kind == "linear" and len(tokens) == 2 else torch.float32
+    check_fused_layer(kind, backend, tokens, dtype, "cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "quant", "quant-act-order"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("tokens", [(1,), (3, 5), (700,)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layer_gpu(kind, backend, tokens, dtype, monkeypatch):
+    if lightllm.backends.why_unavailable(backend) is not None:
+        pytest.skip(f"{backend}: {lightllm.backends.why_unavailable(backend)}")
+    if kind.startswith("quant") and dtype == torch.bfloat16:
+        pytest.skip("GPTQ scales are float16; the bf16 QuantLinear path is covered in test_quant_linear.py")
+    check_fused_layer(kind, backend, tokens, dtype, "cuda", monkeypatch)
+
+
+def test_dropout_while_training_takes_the_plain_path_with_peft_s_results():
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.25, init_lora_weights=False)
+    ours = get_peft_model(tiny_llama(), LoraConfig(**config)).train()
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).train()
+    for name, p in ours.named_parameters():  # the same adapter weights in both
+        if ".lora_" in name:
+            p.data.copy_(dict(theirs.named_parameters())[name].data)
+    torch.manual_seed(5)
+    out = ours(input_ids=IDS, labels=IDS)
+    torch.manual_seed(5)
+    ref = theirs(input_ids=IDS, labels=IDS)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    got = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(got) == set(want)
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+def test_merge_into_a_quantized_base_requantizes_when_asked():
+    model = tiny_llama()
+    quantize_model(model, None, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                            init_lora_weights=False))
+    layer = lora.model.model.layers[0].self_attn.q_proj
+    before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    with pytest.raises(ValueError, match="requantize=True"):
+        lora.merge_adapter()
+    assert all(torch.equal(before[k], v) for k, v in layer.base_layer.state_dict().items()), "a refused merge changes nothing"
+    unmerged = logits(lora)
+    w0 = layer.base_layer.dequantize(torch.float32)
+    lora.merge_adapter(requantize=True)
+    merged = logits(lora)
+    # The merged weight is base + delta rounded to a new 4-bit grid: within half a step of it.
+    base = layer.base_layer
+    step = base.scales.float()[base.g_idx.long()].t()  # [N, K]; requantized groups are sequential
+    assert base._perm is None
+    err = (base.dequantize(torch.float32) - (w0 + layer.delta_weight("default"))).abs()
+    assert bool((err <= 0.51 * step + 1e-6).all()), (err / step).max()
+    assert layer.merged_adapters == ["default"]
+    assert not torch.equal(merged, unmerged)
+    assert (merged - unmerged).norm() / unmerged.norm() < 0.05
+    lora.unmerge_adapter()
+    assert (logits(lora) - unmerged).norm() / unmerged.norm() < 0.05
+
+
+def tiny_llama_with_bias(seed=0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True)).eval()
+
+
+@pytest.mark.parametrize("bias,modules_to_save", [("all", None), ("lora_only", ["lm_head"]), ("none", ["model.norm"])])
+def test_trained_biases_and_modules_to_save_travel_in_peft_s_files(tmp_path, bias, modules_to_save):
+    peft = pytest.importorskip("peft")
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], bias=bias, modules_to_save=modules_to_save,
+                  init_lora_weights=False)
+    ours = get_peft_model(tiny_llama_with_bias(), LoraConfig(**config))
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    theirs = peft.get_peft_model(tiny_llama_with_bias(), peft.LoraConfig(**config))
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # train the extra parts a little so that the files carry something
+        for n, p in ours.named_parameters():
+            if p.requires_grad and ".lora_" not in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = logits(ours)
+    if bias == "none":  # disabled, the model is the base model (the saved module's original runs)
+        with ours.disable_adapter():
+            assert torch.equal(logits(ours), logits(tiny_llama_with_bias()))
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama_with_bias(), tmp_path / "ours")
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "theirs")
+    back = from_pretrained(tiny_llama_with_bias(), tmp_path / "theirs")
+    torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = torch.zeros(31, 4)
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"v_proj.lora_B.weight has shape \(31, 4\) but "
+                                         r"model.layers.1.self_attn.v_proj needs \(32, 4\)"):
+        from_pretrained(model, tmp_path / "a")
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    target = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="has shape"):
+        target.load_adapter(tmp_path / "a")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_a_wrapped_model_compiles():
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    expected = logits(lora)
+    compiled = torch.compile(lora.model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)

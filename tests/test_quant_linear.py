@@ -104,26 +104,33 @@ def test_ops_pass_opcheck():
     args = (q.qweight, q.qzeros, q.scales, q.g_idx)
     torch.library.opcheck(torch.ops.lightllm.gptq_dequantize.default, (*args, 4, True, torch.float32))
     x = torch.randn(5, 64, requires_grad=True)
-    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, q.bias.float(), None, None, 0.0, 4, True))
-    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x.detach(), *args, None, None, None, 0.0, 4, True))
-    s, b = torch.randn(5, 3), torch.randn(32, 3)
-    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, None, s, b, 0.5, 4, True))
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, q.bias.float(), None, None, None, 0.0, 4, True))
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x.detach(), *args, None, None, None, None, 0.0, 4, True))
+    s, b, a = torch.randn(5, 3), torch.randn(32, 3), torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, None, None, s, b, 0.5, 4, True))
+    torch.library.opcheck(torch.ops.lightllm.gptq_matmul.default, (x, *args, None, a, None, b, 0.5, 4, True))
+    a, b = a.requires_grad_(), b.requires_grad_()
+    torch.library.opcheck(torch.ops.lightllm.gptq_lora_linear.default, (x, *args, q.bias, a, b, 0.5, 4, True))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("rank", [1, 3, 16, 40])
+@pytest.mark.parametrize("rank", [1, 3, 16, 40, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_epilogue(backend, rank, dtype):
+@pytest.mark.parametrize("given", ["s", "a"])  # S = x A^T given, or computed in the kernel from A
+def test_lora_epilogue(backend, rank, dtype, given):
     if backend not in lightllm.available_backends():
         pytest.skip(f"{backend} cannot run here")
     q = QuantLinear.from_linear(make_linear(96, 64, seed=rank), 4, 32)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(7, 96, generator=gen).to(dtype)
-    s = torch.randn(7, rank, generator=gen)  # float32, as LoRA's S = x A^T is kept
+    a = torch.randn(rank, 96, generator=gen) / 10  # float32, as PEFT keeps adapters
+    s = x.float() @ a.t()  # float32, as LoRA's S = x A^T is kept
     b = torch.randn(64, rank, generator=gen).to(dtype)
+    lora = (None, s) if given == "s" else (a, None)
     with lightllm.use_backend(backend):
-        y = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, s, b, 0.25, 4, True)
-    exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.25 * s.double() @ b.double().t()
+        y = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, *lora, b, 0.25, 4, True)
+    exact = (x.double() @ q.dequantize(torch.float64).t() + q.bias.double()
+             + 0.25 * (x.double() @ a.double().t()) @ b.double().t())
     tol = 4 * torch.finfo(dtype).eps * exact.abs().max().item() * (1 if dtype == torch.float32 else 4)
     assert y.dtype == dtype and (y.double() - exact).abs().max().item() <= tol
 
@@ -312,11 +319,14 @@ def test_triton_split_k(split_k, bits):
 
     q = QuantLinear.from_linear(make_linear(224, 64, seed=split_k), bits, 32)
     x = torch.randn(3, 224, dtype=torch.float16)
-    s, b = torch.randn(3, 4), torch.randn(64, 4, dtype=torch.float16)
-    y = gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, bits, True, s, b, 0.5, split_k=split_k)
+    a, b = torch.randn(4, 224) / 10, torch.randn(64, 4, dtype=torch.float16)
+    s = x.float() @ a.t()
     exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.5 * s.double() @ b.double().t()
-    assert y.dtype == torch.float16
-    assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
+    for lora in ({"lora_s": s}, {"lora_a": a}):  # S given, or computed per K slice in the kernel
+        y = gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, bits, True, lora_b=b, lora_scale=0.5,
+                        split_k=split_k, **lora)
+        assert y.dtype == torch.float16
+        assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
 
 
 def check_triton_dequantize(bits, act_order, dtype, device, backend="triton"):
@@ -374,9 +384,14 @@ def test_lora_epilogue_gpu(backend, m):
     s = torch.randn(m, 16, generator=gen).cuda()
     b = torch.randn(1024, 16, generator=gen).half().cuda()
     with lightllm.use_backend(backend):
-        y = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, s, b, 0.5, 4, True)
+        y = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, None, s, b, 0.5, 4, True)
+        a = torch.randn(16, 4096, generator=gen).cuda() / 64
+        y_a = torch.ops.lightllm.gptq_matmul(x, q.qweight, q.qzeros, q.scales, q.g_idx, q.bias, a, None, b, 0.5, 4, True)
     exact = x.double() @ q.dequantize(torch.float64).t() + q.bias.double() + 0.5 * s.double() @ b.double().t()
     assert (y.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
+    exact = (x.double() @ q.dequantize(torch.float64).t() + q.bias.double()
+             + 0.5 * (x.double() @ a.double().t()) @ b.double().t())
+    assert (y_a.double() - exact).abs().max().item() <= 8 * torch.finfo(torch.float16).eps * exact.abs().max().item()
 
 
 def test_native_gptq_kernels_check_their_arguments():
@@ -387,7 +402,7 @@ def test_native_gptq_kernels_check_their_arguments():
     with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8, got 5"):
         native.gptq_dequantize(q.qweight, q.qzeros, q.scales, q.g_idx, 5, True, torch.float16)
     with pytest.raises(RuntimeError, match="the CUDA kernels take CUDA tensors"):
-        native.gptq_matmul(torch.randn(2, 64), q.qweight, q.qzeros, q.scales, q.g_idx, None, None, None, 0.0, 4, True)
+        native.gptq_matmul(torch.randn(2, 64), q.qweight, q.qzeros, q.scales, q.g_idx, None, None, None, None, 0.0, 4, True)
 
 
 def test_g_idx_out_of_range_is_refused_at_load():

@@ -160,24 +160,35 @@ def test_asymmetric_v1_never_needs_a_zero_of_zero(method, tmp_path):
     assert torch.equal(logits(load_quantized(out), CALIB[:2]), logits(model, CALIB[:2]))
 
 
-def test_padding_stays_out_of_the_hessians():
-    # Right-padded batches with attention masks must quantize as the unpadded sequences do.
+def test_padding_stays_out_of_the_hessians(monkeypatch):
+    # Right-padded batches with attention masks must give the Hessians of the unpadded sequences.
+    # Compared on the first block's q/k/v (whose inputs are the embeddings): after a block is
+    # quantized, float noise of 1e-8 between the padded and unpadded attention can flip rounding
+    # decisions in GPTQ and the codes of later layers drift apart, so codes are not the thing to compare.
+    from lightllm.quantization import model as qmodel
+
     lengths = [24, 17, 9]
     padded = [{"input_ids": torch.cat([CALIB[i, :n], torch.zeros(24 - n, dtype=torch.long)])[None],
                "attention_mask": (torch.arange(24) < n).long()[None]} for i, n in enumerate(lengths)]
     unpadded = [{"input_ids": CALIB[i, :n][None]} for i, n in enumerate(lengths)]
-    a, b = tiny("llama"), tiny("llama")
-    quantize_model(a, padded, QuantConfig(bits=4, group_size=32), progress=False)
-    quantize_model(b, unpadded, QuantConfig(bits=4, group_size=32), progress=False)
-    qa = [m.qweight for m in a.modules() if isinstance(m, QuantLinear)]
-    qb = [m.qweight for m in b.modules() if isinstance(m, QuantLinear)]
-    same = sum(int((x == y).sum()) for x, y in zip(qa, qb)) / sum(x.numel() for x in qa)
-    assert same > 0.99
-    # and padding that were counted would change them: the same batches without their masks
-    c = tiny("llama")
-    quantize_model(c, [{"input_ids": p["input_ids"]} for p in padded], QuantConfig(bits=4, group_size=32), progress=False)
-    qc = [m.qweight for m in c.modules() if isinstance(m, QuantLinear)]
-    assert sum(int((x == y).sum()) for x, y in zip(qc, qb)) / sum(x.numel() for x in qc) < same
+    unmasked = [{"input_ids": p["input_ids"]} for p in padded]
+    real_solve = qmodel.gptq_solve
+
+    def first_hessian(batches):
+        seen = []
+
+        def spy(weight, hessian, *args, **kwargs):
+            seen.append(hessian.clone())
+            return real_solve(weight, hessian, *args, **kwargs)
+
+        monkeypatch.setattr(qmodel, "gptq_solve", spy)
+        quantize_model(tiny("llama"), batches, QuantConfig(bits=4, group_size=32), progress=False)
+        return seen[0]  # block 0's first group
+
+    want = first_hessian(unpadded)
+    assert float((first_hessian(padded) - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    # and padding that were counted would change it: the same batches without their masks
+    assert float((first_hessian(unmasked) - want).abs().max()) > 1e-3 * float(want.abs().max())
 
 
 def test_rtn_method_and_default_float16_storage(tmp_path):

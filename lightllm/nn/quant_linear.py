@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import gptq as ops_gptq
+from ..ops import lora as ops_lora
 from ..quantization import gptq_format
 from ..quantization.gptq_format import GPTQ_BITS, values_per_chunk
 
@@ -149,6 +150,26 @@ class QuantLinear(nn.Module):
                                                self.checkpoint_format == "gptq", dtype or self.scales.dtype)
         return w if self._perm is None else w[:, torch.argsort(self._perm)]
 
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the round-to-nearest quantization of ``weight`` [out, in]
+        (same bits, group size, checkpoint format, and symmetric if the current grid is): what
+        merging a LoRA adapter into a quantized layer takes. Groups become sequential (act-order
+        ordering is not kept). Lossy: the merged weight is rounded to the grid again."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"QuantLinear.requantize_: weight must be [{self.out_features}, {self.in_features}], "
+                             f"got {tuple(weight.shape)}")
+        v1 = self.checkpoint_format == "gptq"
+        zeros = gptq_format.unpack_int(self.qzeros, self.bits, dim=1) + (1 if v1 else 0)
+        sym = bool((zeros == 2 ** (self.bits - 1)).all())
+        rtn = gptq_format.quantize_rtn(weight.to(self.qweight.device).float(), self.bits, self.group_size, sym=sym,
+                                       zero_min=1 if v1 and not sym else 0)
+        packed = gptq_format.pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], self.bits,
+                                       self.checkpoint_format)
+        for name, tensor in packed.items():
+            getattr(self, name).copy_(tensor)
+        self._to_kernel_layout()
+
     def _check_layout(self) -> None:
         # Not while torch.compile traces: version counters are not traceable; a compiled graph
         # takes the layout as it was when it was compiled.
@@ -158,10 +179,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_lora(x)
 
-    def forward_with_lora(self, x: torch.Tensor, lora_s: torch.Tensor | None = None,
-                          lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:
-        """``forward(x) + lora_scale * lora_s @ lora_b^T``, the rank-r term added in the kernel's
-        epilogue (``lora_s`` [tokens, r] float32 = x A^T, ``lora_b`` [out_features, r])."""
+    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [tokens, in_features] in the kernel's column order, after the checks."""
         # A decode step runs this once per layer and token: keep the host path short.
         if x.dtype not in _FLOAT_TYPES:
             raise TypeError(f"QuantLinear: input must be float32, float16 or bfloat16, got {x.dtype}")
@@ -169,15 +188,41 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: input's last dimension is {x.shape[-1]}, expected in_features = "
                              f"{self.in_features} (input shape {tuple(x.shape)})")
         self._check_layout()
-        b = self._buffers
-        qweight = b["qweight"]
-        if x.device != qweight.device:
-            raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {qweight.device}")
+        if x.device != self._buffers["qweight"].device:
+            raise ValueError(f"QuantLinear: input is on {x.device} but the layer is on {self._buffers['qweight'].device}")
         x2 = x.reshape(-1, self.in_features)
+        perm = self._buffers["_perm"]
+        return x2 if perm is None else x2.index_select(1, perm)
+
+    def forward_with_lora(self, x: torch.Tensor, lora_a: torch.Tensor | None = None,
+                          lora_b: torch.Tensor | None = None, lora_scale: float = 0.0,
+                          lora_s: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(x) + lora_scale * S @ lora_b^T`` with S = x lora_a^T (or ``lora_s`` [tokens, r]
+        float32 when given), the rank-r term added in the kernel's epilogue; for up to 16 tokens
+        S is computed in the same launch. ``lora_a`` [r, in_features], ``lora_b`` [out_features, r].
+        Inference only: the adapters get no gradient here (see :meth:`lora_linear`)."""
+        x2 = self._kernel_input(x)
+        b = self._buffers
+        if lora_a is not None:
+            ops_lora.check_adapter("QuantLinear.forward_with_lora", x2, self.out_features, lora_a, lora_b)
+            if b["_perm"] is not None:
+                lora_a = lora_a.index_select(1, b["_perm"])
+        y = ops_gptq.gptq_matmul(x2, b["qweight"], b["qzeros"], b["scales"], b["g_idx"], b["bias"],
+                                 lora_a, lora_s, lora_b, lora_scale, self.bits, self.checkpoint_format == "gptq")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def lora_linear(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    lora_scale: float) -> torch.Tensor:
+        """``forward(x) + lora_scale * (x lora_a^T) lora_b^T``, differentiable in x and the adapters
+        (QLoRA training: ``lightllm::gptq_lora_linear``; the weight is dequantized only in backward)."""
+        x2 = self._kernel_input(x)
+        ops_lora.check_adapter("QuantLinear.lora_linear", x2, self.out_features, lora_a, lora_b)
+        b = self._buffers
         if b["_perm"] is not None:
-            x2 = x2.index_select(1, b["_perm"])
-        y = ops_gptq.gptq_matmul(x2, qweight, b["qzeros"], b["scales"], b["g_idx"], b["bias"],
-                                 lora_s, lora_b, lora_scale, self.bits, self.checkpoint_format == "gptq")
+            lora_a = lora_a.index_select(1, b["_perm"])
+        y, _ = torch.ops.lightllm.gptq_lora_linear(x2, b["qweight"], b["qzeros"], b["scales"], b["g_idx"], b["bias"],
+                                                   lora_a, lora_b, lora_scale, self.bits,
+                                                   self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,26 +1,30 @@
 """LoRA adapters with PEFT's configuration, module layout and files.
 
 ``get_peft_model(model, LoraConfig(...))`` wraps every matching layer (nn.Linear, transformers'
-GPT-2 Conv1D, lightllm's QuantLinear) in a :class:`LoraLinear`:
+GPT-2 Conv1D, lightllm's QuantLinear) in a :class:`lightllm.nn.LoraLinear`:
 ``y = base(x) + scaling * lora_B(lora_A(dropout(x)))``, scaling = lora_alpha / r (or / sqrt(r) with
 rsLoRA), A initialized like nn.Linear (Kaiming-uniform, a = sqrt(5)) and B with zeros, so a new
-adapter changes nothing. Only adapter parameters train (plus what ``bias`` / ``modules_to_save``
-ask for). Files are PEFT's: ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A.weight`` (adapter name removed); adapters other than "default"
-in a sub-folder of their name.
+adapter changes nothing. Only adapter parameters train, plus what ``bias`` ("all": every bias;
+"lora_only": the wrapped layers' biases) and ``modules_to_save`` (a trainable copy of each named
+module per adapter, PEFT's ModulesToSaveWrapper) ask for.
 
-On a QuantLinear base at inference (no gradient needed) the rank-r term rides in the dequant-matmul
-kernel's epilogue (``lightllm::gptq_matmul``'s ``lora_s``/``lora_b``), so the packed weight is read
-once. Training takes the plain path (autograd through the base op and the two small matmuls).
+Files are PEFT's: ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (adapter name removed), the
+trained biases under their parameter names and each modules_to_save copy under the module's own
+name; adapters other than "default" in a sub-folder of their name. A load checks every tensor
+against the model before it changes anything.
+
+The layers run fused (lightllm/nn/lora.py): the rank-r term in the base GEMM's epilogue, one launch
+at decode sizes; on a QuantLinear base (QLoRA) the dequant-matmul kernel takes it, in training too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import pathlib
 import re
@@ -31,12 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.lora import LoraLinear, base_features, is_conv1d
 from ..nn.quant_linear import QuantLinear
 
 logger = logging.getLogger("lightllm")
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
 
 # PEFT options that change the math and that lightllm does not implement: refused, never ignored.
 _REFUSED = {
@@ -110,113 +116,8 @@ class LoraConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
-def _features(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, a GPT-2 Conv1D or a QuantLinear."""
-    if isinstance(base, (nn.Linear, QuantLinear)):
-        return base.in_features, base.out_features
-    if _is_conv1d(base):
-        return base.weight.shape[0], base.weight.shape[1]
-    raise TypeError(f"LoRA wraps nn.Linear, Conv1D or QuantLinear, not {type(base).__name__}")
-
-
-class LoraLinear(nn.Module):
-    """A base layer plus named low-rank adapters (PEFT's layout: ``base_layer``, ``lora_A.<name>``,
-    ``lora_B.<name>``, ``lora_dropout.<name>``)."""
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.in_features, self.out_features = _features(base_layer)
-        self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init) -> None:
-        if r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        weight = self._base_weight_like()
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if init is False:  # PEFT: random B too (for tests of non-trivial adapters)
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.normal_(self.lora_B[name].weight, std=1.0 / r)
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
-            nn.init.zeros_(self.lora_B[name].weight)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[name].weight)
-        if name not in self.active_adapters:
-            self.active_adapters = [name]
-
-    def _base_weight_like(self) -> torch.Tensor:
-        b = self.base_layer
-        return b.scales if isinstance(b, QuantLinear) else b.weight
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
-        for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            if name in d:
-                del d[name]
-        self.scaling.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B @ A, as [out_features, in_features] in float32."""
-        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adapters = [] if self.disabled else [a for a in self.active_adapters if a not in self.merged_adapters]
-        base = self.base_layer
-        if self.disabled and self.merged_adapters:
-            raise RuntimeError("adapters are merged into the base weight; unmerge them to disable them")
-        # Inference on a quantized base with one adapter: the rank-r term in the kernel's epilogue.
-        if (len(adapters) == 1 and isinstance(base, QuantLinear) and not torch.is_grad_enabled()
-                and isinstance(self.lora_dropout[adapters[0]], nn.Identity)):
-            name = adapters[0]
-            s = x.reshape(-1, self.in_features).float() @ self.lora_A[name].weight.float().t()
-            return base.forward_with_lora(x, s, self.lora_B[name].weight, self.scaling[name])
-        y = base(x)
-        for name in adapters:
-            a, b = self.lora_A[name], self.lora_B[name]
-            lora = b(a(self.lora_dropout[name](x).to(a.weight.dtype)))
-            y = y + (self.scaling[name] * lora).to(y.dtype)
-        return y
-
-    @torch.no_grad()
-    def merge(self, names: list[str]) -> None:
-        if isinstance(self.base_layer, QuantLinear):
-            raise ValueError("cannot merge a LoRA adapter into a quantized (QuantLinear) base without requantizing; "
-                             "dequantize the model first")
-        for name in names:
-            if name in self.merged_adapters:
-                continue
-            delta = self.delta_weight(name)
-            w = self.base_layer.weight
-            w.add_((delta.t() if _is_conv1d(self.base_layer) else delta).to(w.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.delta_weight(name)
-            w = self.base_layer.weight
-            w.sub_((delta.t() if _is_conv1d(self.base_layer) else delta).to(w.dtype))
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}"
+def _wrappable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, QuantLinear)) or is_conv1d(module)
 
 
 def _matches(name: str, config: LoraConfig, model: nn.Module, module: nn.Module) -> bool:
@@ -226,10 +127,10 @@ def _matches(name: str, config: LoraConfig, model: nn.Module, module: nn.Module)
     if targets is None:
         raise ValueError("LoraConfig.target_modules is required (a list of module names, a regex, or 'all-linear')")
     if targets == "all-linear":
-        if not isinstance(module, (nn.Linear, QuantLinear)) and not _is_conv1d(module):
+        if not _wrappable(module):
             return False
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return module is not head
+        return module is not head and not (isinstance(head, ModulesToSaveWrapper) and module is head.original_module)
     if isinstance(targets, str):
         matched = re.fullmatch(targets, name) is not None
     else:
@@ -246,6 +147,40 @@ def _pattern_value(name: str, pattern: dict[str, int], default):
         if re.search(rf"(^|\.){key}$", name) or re.fullmatch(key, name):
             return value
     return default
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's wrapper for ``modules_to_save``: the original module plus a trainable copy per adapter.
+    The active adapter's copy runs; the original runs for other adapters and when adapters are
+    disabled. Attributes not found here are the original's (``lm_head.weight`` and the like)."""
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.add(adapter_name)
+
+    def add(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("original_module"), name)
+
+
+def _modules_to_save_matches(name: str, entries: list[str] | None) -> bool:
+    # PEFT's rule for modules_to_save: the module's name ends with an entry.
+    return bool(entries) and any(name.endswith(entry) for entry in entries)
 
 
 class LoraModel(nn.Module):
@@ -272,34 +207,34 @@ class LoraModel(nn.Module):
         except AttributeError:
             return getattr(self.base_model.model, name)
 
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
     def lora_layers(self) -> dict[str, LoraLinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLinear)}
 
+    def saved_modules(self) -> dict[str, ModulesToSaveWrapper]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+    # ---- adapters -------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         model = self.model
-        wrapped = self.lora_layers()
-        inside = tuple(name + "." for name in wrapped)  # a wrapped layer's own submodules
-        targets = [(n, m) for n, m in model.named_modules()
-                   if not isinstance(m, LoraLinear) and not n.startswith(inside)
-                   and (isinstance(m, (nn.Linear, QuantLinear)) or _is_conv1d(m)) and _matches(n, config, model, m)]
-        targets += [(n, m.base_layer) for n, m in wrapped.items() if _matches(n, config, model, m.base_layer)]
-        if not targets:
-            raise ValueError(f"target_modules={config.target_modules!r} matches no Linear, Conv1D or QuantLinear "
-                             "module of the model")
-        for name, module in targets:
-            layer = wrapped.get(name)
+        plan = _plan_adapter(model, config)
+        for name, module, r, alpha in plan.layers:
+            layer = module if isinstance(module, LoraLinear) else None
             if layer is None:
                 layer = LoraLinear(module)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, layer)
-            r = _pattern_value(name, config.rank_pattern, config.r)
-            alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
+                _replace(model, name, layer)
             layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        for name, module in plan.saved:
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+            else:
+                _replace(model, name, ModulesToSaveWrapper(module, adapter_name))
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
-        self._mark_trainable()
 
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -307,6 +242,8 @@ class LoraModel(nn.Module):
         self.active_adapter = adapter_name
         for layer in self.lora_layers().values():
             layer.active_adapters = [adapter_name] if adapter_name in layer.lora_A else []
+        for wrapper in self.saved_modules().values():
+            wrapper.active_adapter = adapter_name
         self._mark_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -314,13 +251,16 @@ class LoraModel(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         for layer in self.lora_layers().values():
             layer.delete_adapter(adapter_name)
+        for wrapper in self.saved_modules().values():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        layers = self.lora_layers().values()
+        layers = list(self.lora_layers().values()) + list(self.saved_modules().values())
         for layer in layers:
             layer.disabled = True
         try:
@@ -331,57 +271,72 @@ class LoraModel(nn.Module):
 
     def _mark_trainable(self) -> None:
         config = self.peft_config[self.active_adapter]
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
+        trainable = not config.inference_mode
         for layer in self.lora_layers().values():
             if self.active_adapter in layer.lora_A:
                 for p in (layer.lora_A[self.active_adapter].weight, layer.lora_B[self.active_adapter].weight):
-                    p.requires_grad_(not config.inference_mode)
-            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-                if isinstance(layer.base_layer.bias, nn.Parameter):
-                    layer.base_layer.bias.requires_grad_(True)
-        if config.bias == "all":
-            for name, p in self.model.named_parameters():
-                if name.endswith("bias"):
-                    p.requires_grad_(True)
-        for name, module in self.model.named_modules():
-            if config.modules_to_save and any(name == m or name.endswith("." + m) for m in config.modules_to_save):
-                for p in module.parameters():
-                    p.requires_grad_(True)
+                    p.requires_grad_(trainable)
+        for name, p in _trained_biases(self.model, config):
+            p.requires_grad_(trainable)
+        for wrapper in self.saved_modules().values():
+            if self.active_adapter in wrapper.modules_to_save:
+                for p in wrapper.modules_to_save[self.active_adapter].parameters():
+                    p.requires_grad_(trainable)
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    def merge_adapter(self) -> None:
-        for layer in self.lora_layers().values():
-            layer.merge([a for a in layer.active_adapters])
+    # ---- merging --------------------------------------------------------------------------------
+    def merge_adapter(self, requantize: bool = False) -> None:
+        """Merge the active adapter into the base weights (``requantize=True`` lets quantized bases
+        take it by quantizing the merged weight again, lossy; otherwise they raise)."""
+        layers = self.lora_layers()
+        quantized = [n for n, layer in layers.items() if isinstance(layer.base_layer, QuantLinear) and layer.active_adapters]
+        if quantized and not requantize:  # refused before any layer changes
+            raise ValueError(f"cannot merge a LoRA adapter into quantized (QuantLinear) layers exactly ({quantized[0]}"
+                             f"{' and more' if len(quantized) > 1 else ''}); pass requantize=True to quantize the "
+                             "merged weights again (lossy), or dequantize the model first")
+        for layer in layers.values():
+            layer.merge(list(layer.active_adapters), requantize=requantize)
 
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter and put the base layers back: returns the plain model."""
-        self.merge_adapter()
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Merge the active adapter and put the base layers back: returns the plain model (a
+        modules_to_save copy of the active adapter replaces its original)."""
+        self.merge_adapter(requantize=requantize)
         model = self.model
         for name, layer in list(self.lora_layers().items()):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+            _replace(model, name, layer.base_layer)
+        for name, wrapper in list(self.saved_modules().items()):
+            keep = wrapper.modules_to_save[self.active_adapter] if self.active_adapter in wrapper.modules_to_save \
+                else wrapper.original_module
+            _replace(model, name, keep)
         return model
 
     # ---- PEFT files -------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Tensors of one adapter under PEFT's saved names."""
+        config = self.peft_config[adapter_name]
         out = {}
         for name, layer in self.lora_layers().items():
             if adapter_name not in layer.lora_A:
                 continue
-            key = f"base_model.model.{name}"
-            out[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
-            out[f"{key}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
-        return out
+            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        for name, p in _trained_biases(self.model, config):
+            out[PREFIX + name] = p
+        for name, wrapper in self.saved_modules().items():
+            if adapter_name in wrapper.modules_to_save:
+                for key, t in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{PREFIX}{name}.{key}"] = t
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def save_pretrained(self, directory, selected_adapters: list[str] | None = None) -> None:
         """PEFT's layout; written to a temporary folder and renamed into place per adapter."""
@@ -404,33 +359,161 @@ class LoraModel(nn.Module):
 
     @torch.no_grad()
     def load_adapter(self, directory, adapter_name: str = "default") -> None:
-        from safetensors.torch import load_file
-
-        path = pathlib.Path(directory)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}")
-        config = LoraConfig.from_dict(json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")))
-        weights_path = path / WEIGHTS_NAME
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}")
-        tensors = load_file(weights_path)
-        if adapter_name not in self.peft_config:
+        """Load an adapter folder (lightllm's or PEFT's) as ``adapter_name``. Every tensor is checked
+        against the model first; a file that does not fit changes nothing."""
+        config, tensors, path = _read_adapter(directory)
+        existing = adapter_name in self.peft_config
+        targets = _check_adapter_tensors(self.model, config, tensors, path, adapter_name if existing else None)
+        if not existing:
             self.add_adapter(adapter_name, config)
-        layers = self.lora_layers()
-        expected = self.adapter_state_dict(adapter_name)
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise ValueError(f"{weights_path} lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        for key, value in tensors.items():
-            module_path, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-            layer = layers.get(module_path)
-            if layer is None or adapter_name not in layer.lora_A:
-                raise ValueError(f"{weights_path}: {key} names a module the model has no adapter on")
-            target = (layer.lora_A if part.startswith("A") else layer.lora_B)[adapter_name].weight
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{weights_path}: {key} has shape {tuple(value.shape)} but {module_path} needs "
-                                 f"{tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
+        _copy_adapter_tensors(self.model, tensors, targets, adapter_name)
+
+
+@dataclasses.dataclass
+class _AdapterPlan:
+    layers: list  # (name, module to wrap or its LoraLinear, r, alpha)
+    saved: list  # (name, module or its ModulesToSaveWrapper) for modules_to_save
+
+
+def _plan_adapter(model: nn.Module, config: LoraConfig) -> _AdapterPlan:
+    """Which layers a config wraps (with their ranks) and which modules it saves; changes nothing."""
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    saved = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    inside = tuple(name + "." for name in (*wrapped, *saved))  # submodules of a wrapper are not targets
+    layers = []
+    for name, module in model.named_modules():
+        if name.startswith(inside):
+            continue
+        if isinstance(module, LoraLinear):
+            if _matches(name, config, model, module.base_layer):
+                layers.append((name, module))
+        elif _wrappable(module) and _matches(name, config, model, module):
+            layers.append((name, module))
+    if not layers:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no Linear, Conv1D or QuantLinear "
+                         "module of the model")
+    targeted = {name for name, _ in layers}
+    to_save = []
+    for name, module in model.named_modules():
+        if name in saved:
+            if _modules_to_save_matches(name, config.modules_to_save):
+                to_save.append((name, module))
+        elif not name.startswith(inside) and name not in targeted and _modules_to_save_matches(name, config.modules_to_save):
+            to_save.append((name, module))
+    if config.modules_to_save and not to_save:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of the model")
+    for name, module in to_save:
+        inner = [n for n in [*(n for n, _ in to_save), *targeted] if n != name and n.startswith(name + ".")]
+        if inner:
+            raise ValueError(f"modules_to_save names {name!r}, which holds other targets of the adapter ({inner[:3]})")
+    plan = []
+    for name, module in layers:
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoraConfig: rank of {name} must be an integer >= 1, got {r!r} (rank_pattern)")
+        plan.append((name, module, r, _pattern_value(name, config.alpha_pattern, config.lora_alpha)))
+    return _AdapterPlan(plan, to_save)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _trained_biases(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Parameter]]:
+    """The bias parameters ``config.bias`` trains (and saves), by their names in ``model``."""
+    if config.bias == "none":
+        return []
+    wrappers = tuple(n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    lora = tuple(n + ".base_layer." for n, m in model.named_modules() if isinstance(m, LoraLinear))
+    out = []
+    for name, p in model.named_parameters():
+        if not name.endswith("bias") or ".lora_" in name or name.startswith(wrappers):
+            continue
+        if config.bias == "all" or name.startswith(lora):
+            out.append((name, p))
+    return out
+
+
+def _read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor], pathlib.Path]:
+    from safetensors.torch import load_file
+
+    path = pathlib.Path(directory)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}")
+    config = LoraConfig.from_dict(json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")))
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}")
+    return config, load_file(weights), weights
+
+
+def _check_adapter_tensors(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path,
+                           existing: str | None) -> dict[str, tuple[str, str, tuple]]:
+    """key -> (kind, target name, expected shape) for every tensor of an adapter file, checked
+    against what ``config`` makes of ``model`` (or against adapter ``existing``); raises naming the
+    module and both shapes on a mismatch, a key the model has no place for, or a missing tensor."""
+    expected: dict[str, tuple[str, str, tuple]] = {}
+    plan = _plan_adapter(model, config)
+    for name, module, r, _ in plan.layers:
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        k, n = base_features(base)
+        if existing is not None and isinstance(module, LoraLinear) and existing in module.lora_A:
+            r = module.lora_A[existing].weight.shape[0]
+        expected[f"{PREFIX}{name}.lora_A.weight"] = ("lora_A", name, (r, k))
+        expected[f"{PREFIX}{name}.lora_B.weight"] = ("lora_B", name, (n, r))
+    for name, module in plan.saved:
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        for key, t in original.state_dict().items():
+            expected[f"{PREFIX}{name}.{key}"] = ("saved", f"{name}|{key}", tuple(t.shape))
+    params = dict(model.named_parameters())
+    for key in tensors:
+        if key in expected or ".lora_" in key or not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):]
+        bias = _find_bias(params, name)
+        if bias is not None:
+            expected[key] = ("bias", name, tuple(bias.shape))
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]} names a module the model has no adapter on"
+                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    missing = sorted(k for k, (kind, _, _) in expected.items() if kind in ("lora_A", "lora_B", "saved") and k not in tensors)
+    if missing:
+        raise ValueError(f"{path} lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    for key, value in tensors.items():
+        kind, target, shape = expected[key]
+        if tuple(value.shape) != shape:
+            where = target.split("|")[0]
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but {where} needs {shape}")
+    return expected
+
+
+def _find_bias(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:
+    """A bias parameter by its saved name: PEFT saves a wrapped layer's bias as
+    ``<layer>.base_layer.bias``, which is ``<layer>.bias`` before the layer is wrapped."""
+    if not name.endswith("bias"):
+        return None
+    for candidate in (name, name.replace(".base_layer.bias", ".bias"), name[: -len("bias")] + "base_layer.bias"):
+        if candidate in params:
+            return params[candidate]
+    return None
+
+
+def _copy_adapter_tensors(model: nn.Module, tensors, targets, adapter_name: str) -> None:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        kind, target, _ = targets[key]
+        if kind in ("lora_A", "lora_B"):
+            dest = getattr(layers[target], kind)[adapter_name].weight
+        elif kind == "saved":
+            name, sub = target.split("|")
+            dest = wrappers[name].modules_to_save[adapter_name].state_dict(keep_vars=True)[sub]
+        else:
+            dest = _find_bias(params, target)
+        dest.copy_(value.to(dest.dtype))
 
 
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
@@ -440,12 +523,12 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     return LoraModel(model, config, adapter_name)
 
 
+@torch.no_grad()
 def from_pretrained(model: nn.Module, directory, adapter_name: str = "default") -> LoraModel:
-    """Load an adapter saved by lightllm or PEFT onto ``model``."""
-    path = pathlib.Path(directory)
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}")
-    config = LoraConfig.from_dict(json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")))
+    """Load an adapter saved by lightllm or PEFT onto ``model``. The file is checked against the
+    model before the model is wrapped: a file that does not fit leaves the model as it was."""
+    config, tensors, path = _read_adapter(directory)
+    targets = _check_adapter_tensors(model, config, tensors, path, None)
     wrapped = get_peft_model(model, config, adapter_name)
-    wrapped.load_adapter(path, adapter_name)
+    _copy_adapter_tensors(wrapped.model, tensors, targets, adapter_name)
     return wrapped

@@ -1,0 +1,116 @@
+"""Pieces the Triton kernels share: device facts, the split reduction, the rank-r epilogue.
+
+Split reduction. A GEMV (a few rows of x) or a skinny GEMM (an output of r columns) has too few
+output tiles to fill a GPU, so the reduction dimension is cut into SPLIT slices, one program each.
+Instead of float32 atomics into a zeroed buffer (a memset launch, a cast launch and a result that
+depends on the order the programs ran in), every program stores its partial tile in a workspace
+and counts itself in on a per-tile counter; the program that arrives last sums the SPLIT partials
+in slice order, applies the epilogue, stores the output and resets the counter to zero for the
+next launch. One launch, and the same bits whatever the scheduling.
+
+The counters live in one int32 buffer per (device, stream), zeroed once and left zeroed by every
+launch that uses it. Launches on one stream run one after another, so they can share it; launches
+that may run at the same time must be on different streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a nominal 8 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def split_plan(tiles: int, length: int, block: int, device: torch.device, waves: int = 2) -> tuple[int, int]:
+    """(splits, length per split) so that ``tiles * splits`` programs fill about ``waves`` waves of
+    the GPU, each split a multiple of ``block`` long and at least one block."""
+    blocks = max(1, triton.cdiv(length, block))
+    wanted = max(1, triton.cdiv(waves * sm_count(device), max(tiles, 1)))
+    splits = min(wanted, blocks)
+    per_split = triton.cdiv(blocks, splits) * block
+    return triton.cdiv(max(length, 1), per_split), per_split
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``count`` counters for launches on the current stream.
+
+    Grown when too small (a new zeroed buffer). Allocated during CUDA graph capture, it comes from
+    the graph's memory pool and the cache keeps it alive; the graph's replays re-zero it, which
+    changes nothing since every launch leaves its counters at zero.
+    """
+    if device.type == "cuda":
+        key = (device.index if device.index is not None else torch.cuda.current_device(),
+               torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type,)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buffer
+    return buffer
+
+
+@triton.jit
+def arrive(counter_ptr):
+    """Count this program's partial in; returns how many had arrived before it (the last program
+    of a tile sees SPLIT - 1). The barrier orders every thread's partial stores before the count,
+    and the count is acquire-release, so the last program then sees every partial."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def sum_partials(ptrs, split_stride, mask, splits):
+    """Sum of ``splits`` partial tiles at ``ptrs + i * split_stride``, in slice order, read from L2
+    (other programs wrote them; ``.cg`` keeps a stale L1 line out)."""
+    total = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for i in range(1, splits):
+        total += tl.load(ptrs + i * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def add_rank_r(acc, s_ptr, stride_sm, stride_sr, s_split_stride, s_splits, b_ptr, stride_bn, stride_br,
+               offs_m, offs_n, m_ok, n_ok, R, scale, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + scale * S[offs_m, :] @ B[offs_n, :]^T`` in float32, r in chunks of BLOCK_R.
+
+    S may be given as ``s_splits`` partials (``s_split_stride`` apart) that are summed first. The
+    scale multiplies the small S tile, not the output tile.
+    """
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        s_mask = m_ok[:, None] & r_ok[None, :]
+        s = sum_partials(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
+                         s_split_stride, s_mask, s_splits)
+        bt = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(s * scale, bt, acc, input_precision=PRECISION)
+    return acc
