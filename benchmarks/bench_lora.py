@@ -277,7 +277,8 @@ def impls_for(mode: str, device: torch.device, wanted: list[str] | None) -> list
 
 
 def path_of(impl: str, backend: str, mode: str, tokens: int, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which code path of ours serves (the CUDA backend's large-M dense forward is the reference)."""
+    """Which code path of ours serves the forward (the CUDA backend's dense forward above 16 tokens
+    is the reference; the backward kernels are Triton's or the reference)."""
     if not impl.startswith(OURS):
         return ""
     if backend == "torch":
@@ -285,13 +286,16 @@ def path_of(impl: str, backend: str, mode: str, tokens: int, x: torch.Tensor, we
     if mode == "quant":
         one_launch = tokens <= (8 if backend == "cuda" else 16)  # the CUDA GEMV serves up to 8 rows
         return "GEMV with S in the kernel, one launch" if one_launch else "S first, then the GEMM"
-    if mode == "fwd" and tokens <= ops_lora.DECODE_ROWS:
+    backward = ""
+    if mode == "fwd+bwd":
+        backward = " + fused backward" if backend == "triton" else " + reference backward"
+    if tokens <= ops_lora.DECODE_ROWS:
         if backend == "cuda" and ops_lora.cuda_decode_fits(x, weight) is not None:
-            return "reference (kernel declines)"
-        return "decode, one launch"
+            return "reference (kernel declines)" + backward
+        return "decode, one launch" + backward
     if backend == "cuda":
-        return "reference above 16 tokens"
-    return "shrink + GEMM with epilogue"
+        return "reference above 16 tokens" + backward
+    return "shrink + GEMM with epilogue" + backward
 
 
 # ---- accuracy and timing --------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_quantized_base_uses_the_epilogue_and_matches_the_training_path():
     x = torch.randn(7, 96)
     with torch.no_grad():
         fused = layer(x)  # rank-r term in the dequant-matmul epilogue
-    plain = layer(x)  # grad enabled: the plain path
+    plain = layer(x)  # grad enabled: the training op (gptq_lora_linear: S first, then the GEMM)
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="quantized"):
         lora.merge_adapter()
@@ -368,3 +368,106 @@ def test_a_wrapped_model_compiles():
     compiled = torch.compile(lora.model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- PEFT's rules for adapters, saved modules and loading ----------------------------------------
+
+def test_loading_into_an_existing_adapter_that_lacks_a_target_changes_nothing(tmp_path):
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).save_pretrained(tmp_path / "qv")
+    target = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="puts LoRA on model.layers.0.self_attn.v_proj, where adapter 'default' has none"):
+        target.load_adapter(tmp_path / "qv", "default")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    target.load_adapter(tmp_path / "qv", "other")  # under a new name it fits
+    assert "other" in target.peft_config
+
+
+def test_switching_adapters_on_a_merged_model_unmerges_first_as_peft_does():
+    peft = pytest.importorskip("peft")
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    ours.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if ".lora_" in name:
+                p.copy_(dict(ours.named_parameters())[name])
+    for model in (ours, theirs):
+        model.merge_adapter()
+        model.set_adapter("other")
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours), logits(tiny_llama()), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_takes_precedence_and_its_copy_answers():
+    peft = pytest.importorskip("peft")
+    config = dict(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["v_proj", "lm_head"])
+    ours = get_peft_model(tiny_llama(), LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    head = ours.model.lm_head
+    assert head.weight is head.modules_to_save["default"].weight and head.weight.requires_grad
+    with ours.disable_adapter():
+        assert head.weight is head.original_module.weight
+
+
+def test_the_fused_path_runs_only_for_the_plain_layers():
+    class Doubled(torch.nn.Linear):  # its own forward: the fused ops may not stand in for it
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(3, 8)
+    for base in (Doubled(8, 4), torch.nn.Linear(8, 4)):
+        layer = LoraLinear(base)
+        layer.add_adapter("default", 2, 2)
+        calls = []
+        base.register_forward_pre_hook(lambda m, a: calls.append(1))
+        torch.testing.assert_close(layer(x), base(x))  # B = 0
+        assert len(calls) == 2, "the base layer's hooks run"
+
+
+def test_a_fresh_adapter_leaves_half_precision_outputs_bit_identical():
+    model = tiny_llama().half()
+    before = logits(model)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert torch.equal(logits(lora), before)
+
+
+def test_loaded_adapters_are_frozen_unless_trainable(tmp_path):
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["inference_mode"] is True
+    frozen = from_pretrained(tiny_llama(), tmp_path / "a")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = from_pretrained(tiny_llama(), tmp_path / "a", is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"}
+
+
+def test_config_rules_follow_peft():
+    with pytest.raises(ValueError, match=r"matches model.embed_tokens \(Embedding\).*wraps nn.Linear"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"]))
+    assert set(lora.lora_layers()) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[1],
+                                                   layers_pattern="layers"))
+    assert set(lora.lora_layers()) == {"model.layers.1.self_attn.q_proj"}
+    with pytest.raises(ValueError, match="need target_modules as a list"):
+        LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="only one adapter with bias"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], bias="all")).add_adapter(
+            "other", LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="kasa_config"):
+        LoraConfig.from_dict({"target_modules": ["q_proj"], "kasa_config": {}})
+
+
+def test_quantized_layer_checks_the_rank_r_operands():
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"lora_s must be a float \[tokens, r\] = \[2, r\]"):
+        q.forward_with_lora(x, lora_s=torch.randn(1, 4), lora_b=torch.randn(32, 4), lora_scale=1.0)
+    with pytest.raises(ValueError, match="lora_b goes with lora_a or lora_s"):
+        q.forward_with_lora(x, lora_s=torch.randn(2, 4), lora_scale=1.0)

@@ -254,3 +254,18 @@ def test_decode_replays_in_a_cuda_graph(backend):
     with lightllm.use_backend(backend):
         again = ops_lora.lora_linear(x, w, b_, a, b, 0.5)
     assert not torch.equal(again, expected) and torch.equal(out, again)
+
+
+def test_weight_gradient_and_the_functional_form():
+    """A base weight that requires grad gets dW = dY^T X; functional.lora_linear takes leading dims."""
+    from lightllm import functional as F
+
+    x, w, b_, a, b = make_case(6, 24, 16, 2, torch.float32, seed=8)
+    w.requires_grad_()
+    y = F.lora_linear(x.view(2, 3, 24), w, b_, a, b, 0.5)
+    assert y.shape == (2, 3, 16)
+    grad = torch.randn(2, 3, 16)
+    (gw,) = torch.autograd.grad(y, [w], grad)
+    torch.testing.assert_close(gw, grad.reshape(6, 16).t() @ x, rtol=1e-5, atol=1e-5)
+    ey, _ = exact(x, w.detach(), b_, a, b, 0.5)
+    torch.testing.assert_close(y.detach().reshape(6, 16).double(), ey, rtol=1e-5, atol=1e-5)

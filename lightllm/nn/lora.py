@@ -27,6 +27,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _plain_layer(module: nn.Module) -> bool:
+    """Whether the fused ops may stand in for ``module``'s forward: exactly nn.Linear, Conv1D or
+    QuantLinear, with no forward replaced on the instance and no hooks to run."""
+    if not (type(module) in (nn.Linear, QuantLinear) or is_conv1d(module)):
+        return False
+    if "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    from torch.nn.modules import module as module_globals
+
+    return not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+
+
 def base_features(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, a GPT-2 Conv1D or a QuantLinear."""
     if isinstance(base, (nn.Linear, QuantLinear)):
@@ -121,6 +133,8 @@ class LoraLinear(nn.Module):
             return None  # autocast decides the dtypes per op, as in PEFT
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         base = self.base_layer
+        if not _plain_layer(base):
+            return None  # a subclass with its own forward, or hooks (accelerate's offload): run it as it is
         scale = self.scaling[name]
         if isinstance(base, QuantLinear):
             if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
@@ -161,7 +175,7 @@ class LoraLinear(nn.Module):
             base.requantize_(base.dequantize(torch.float32) + delta.to(base.qweight.device))
             return
         w = base.weight
-        w.add_((delta.t() if is_conv1d(base) else delta).to(w.dtype))
+        w.add_(delta.t() if is_conv1d(base) else delta)  # float32 delta: one rounding to w's dtype
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}"

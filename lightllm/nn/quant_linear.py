@@ -203,10 +203,21 @@ class QuantLinear(nn.Module):
         Inference only: the adapters get no gradient here (see :meth:`lora_linear`)."""
         x2 = self._kernel_input(x)
         b = self._buffers
+        op = "QuantLinear.forward_with_lora"
+        if (lora_a is not None or lora_s is not None) != (lora_b is not None):
+            raise ValueError(f"{op}: lora_b goes with lora_a or lora_s (the rank-r term needs both factors)")
         if lora_a is not None:
-            ops_lora.check_adapter("QuantLinear.forward_with_lora", x2, self.out_features, lora_a, lora_b)
+            ops_lora.check_adapter(op, x2, self.out_features, lora_a, lora_b)
             if b["_perm"] is not None:
                 lora_a = lora_a.index_select(1, b["_perm"])
+        elif lora_s is not None:
+            r = lora_b.shape[-1] if lora_b.dim() == 2 else -1
+            if (lora_s.dim() != 2 or tuple(lora_s.shape) != (x2.shape[0], r) or tuple(lora_b.shape) != (self.out_features, r)
+                    or r < 1 or lora_s.dtype not in _FLOAT_TYPES or lora_b.dtype not in _FLOAT_TYPES
+                    or lora_s.device != x2.device or lora_b.device != x2.device):
+                raise ValueError(f"{op}: lora_s must be a float [tokens, r] = [{x2.shape[0]}, r] and lora_b a float "
+                                 f"[out_features, r] = [{self.out_features}, r] tensor on {x2.device}; got "
+                                 f"{lora_s.dtype} {tuple(lora_s.shape)} and {lora_b.dtype} {tuple(lora_b.shape)}")
         y = ops_gptq.gptq_matmul(x2, b["qweight"], b["qzeros"], b["scales"], b["g_idx"], b["bias"],
                                  lora_a, lora_s, lora_b, lora_scale, self.bits, self.checkpoint_format == "gptq")
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -50,14 +50,13 @@ def lora_shrink_reference(x, a):
 
 
 def lora_matmul_reference(x, w, bias, s, b, scale: float):
-    """``x @ w^T + bias + scale * s @ b^T``: cuBLAS for x w^T, then the rank-r term and the bias
-    in float32 and one rounding to x's dtype."""
+    """``x @ w^T + bias + scale * s @ b^T``: the plain layer in x's dtype (cuBLAS), then the rank-r
+    term added in float32 and rounded to x's dtype again (PEFT's arithmetic: with B = 0, a fresh
+    adapter, the result is the plain layer's bit for bit). The kernels round once."""
+    y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     if s is None:
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    y = torch.addmm(torch.nn.functional.linear(x, w).float(), s.float(), b.float().t(), alpha=scale)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+        return y
+    return torch.addmm(y.float(), s.float(), b.float().t(), alpha=scale).to(x.dtype)
 
 
 def lora_weight_grad_reference(u, v, scale: float):

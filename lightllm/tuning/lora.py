@@ -54,6 +54,12 @@ _REFUSED = {
     "megatron_config": lambda v: v is not None,
     "trainable_token_indices": lambda v: v is not None,
     "alora_invocation_tokens": lambda v: v is not None,
+    "velora_config": lambda v: v is not None,
+    "monteclora_config": lambda v: v is not None,
+    "use_bdlora": lambda v: bool(v),
+    "arrow_config": lambda v: v is not None,
+    "kasa_config": lambda v: v is not None,
+    "ensure_weight_tying": lambda v: bool(v),
 }
 
 
@@ -65,6 +71,7 @@ class LoraConfig:
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
     bias: str = "none"
     fan_in_fan_out: bool = False
     use_rslora: bool = False
@@ -93,11 +100,17 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: peft_type must be 'LORA', got {self.peft_type!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError("LoraConfig: layers_to_transform and layers_pattern need target_modules as a list "
+                             "(with a regex, put the layers into the regex), as in PEFT")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if isinstance(d["target_modules"], list):
-            d["target_modules"] = sorted(d["target_modules"])
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(d[key], list):
+                d[key] = sorted(d[key])
         return d
 
     @classmethod
@@ -131,15 +144,32 @@ def _matches(name: str, config: LoraConfig, model: nn.Module, module: nn.Module)
             return False
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return module is not head and not (isinstance(head, ModulesToSaveWrapper) and module is head.original_module)
-    if isinstance(targets, str):
-        matched = re.fullmatch(targets, name) is not None
-    else:
-        matched = any(name == t or name.endswith("." + t) for t in targets)
+    matched = _names_match(name, targets)
     if matched and config.layers_to_transform is not None:
-        layers = [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else config.layers_to_transform
-        index = re.search(r"\.(\d+)\.", "." + name + ".")
-        matched = index is not None and int(index.group(1)) in layers
+        matched = _layer_index_ok(name, config)
     return matched
+
+
+def _names_match(name: str, entries: list[str] | str) -> bool:
+    """PEFT's rule for target_modules and exclude_modules: a string is a full regex match; a list
+    matches a module whose name equals an entry or ends with '.' + entry."""
+    if isinstance(entries, str):
+        return re.fullmatch(entries, name) is not None
+    return any(name == t or name.endswith("." + t) for t in entries)
+
+
+def _layer_index_ok(name: str, config: LoraConfig) -> bool:
+    """PEFT's layers_to_transform: the layer index is the number after ``<layers_pattern>.`` (any
+    module list when no pattern is given; the last such number in the name)."""
+    patterns = config.layers_pattern
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    regexes = [rf".*\.{re.escape(p)}\.(\d+)\." for p in patterns] if patterns else [r".*\.[^.]*\.(\d+)\."]
+    index = next((m for m in (re.match(r, name) for r in regexes) if m is not None), None)
+    if index is None:
+        return False
+    layers = config.layers_to_transform
+    return int(index.group(1)) in ([layers] if isinstance(layers, int) else layers)
 
 
 def _pattern_value(name: str, pattern: dict[str, int], default):
@@ -175,7 +205,13 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("original_module"), name)
+            pass
+        # What runs answers: the active adapter's copy (lm_head.weight for a fused loss is the trained one).
+        copies = super().__getattr__("modules_to_save")
+        active = self.__dict__.get("active_adapter")
+        if not self.__dict__.get("disabled", False) and active in copies:
+            return getattr(copies[active], name)
+        return getattr(super().__getattr__("original_module"), name)
 
 
 def _modules_to_save_matches(name: str, entries: list[str] | None) -> bool:
@@ -220,8 +256,16 @@ class LoraModel(nn.Module):
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        if self.peft_config and any(c.bias != "none" for c in (config, *self.peft_config.values())):
+            raise ValueError("LoraModel supports only one adapter with bias != 'none' (biases are shared by all "
+                             "adapters); set bias='none' for every adapter to use several")
         model = self.model
         plan = _plan_adapter(model, config)
+        conv1d = any(is_conv1d(m.base_layer if isinstance(m, LoraLinear) else m) for _, m, _, _ in plan.layers)
+        if conv1d != config.fan_in_fan_out:  # as PEFT does: the flag follows the layers' weight layout
+            logger.warning("LoraConfig: fan_in_fan_out=%s does not fit %s; setting it to %s", config.fan_in_fan_out,
+                           "GPT-2's Conv1D layers" if conv1d else "nn.Linear layers", conv1d)
+            config.fan_in_fan_out = conv1d
         for name, module, r, alpha in plan.layers:
             layer = module if isinstance(module, LoraLinear) else None
             if layer is None:
@@ -234,17 +278,25 @@ class LoraModel(nn.Module):
             else:
                 _replace(model, name, ModulesToSaveWrapper(module, adapter_name))
         self.peft_config[adapter_name] = config
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        active = self.active_adapter if self.active_adapter in self.peft_config else adapter_name
+        self.active_adapter = active
+        self._mark_trainable(freeze_base=True)
+        self.set_adapter(active)
 
     def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (its parameters train, the others' do not); a
+        merged model is unmerged first, as in PEFT."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if any(layer.merged_adapters for layer in self.lora_layers().values()):
+            logger.warning("set_adapter: the model holds merged adapters; unmerging them first")
+            self.unmerge_adapter()
         self.active_adapter = adapter_name
         for layer in self.lora_layers().values():
             layer.active_adapters = [adapter_name] if adapter_name in layer.lora_A else []
         for wrapper in self.saved_modules().values():
             wrapper.active_adapter = adapter_name
-        self._mark_trainable()
+        self._mark_trainable(freeze_base=False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -260,6 +312,10 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
+        """The base model inside the block (merged adapters are unmerged first, as in PEFT)."""
+        if any(layer.merged_adapters for layer in self.lora_layers().values()):
+            logger.warning("disable_adapter: the model holds merged adapters; unmerging them first")
+            self.unmerge_adapter()
         layers = list(self.lora_layers().values()) + list(self.saved_modules().values())
         for layer in layers:
             layer.disabled = True
@@ -269,21 +325,27 @@ class LoraModel(nn.Module):
             for layer in layers:
                 layer.disabled = False
 
-    def _mark_trainable(self) -> None:
+    def _mark_trainable(self, freeze_base: bool) -> None:
+        """The active adapter's parameters train (unless its config is in inference mode) and the
+        other adapters' do not. ``freeze_base`` (when an adapter is added): every other parameter
+        is frozen, then the biases the config trains are not (PEFT's rule); otherwise parameters
+        outside the adapters keep whatever the user set."""
         config = self.peft_config[self.active_adapter]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         trainable = not config.inference_mode
+        if freeze_base:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for _, p in _trained_biases(self.model, config):
+                p.requires_grad_(trainable)
         for layer in self.lora_layers().values():
-            if self.active_adapter in layer.lora_A:
-                for p in (layer.lora_A[self.active_adapter].weight, layer.lora_B[self.active_adapter].weight):
-                    p.requires_grad_(trainable)
-        for name, p in _trained_biases(self.model, config):
-            p.requires_grad_(trainable)
+            for name in layer.lora_A:
+                on = trainable and name == self.active_adapter
+                layer.lora_A[name].weight.requires_grad_(on)
+                layer.lora_B[name].weight.requires_grad_(on)
         for wrapper in self.saved_modules().values():
-            if self.active_adapter in wrapper.modules_to_save:
-                for p in wrapper.modules_to_save[self.active_adapter].parameters():
-                    p.requires_grad_(trainable)
+            for name, copy_ in wrapper.modules_to_save.items():
+                for p in copy_.parameters():
+                    p.requires_grad_(trainable and name == self.active_adapter)
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -351,6 +413,7 @@ class LoraModel(nn.Module):
             try:
                 save_file(self.adapter_state_dict(adapter), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
                 config = self.peft_config[adapter].to_dict()
+                config["inference_mode"] = True  # as PEFT writes it: loading for training says is_trainable=True
                 (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
                 for name in (WEIGHTS_NAME, CONFIG_NAME):
                     os.replace(tmp / name, out / name)
@@ -358,10 +421,12 @@ class LoraModel(nn.Module):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     @torch.no_grad()
-    def load_adapter(self, directory, adapter_name: str = "default") -> None:
-        """Load an adapter folder (lightllm's or PEFT's) as ``adapter_name``. Every tensor is checked
-        against the model first; a file that does not fit changes nothing."""
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load an adapter folder (lightllm's or PEFT's) as ``adapter_name``, frozen unless
+        ``is_trainable`` (as in PEFT). Every tensor is checked against the model first; a file
+        that does not fit changes nothing."""
         config, tensors, path = _read_adapter(directory)
+        config.inference_mode = not is_trainable
         existing = adapter_name in self.peft_config
         targets = _check_adapter_tensors(self.model, config, tensors, path, adapter_name if existing else None)
         if not existing:
@@ -376,36 +441,41 @@ class _AdapterPlan:
 
 
 def _plan_adapter(model: nn.Module, config: LoraConfig) -> _AdapterPlan:
-    """Which layers a config wraps (with their ranks) and which modules it saves; changes nothing."""
+    """Which layers a config wraps (with their ranks) and which modules it saves; changes nothing.
+    As in PEFT, a module that modules_to_save names is saved whole and not also given LoRA, and
+    exclude_modules removes matches; a matched module that LoRA cannot wrap is an error."""
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     saved = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     inside = tuple(name + "." for name in (*wrapped, *saved))  # submodules of a wrapper are not targets
-    layers = []
+    to_save = [(n, m) for n, m in model.named_modules()
+               if (n in saved or not n.startswith(inside)) and _modules_to_save_matches(n, config.modules_to_save)]
+    if config.modules_to_save and not to_save:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of the model")
+    for name, _ in to_save:
+        inner = [n for n, _ in to_save if n.startswith(name + ".")]
+        if inner:
+            raise ValueError(f"modules_to_save names {name!r} and modules inside it ({inner[:3]})")
+    saved_now = tuple(n + "." for n, _ in to_save)
+    layers, unsupported = [], []
     for name, module in model.named_modules():
-        if name.startswith(inside):
+        if name.startswith(inside) or name.startswith(saved_now) or any(name == n for n, _ in to_save):
             continue
-        if isinstance(module, LoraLinear):
-            if _matches(name, config, model, module.base_layer):
-                layers.append((name, module))
-        elif _wrappable(module) and _matches(name, config, model, module):
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        if not _matches(name, config, model, base):
+            continue
+        if config.exclude_modules and _names_match(name, config.exclude_modules):
+            continue
+        if isinstance(module, LoraLinear) or _wrappable(module):
             layers.append((name, module))
+        else:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        raise ValueError(f"target_modules={config.target_modules!r} matches {', '.join(unsupported[:3])}"
+                         f"{' and more' if len(unsupported) > 3 else ''}: lightllm's LoRA wraps nn.Linear, "
+                         "GPT-2's Conv1D and QuantLinear only")
     if not layers:
         raise ValueError(f"target_modules={config.target_modules!r} matches no Linear, Conv1D or QuantLinear "
                          "module of the model")
-    targeted = {name for name, _ in layers}
-    to_save = []
-    for name, module in model.named_modules():
-        if name in saved:
-            if _modules_to_save_matches(name, config.modules_to_save):
-                to_save.append((name, module))
-        elif not name.startswith(inside) and name not in targeted and _modules_to_save_matches(name, config.modules_to_save):
-            to_save.append((name, module))
-    if config.modules_to_save and not to_save:
-        raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of the model")
-    for name, module in to_save:
-        inner = [n for n in [*(n for n, _ in to_save), *targeted] if n != name and n.startswith(name + ".")]
-        if inner:
-            raise ValueError(f"modules_to_save names {name!r}, which holds other targets of the adapter ({inner[:3]})")
     plan = []
     for name, module in layers:
         r = _pattern_value(name, config.rank_pattern, config.r)
@@ -458,11 +528,17 @@ def _check_adapter_tensors(model: nn.Module, config: LoraConfig, tensors: dict[s
     for name, module, r, _ in plan.layers:
         base = module.base_layer if isinstance(module, LoraLinear) else module
         k, n = base_features(base)
-        if existing is not None and isinstance(module, LoraLinear) and existing in module.lora_A:
+        if existing is not None:
+            if not (isinstance(module, LoraLinear) and existing in module.lora_A):
+                raise ValueError(f"{path}: the file's configuration puts LoRA on {name}, where adapter {existing!r} "
+                                 "has none; load it under a new adapter name")
             r = module.lora_A[existing].weight.shape[0]
         expected[f"{PREFIX}{name}.lora_A.weight"] = ("lora_A", name, (r, k))
         expected[f"{PREFIX}{name}.lora_B.weight"] = ("lora_B", name, (n, r))
     for name, module in plan.saved:
+        if existing is not None and not (isinstance(module, ModulesToSaveWrapper) and existing in module.modules_to_save):
+            raise ValueError(f"{path}: the file saves {name} whole, which adapter {existing!r} does not; load it "
+                             "under a new adapter name")
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         for key, t in original.state_dict().items():
             expected[f"{PREFIX}{name}.{key}"] = ("saved", f"{name}|{key}", tuple(t.shape))
@@ -524,10 +600,12 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 
 
 @torch.no_grad()
-def from_pretrained(model: nn.Module, directory, adapter_name: str = "default") -> LoraModel:
-    """Load an adapter saved by lightllm or PEFT onto ``model``. The file is checked against the
-    model before the model is wrapped: a file that does not fit leaves the model as it was."""
+def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False) -> LoraModel:
+    """Load an adapter saved by lightllm or PEFT onto ``model``, frozen unless ``is_trainable``
+    (PEFT's ``PeftModel.from_pretrained``). The file is checked against the model before the model
+    is wrapped: a file that does not fit leaves the model as it was."""
     config, tensors, path = _read_adapter(directory)
+    config.inference_mode = not is_trainable
     targets = _check_adapter_tensors(model, config, tensors, path, None)
     wrapped = get_peft_model(model, config, adapter_name)
     _copy_adapter_tensors(wrapped.model, tensors, targets, adapter_name)
