@@ -272,6 +272,19 @@ def time_capped(fn: Callable[[], object], *, warmup: int, iters: int, eager_iter
             "device_us_p80": dev.p80_us, "iters": iters, "eager_us": eager.median_us}
 
 
+def size_pair(text: str, example: str = "4096x11008") -> tuple[int, int]:
+    """argparse type: two positive sizes written ``AxB``."""
+    import argparse
+
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two sizes like {example}") from None
+    if a <= 0 or b <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return a, b
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
     import argparse
@@ -452,6 +465,13 @@ def plot_bars(rows: Sequence[Mapping[str, object]], path, *, group_key: Callable
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3, which="both" if logy else "major")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

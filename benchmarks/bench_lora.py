@@ -59,7 +59,9 @@ from _timing import (  # noqa: E402
     measure_copy_bandwidth,
     positive_int,
     resolve_device,
+    save_figure,
     setup_logging,
+    size_pair,
     time_capped,
 )
 
@@ -413,23 +415,10 @@ def plot_ratios(rows: list[dict], path: Path, tags: dict) -> None:
                  f"{tags.get('card', '?')}, {tags.get('date', '?')[:10]}, commit {tags.get('commit', '?')}",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / (5.0 * cols + 2.0), 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    logger.info("wrote plot %s", path)
+    save_figure(fig, path)
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected IN x OUT, e.g. 4096x11008") from None
-    if k <= 0 or n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
-    return k, n
-
 
 IMPL_CHOICES = (LINEAR, QUANT_LINEAR, *(OURS + b for b in BACKENDS), PEFT_FP32, PEFT_FP16, ADDMM)
 
@@ -450,7 +439,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         + " ".join(map(str, QUICK_TOKENS)) + ", fewer iterations")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to run (default: cuda if a GPU is visible, else cpu)")
-    p.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="INxOUT")
+    p.add_argument("--shapes", type=size_pair, nargs="+", default=None, metavar="INxOUT")
     p.add_argument("--tokens", type=positive_int, nargs="+", default=None, metavar="T", help="rows of x, e.g. 1 16 4096")
     p.add_argument("--rank", type=positive_int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time (default: all)")

@@ -60,8 +60,10 @@ from _timing import (  # noqa: E402
     measure_copy_bandwidth,
     positive_int,
     resolve_device,
+    save_figure,
     retain_freed_cpu_memory,
     setup_logging,
+    size_pair,
     time_capped,
     warn_if_busy,
 )
@@ -498,23 +500,10 @@ def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, su
     fig.suptitle(f"weight-only low-bit matmul y = x W^T, {subtitle}\n{tags.get('card', '?')}, "
                  f"{tags.get('date', '?')[:10]}, commit {tags.get('commit', '?')}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / (5.2 * cols + 2.2), 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    logger.info("wrote plot %s", path)
+    save_figure(fig, path)
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        n, k = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected N x K, e.g. 4096x11008") from None
-    if n <= 0 or k <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
-    return n, k
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -536,7 +525,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "CPU: the smoke shapes with fewer iterations")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to run (default: cuda if a GPU is visible, else cpu)")
-    p.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="NxK",
+    p.add_argument("--shapes", type=size_pair, nargs="+", default=None, metavar="NxK",
                    help="weight shapes, N (out) x K (in), e.g. 4096x4096 11008x4096")
     p.add_argument("--m", type=positive_int, nargs="+", default=None, metavar="M", help="rows of x, e.g. 1 16 64")
     p.add_argument("--bits", type=int, nargs="+", default=None, choices=GPTQ_BITS, metavar="BITS",

@@ -17,6 +17,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals  # where the global forward hooks live
 
 from ..ops import lora as ops_lora
 from .quant_linear import QuantLinear
@@ -34,9 +35,7 @@ def _plain_layer(module: nn.Module) -> bool:
         return False
     if "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks:
         return False
-    from torch.nn.modules import module as module_globals
-
-    return not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+    return not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
