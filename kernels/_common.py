@@ -97,6 +97,27 @@ def sum_partials(ptrs, split_stride, mask, splits):
 
 
 @triton.jit
+def store_s_part(x_ptrs, stride_xk, a_ptr, stride_ar, stride_ak, k_first, k_end, k_step, ws_ptr, offs_m, m_ok, R,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """This program's part of S = x A^T, summed over the K blocks starting at k_first, k_step
+    apart, below k_end, stored as rows ``offs_m`` of the [M, R] float32 tile at ``ws_ptr``; r in
+    chunks of BLOCK_R (x is re-read from L1/L2 per chunk)."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        s_part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_first, k_end, k_step):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            x = tl.load(x_ptrs + offs_k[None, :].to(tl.int64) * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            at = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak,
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            s_part = tl.dot(x, at, s_part, input_precision=PRECISION)
+        tl.store(ws_ptr + offs_m[:, None] * R + offs_r[None, :], s_part, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
 def add_rank_r(acc, s_ptr, stride_sm, stride_sr, s_split_stride, s_splits, b_ptr, stride_bn, stride_br,
                offs_m, offs_n, m_ok, n_ok, R, scale, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + scale * S[offs_m, :] @ B[offs_n, :]^T`` in float32, r in chunks of BLOCK_R.

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import add_rank_r, arrive, device_guard, interpreted, sm_count, split_counters, sum_partials
+from ._common import (add_rank_r, arrive, device_guard, interpreted, sm_count, split_counters, store_s_part,
+                      sum_partials)
 from .lora import _block_r, _precisions, lora_shrink
 
 
@@ -123,21 +124,9 @@ def _gptq_matmul_kernel(
         ws_y = ws_y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]  # [SPLIT_K, M, N]
         tl.store(ws_y + pid_k * M * N, acc, mask=out_mask)
         ws_s = ws_s_ptr + (pid_n * SPLIT_K).to(tl.int64) * M * R  # [column tiles, SPLIT_K, M, R]
-        if LORA == 2:
-            # This program's part of S = x A^T (its K blocks), r in chunks.
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_ok = offs_r < R
-                s_part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = offs_k < K
-                    x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                    at = tl.load(lora_a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
-                                 mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-                    s_part = tl.dot(x, at, s_part, input_precision=S_PRECISION)
-                tl.store(ws_s + pid_k * M * R + offs_m[:, None] * R + offs_r[None, :], s_part,
-                         mask=m_ok[:, None] & r_ok[None, :])
+        if LORA == 2:  # this program's part of S = x A^T, over its K blocks
+            store_s_part(x_ptrs, 1, lora_a_ptr, stride_ar, stride_ak, pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K,
+                         ws_s + pid_k * M * R, offs_m, m_ok, R, BLOCK_M, BLOCK_R, BLOCK_K, S_PRECISION)
         tile = pid_m * tl.num_programs(1) + pid_n
         if arrive(counter_ptr + tile) == SPLIT_K - 1:
             total = sum_partials(ws_y, M * N, out_mask, SPLIT_K)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import add_rank_r, arrive, device_guard, interpreted, split_counters, split_plan, sum_partials
+from ._common import (add_rank_r, arrive, device_guard, interpreted, split_counters, split_plan, store_s_part,
+                      sum_partials)
 
 DECODE_ROWS = 16  # tokens up to which lora_decode serves (one launch)
 
@@ -257,22 +258,9 @@ def _lora_decode_kernel(
     ws_y = ws_y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(ws_y + pid_s * M * N, acc, mask=m_ok[:, None] & n_ok[None, :])
     ws_s = ws_s_ptr + (pid_n * splits).to(tl.int64) * M * R
-    if HAS_LORA:
-        # This slice's part of S = x A^T, r in chunks (x is re-read from L1/L2 per chunk).
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_ok = offs_r < R
-            s_part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < k_hi
-                x = tl.load(x_ptrs + offs_k[None, :].to(tl.int64) * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
-                            other=0.0).to(tl.float32)
-                at = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak,
-                             mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-                s_part = tl.dot(x, at, s_part, input_precision=S_PRECISION)
-            tl.store(ws_s + pid_s * M * R + offs_m[:, None] * R + offs_r[None, :], s_part,
-                     mask=m_ok[:, None] & r_ok[None, :])
+    if HAS_LORA:  # this slice's part of S = x A^T
+        store_s_part(x_ptrs, stride_xk, a_ptr, stride_ar, stride_ak, k_lo, k_hi, BLOCK_K, ws_s + pid_s * M * R,
+                     offs_m, m_ok, R, BLOCK_M, BLOCK_R, BLOCK_K, S_PRECISION)
 
     if arrive(counter_ptr + pid_n) == splits - 1:
         total = sum_partials(ws_y, M * N, m_ok[:, None] & n_ok[None, :], splits)

@@ -455,10 +455,11 @@ def _plan_adapter(model: nn.Module, config: LoraConfig) -> _AdapterPlan:
         inner = [n for n, _ in to_save if n.startswith(name + ".")]
         if inner:
             raise ValueError(f"modules_to_save names {name!r} and modules inside it ({inner[:3]})")
-    saved_now = tuple(n + "." for n, _ in to_save)
+    saved_names = {n for n, _ in to_save}
+    saved_now = tuple(n + "." for n in saved_names)
     layers, unsupported = [], []
     for name, module in model.named_modules():
-        if name.startswith(inside) or name.startswith(saved_now) or any(name == n for n, _ in to_save):
+        if name.startswith(inside) or name.startswith(saved_now) or name in saved_names:
             continue
         base = module.base_layer if isinstance(module, LoraLinear) else module
         if not _matches(name, config, model, base):
