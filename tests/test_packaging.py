@@ -114,3 +114,60 @@ def test_cpu_only_native_build(tmp_path):
     assert lines[0] == str(src / "lightllm" / "__init__.py")
     assert "cpp" in lines[2].split(",")
     assert lines[3] == "True False"
+
+
+# ---- the checkout's kernels/ folder must not stand in for Hugging Face's `kernels` ----------------
+# `python -m ...`, `python -c` and pytest started in the checkout put its root first on sys.path,
+# where kernels/ (a regular package, for the editable install) would shadow an installed `kernels`.
+
+def _run_in_checkout(code: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"in {ROOT}:\n{code}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout.strip().split("\n")
+
+
+def test_root_first_on_the_path_still_imports_another_kernels_package(tmp_path):
+    """A `kernels` package later on the path (here a stand-in for Hugging Face's) is what
+    `import kernels` gives, submodules included; lightllm.kernels stays ours in the same process."""
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("__version__ = 'installed-elsewhere'\n")
+    (other / "layer.py").write_text("WHERE = 'installed-elsewhere layer'\n")
+    lines = _run_in_checkout(
+        "import os, sys\n"
+        f"assert os.path.realpath(sys.path[0] or '.') == {str(ROOT)!r}, sys.path[:2]\n"
+        f"sys.path.insert(1, {str(tmp_path / 'site')!r})\n"
+        "import kernels, kernels.layer\n"
+        "from kernels.layer import WHERE\n"
+        "import lightllm.kernels.blockwise as ours\n"
+        "print(kernels.__version__); print(kernels.__file__); print(WHERE); print(ours.__file__)\n"
+    )
+    assert lines[0] == "installed-elsewhere"
+    assert lines[1] == str(other / "__init__.py")
+    assert lines[2] == "installed-elsewhere layer"
+    assert lines[3] == str(ROOT / "kernels" / "blockwise.py") or "site-packages" in lines[3]
+
+
+def test_transformers_and_hugging_face_kernels_import_from_the_checkout_root():
+    """The failure a new user met (issue 13): transformers >= 5.25 requires Hugging Face's
+    `kernels` and imports it; from the checkout's root it must get the real one, not kernels/."""
+    import importlib.metadata
+
+    lines = _run_in_checkout(
+        "import transformers\n"
+        "from transformers import LlamaForCausalLM\n"
+        "import kernels\n"
+        "print(transformers.__version__); print(kernels.__file__); print(getattr(kernels, '__version__', 'none'))\n"
+    )
+    try:
+        installed = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is None:
+        # No Hugging Face `kernels` here (transformers < 5.25 does not need it): the folder stays an
+        # empty stand-in without a version, which transformers judges unusable, and it imports.
+        assert lines[1] == str(ROOT / "kernels" / "__init__.py") and lines[2] == "none"
+    else:
+        assert not lines[1].startswith(str(ROOT) + os.sep), f"`import kernels` gave the checkout's folder {lines[1]}"
+        assert lines[2] == installed
