@@ -150,7 +150,7 @@ setup(
     # Triton kernels live in the top-level folder kernels/ but install as lightllm.kernels:
     # a top-level `kernels` module would shadow Hugging Face's `kernels` package.
     packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.optim", "lightllm.quantization", "lightllm.models",
-              "lightllm.tuning",
+              "lightllm.tuning", "lightllm.tuning.lora", "lightllm.tuning.adapter",
               "lightllm.kernels"],
     package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},
     # The embedded default model ships inside the package (a Hugging Face model directory).

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_check.sh [--quick] [--only AREA]...
 #
-# Areas: build, tests, blockwise, quant, gptq, optim, lora (default: all). --quick stays under 6 minutes on an H100
+# Areas: build, tests, blockwise, quant, gptq, optim, lora, adapter (default: all). --quick stays under 6 minutes on an H100
 # including the build; later issues add areas and keep that bound.
 # A bitsandbytes baseline is used when importable; point BNB_PATH at an unpacked (trimmed) wheel
 # to put it on PYTHONPATH, since the device machine has no bitsandbytes and no network.
@@ -77,6 +77,10 @@ fi
 
 if wants lora; then
   step lora python benchmarks/bench_lora.py $QUICK --device cuda --out "$RESULTS/bench_lora.csv"
+fi
+
+if wants adapter; then
+  step adapter python benchmarks/bench_adapter.py $QUICK --device cuda --out "$RESULTS/bench_adapter.csv"
 fi
 
 echo

@@ -135,3 +135,32 @@ def add_rank_r(acc, s_ptr, stride_sm, stride_sr, s_split_stride, s_splits, b_ptr
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(s * scale, bt, acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` of a tiled GEMM, tiles ordered GROUP_M rows at a time along
+    M so that consecutive programs share the same column tiles of the weight in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+def launch_tiled(kernel, tuned, m: int, n: int, args: tuple, flags: dict, interpreter_config: dict,
+                 device: torch.device) -> None:
+    """Launch a tiled GEMM over an [m, n] output: the autotuned version on a GPU; under the
+    interpreter, where there is nothing to time, ``kernel`` with one small config."""
+    with device_guard(device):
+        if interpreted():
+            blocks = interpreter_config
+            grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+            kernel[grid](*args, **flags, **blocks)
+        else:
+            def grid(meta):
+                return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+            tuned[grid](*args, **flags)
+

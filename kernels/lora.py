@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (add_rank_r, arrive, device_guard, interpreted, split_counters, split_plan, store_s_part,
-                      sum_partials)
+from ._common import (add_rank_r, arrive, device_guard, grouped_tile, interpreted, launch_tiled, split_counters,
+                      split_plan, store_s_part, sum_partials)
 
 DECODE_ROWS = 16  # tokens up to which lora_decode serves (one launch)
 
@@ -145,16 +145,7 @@ def _lora_matmul_kernel(
 ):
     """y = x W^T + bias + scale * S B^T; one [BLOCK_M, BLOCK_N] tile per program, grouped along M
     so that consecutive programs share W tiles in L2. M_BUCKET only keys the autotuner."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -210,15 +201,8 @@ def lora_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, s: 
             b.stride(0) if has_lora else 0, b.stride(1) if has_lora else 0, y.stride(0), y.stride(1))
     flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, FP32_DOT=x.dtype == torch.float32,
                  EPI_PRECISION=epi, BLOCK_R=_block_r(rank))
-    with device_guard(x.device):
-        if interpreted():  # nothing to time under the interpreter: one small config
-            grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32),)
-            _lora_matmul_kernel[grid](*args, **flags, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
-        else:
-            def grid(meta):
-                return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-            _lora_matmul_tuned[grid](*args, **flags)
+    launch_tiled(_lora_matmul_kernel, _lora_matmul_tuned, m, n, args, flags,
+                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4), x.device)
     return y
 
 

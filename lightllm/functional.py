@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.lightllm.*)
+from .ops import adapter as _ops_adapter
 from .ops import lora as _ops_lora
 from .ops.blockwise import _PerMapCache
 from .quantization.gptq_format import dequantize_gptq, pack_gptq, unpack_gptq
@@ -180,3 +181,25 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError("lora_linear: x must have at least one dimension (in_features)")
     y = _ops_lora.lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def bottleneck_adapter(z: torch.Tensor, res: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                       up_weight: torch.Tensor, up_bias: torch.Tensor | None, scale: float | torch.Tensor = 1.0,
+                       act: str = "tanh") -> torch.Tensor:
+    """A bottleneck adapter, fused: ``res + scale * (act(z @ down_weight^T + down_bias) @ up_weight^T + up_bias)``.
+
+    z [..., K] and res [..., N] (the same leading dimensions, one float dtype); down_weight
+    [bottleneck, K], up_weight [N, bottleneck], the biases (or None) and scale (a number, or a
+    tensor of one element, e.g. a learned parameter) may be any float dtype. Computed in float32
+    and rounded once to res's dtype; the Triton kernel does it in one launch up to 16 tokens.
+    ``act`` is one of transformers' ACT2FN names the op knows (tanh, relu, gelu, gelu_new, silu,
+    swish, sigmoid, leakyrelu, linear). Differentiable in every tensor (lightllm/ops/adapter.py).
+    """
+    if z.dim() < 1 or res.dim() < 1 or z.shape[:-1] != res.shape[:-1]:
+        raise ValueError(f"bottleneck_adapter: z [..., K] and res [..., N] need the same leading dimensions, got "
+                         f"{tuple(z.shape)} and {tuple(res.shape)}")
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor([float(scale)], dtype=torch.float32, device=z.device)
+    y = _ops_adapter.bottleneck_adapter(z.reshape(-1, z.shape[-1]), res.reshape(-1, res.shape[-1]), down_weight,
+                                        down_bias, up_weight, up_bias, scale, act)
+    return y.reshape(res.shape)

@@ -76,3 +76,25 @@ def test_bench_lora_runs(tmp_path):
     assert all(row["accuracy"] == "ok" for row in rows), [(r["impl"], r["accuracy"]) for r in rows]
     ours = [row for row in rows if row["impl"] == "lightllm-torch"]
     assert all(row["ratio_vs_base"] for row in ours)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the benchmarks plot with matplotlib")
+def test_bench_adapter_runs(tmp_path):
+    rows = run_script("bench_adapter.py", tmp_path / "adapter.csv", "--shapes", "64x40", "--bottleneck", "4",
+                      "--tokens", "1", "17", "--iters", "2", "--warmup", "1")
+    impls = {(row["mode"], row["impl"]) for row in rows}
+    assert {("fwd", "linear"), ("fwd", "lightllm-torch"), ("fwd", "eager-fp32"), ("fwd+bwd", "lightllm-torch"),
+            ("fwd+bwd", "eager-half")} <= impls
+    assert all(row["accuracy"] == "ok" for row in rows), [(r["impl"], r["accuracy"]) for r in rows]
+    assert all(float(row["floor"]) > 1 for row in rows)
+
+
+def test_adapter_training_runs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "training.csv"
+    proc = subprocess.run([sys.executable, str(BENCH / "adapter_training.py"), "--steps", "2", "--placements",
+                           "pfeiffer", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["placement"].startswith("Pfeiffer") and float(row["ppl_before"]) > 1 and row["commit"]

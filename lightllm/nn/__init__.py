@@ -1,7 +1,23 @@
-"""Drop-in modules: quantized Linear layers, LoRA layers and the StableEmbedding for 8-bit optimizers."""
+"""Drop-in modules: quantized Linear layers and the StableEmbedding for 8-bit optimizers.
 
-from .lora import LoraLinear
+The tuning methods' layers live with their methods (lightllm.tuning.lora, lightllm.tuning.adapter);
+``lightllm.nn.LoraLinear`` and ``lightllm.nn.AdapterLayer`` still name them, resolved on first use
+(lightllm.tuning imports this package, so a plain import here would be circular).
+"""
+
 from .quant_linear import QuantLinear
 from .stable_embedding import StableEmbedding
 
-__all__ = ["LoraLinear", "QuantLinear", "StableEmbedding"]
+__all__ = ["AdapterLayer", "LoraLinear", "QuantLinear", "StableEmbedding"]
+
+
+def __getattr__(name):
+    if name == "LoraLinear":
+        from ..tuning.lora.layer import LoraLinear
+
+        return LoraLinear
+    if name == "AdapterLayer":
+        from ..tuning.adapter.layer import AdapterLayer
+
+        return AdapterLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

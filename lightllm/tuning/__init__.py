@@ -1,5 +1,23 @@
-"""Parameter-efficient tuning: LoRA with PEFT's configuration, layout and files."""
+"""Parameter-efficient tuning: one tuner base (config.py, layers.py, tuner.py, save_load.py,
+mapping.py) shared by the methods, each a folder of its own (lora/, adapter/).
 
-from .lora import LoraConfig, LoraLinear, LoraModel, ModulesToSaveWrapper, from_pretrained, get_peft_model
+``get_peft_model(model, config)`` picks the method from the config; ``from_pretrained(model, dir)``
+from the adapter folder (PEFT's, LLM-Adapters' or AdapterHub's layout).
+"""
 
-__all__ = ["LoraConfig", "LoraLinear", "LoraModel", "ModulesToSaveWrapper", "from_pretrained", "get_peft_model"]
+from .adapter import AdapterConfig, AdapterLayer, AdapterModel
+from .kbit import prepare_model_for_kbit_training
+from .layers import BaseLayerKind, TunerLayer, base_layer_kind, register_base_layer
+from .lora import LoraConfig, LoraLinear, LoraModel
+from .adapter import adapterhub as _adapterhub
+from .mapping import FOLDER_READERS, from_pretrained, get_peft_model, register_method
+from .tuner import ModulesToSaveWrapper, TunerModel
+
+register_method(LoraModel)
+register_method(AdapterModel)
+FOLDER_READERS.append(_adapterhub.read_folder)
+
+__all__ = [
+    "AdapterConfig", "AdapterLayer", "AdapterModel", "BaseLayerKind", "LoraConfig", "LoraLinear", "LoraModel", "ModulesToSaveWrapper", "TunerLayer", "TunerModel",
+    "base_layer_kind", "from_pretrained", "get_peft_model", "prepare_model_for_kbit_training", "register_base_layer",
+]

@@ -1,0 +1,497 @@
+"""The tuner base every method shares: the PEFT-style model wrapper and its adapters' lifecycle.
+
+``TunerModel`` wraps a user's model in place (``base_model.model`` is that model, as in PEFT):
+it finds the targets of a config (PEFT's matching rules), wraps each in the method's
+:class:`~lightllm.tuning.layers.TunerLayer`, keeps ``modules_to_save`` copies, marks what trains,
+manages named adapters (add / set / delete / disable), counts parameters, and writes and reads
+adapter folders with every tensor checked against the model first. A method subclasses it and
+fills in a few hooks: what to add to a wrapped layer, which tensors an adapter saves and how a
+file's tensors go back in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import pathlib
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import TunerConfig, modules_to_save_matches, target_matches
+from .layers import TunerLayer, base_layer_kind, supported_base_layers
+from .save_load import check_tensors, json_writer, read_json, read_tensors, tensors_writer, write_files_atomically
+
+logger = logging.getLogger("lightllm")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's wrapper for ``modules_to_save``: the original module plus a trainable copy per adapter.
+    The active adapter's copy runs; the original runs for other adapters and when adapters are
+    disabled. Attributes not found here are the original's (``lm_head.weight`` and the like)."""
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.add(adapter_name)
+
+    def add(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        # What runs answers: the active adapter's copy (lm_head.weight for a fused loss is the trained one).
+        copies = super().__getattr__("modules_to_save")
+        active = self.__dict__.get("active_adapter")
+        if not self.__dict__.get("disabled", False) and active in copies:
+            return getattr(copies[active], name)
+        return getattr(super().__getattr__("original_module"), name)
+
+
+@dataclasses.dataclass
+class TargetPlan:
+    """What a config does to a model, decided before anything changes."""
+
+    layers: list  # (name, module to wrap or its TunerLayer, per-layer info from the method)
+    saved: list  # (name, module or its ModulesToSaveWrapper) for modules_to_save
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+class TunerModel(nn.Module):
+    """The wrapped model of one tuning method (``base_model.model`` is the user's model)."""
+
+    layer_type: ClassVar[type[TunerLayer]] = TunerLayer
+    config_type: ClassVar[type[TunerConfig]] = TunerConfig
+    method_name: ClassVar[str] = "adapter"
+    # The config.bias value that trains the wrapped layers' own biases ("lora_only", "adapter_only").
+    layer_bias_value: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = nn.Module()
+        self.base_model.model = model
+        self.peft_config: dict[str, TunerConfig] = {}
+        self.active_adapter = adapter_name
+        if config is not None:  # None: a wrapper without adapters yet (files are checked before the first)
+            self.add_adapter(adapter_name, config)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def tuner_layers(self) -> dict[str, TunerLayer]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, self.layer_type)}
+
+    def saved_modules(self) -> dict[str, ModulesToSaveWrapper]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+    # ---- hooks for the methods ------------------------------------------------------------------
+    def _prepare_config(self, config: TunerConfig) -> TunerConfig:
+        """The config with anything the model decides filled in (defaults per model type)."""
+        return config
+
+    def _check_new_adapter(self, adapter_name: str, config: TunerConfig) -> None:
+        """Refuse a config that cannot join the adapters already there."""
+
+    def _layer_info(self, name: str, module: nn.Module, config: TunerConfig) -> Any:
+        """Per-layer settings of a target (LoRA: its rank and alpha); raise on a bad one."""
+        return None
+
+    def _add_to_layer(self, layer: TunerLayer, adapter_name: str, config: TunerConfig, info: Any, name: str) -> None:
+        raise NotImplementedError
+
+    def _layer_state(self, name: str, layer: TunerLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Saved tensors of one wrapped layer for ``adapter_name``, keyed by their saved names."""
+        raise NotImplementedError
+
+    def _expected_layer_tensors(self, name: str, module: nn.Module, info: Any, config: TunerConfig,
+                                existing: str | None, path) -> dict[str, tuple[str, str, tuple]]:
+        """key -> (kind, layer name, shape) of the tensors a file holds for one target layer."""
+        raise NotImplementedError
+
+    def _optional_layer_tensors(self, expected: dict[str, tuple[str, str, tuple]]) -> set[str]:
+        """Keys of ``expected`` a file may leave out."""
+        return set()
+
+    def _copy_layer_tensor(self, layer: TunerLayer, kind: str, adapter_name: str, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    # ---- planning -----------------------------------------------------------------------------
+    def _plan(self, config: TunerConfig) -> TargetPlan:
+        """Which layers a config wraps and which modules it saves; changes nothing. As in PEFT, a
+        module that modules_to_save names is saved whole and not also given an adapter, and
+        exclude_modules removes matches; a matched module that cannot be wrapped is an error."""
+        model = self.model
+        wrapped = {n: m for n, m in model.named_modules() if isinstance(m, TunerLayer)}
+        saved = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+        inside = tuple(name + "." for name in (*wrapped, *saved))  # submodules of a wrapper are not targets
+        to_save = [(n, m) for n, m in model.named_modules()
+                   if (n in saved or not n.startswith(inside)) and modules_to_save_matches(n, config.modules_to_save)]
+        if config.modules_to_save and not to_save:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of the model")
+        for name, _ in to_save:
+            inner = [n for n, _ in to_save if n.startswith(name + ".")]
+            if inner:
+                raise ValueError(f"modules_to_save names {name!r} and modules inside it ({inner[:3]})")
+        saved_names = {n for n, _ in to_save}
+        saved_now = tuple(n + "." for n in saved_names)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = head.original_module if isinstance(head, ModulesToSaveWrapper) else head
+        layers, unsupported = [], []
+        for name, module in model.named_modules():
+            if name.startswith(inside) or name.startswith(saved_now) or name in saved_names:
+                continue
+            if isinstance(module, TunerLayer) and not isinstance(module, self.layer_type):
+                continue  # another method's layer: its base is not ours to wrap again
+            base = module.base_layer if isinstance(module, TunerLayer) else module
+            wrappable = base_layer_kind(base) is not None
+            if not target_matches(name, config, base is head, wrappable):
+                continue
+            if wrappable:
+                layers.append((name, module))
+            else:
+                unsupported.append(f"{name} ({type(module).__name__})")
+        if unsupported:
+            raise ValueError(f"target_modules={config.target_modules!r} matches {', '.join(unsupported[:3])}"
+                             f"{' and more' if len(unsupported) > 3 else ''}: lightllm's {self.method_name} wraps "
+                             f"{supported_base_layers()} only")
+        if not layers:
+            raise ValueError(f"target_modules={config.target_modules!r} matches no Linear layer of the model "
+                             f"(lightllm's {self.method_name} wraps {supported_base_layers()})")
+        return TargetPlan([(n, m, self._layer_info(n, m, config)) for n, m in layers], to_save)
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: TunerConfig) -> None:
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_type.__name__}, got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        config = self._prepare_config(config)
+        self._check_new_adapter(adapter_name, config)
+        plan = self._plan(config)
+        model = self.model
+        for name, module, info in plan.layers:
+            layer = module if isinstance(module, self.layer_type) else None
+            if layer is None:
+                layer = self.layer_type(module)
+                replace_module(model, name, layer)
+            self._add_to_layer(layer, adapter_name, config, info, name)
+            layer.train(layer.base_layer.training)  # new dropout modules follow the model's mode (eval stays eval)
+        for name, module in plan.saved:
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+            else:
+                module = ModulesToSaveWrapper(module, adapter_name)
+                replace_module(model, name, module)
+            module.train(module.original_module.training)
+        self.peft_config[adapter_name] = config
+        active = self.active_adapter if self.active_adapter in self.peft_config else adapter_name
+        self.active_adapter = active
+        self._mark_trainable(freeze_base=True)
+        self.set_adapter(active)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (its parameters train, the others' do not); a
+        merged model is unmerged first, as in PEFT."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if any(layer.merged_adapters for layer in self.tuner_layers().values()):
+            logger.warning("set_adapter: the model holds merged adapters; unmerging them first")
+            self.unmerge_adapter()
+        self.active_adapter = adapter_name
+        for layer in self.tuner_layers().values():
+            layer.set_active([adapter_name])
+        for wrapper in self.saved_modules().values():
+            wrapper.active_adapter = adapter_name
+        self._mark_trainable(freeze_base=False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        for layer in self.tuner_layers().values():
+            layer.delete_adapter(adapter_name)
+        for wrapper in self.saved_modules().values():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """The base model inside the block (merged adapters are unmerged first, as in PEFT)."""
+        if any(layer.merged_adapters for layer in self.tuner_layers().values()):
+            logger.warning("disable_adapter: the model holds merged adapters; unmerging them first")
+            self.unmerge_adapter()
+        layers = list(self.tuner_layers().values()) + list(self.saved_modules().values())
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    def trained_biases(self, config: TunerConfig) -> list[tuple[str, nn.Parameter]]:
+        """The bias parameters ``config.bias`` trains (and saves), by their names in the model:
+        "all" every bias, the method's layer value (``lora_only``, ``adapter_only``) the wrapped
+        layers' own biases."""
+        bias = getattr(config, "bias", "none")
+        if bias == "none":
+            return []
+        model = self.model
+        wrappers = tuple(n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+        own = tuple(n + ".base_layer." for n, m in model.named_modules() if isinstance(m, self.layer_type))
+        adapter_params = {id(p) for layer in self.tuner_layers().values() for name in layer.adapter_names()
+                          for p in layer.adapter_parameters(name)}
+        out = []
+        for name, p in model.named_parameters():
+            if not name.endswith("bias") or id(p) in adapter_params or name.startswith(wrappers):
+                continue
+            if bias == "all" or name.startswith(own):
+                out.append((name, p))
+        return out
+
+    def _mark_trainable(self, freeze_base: bool) -> None:
+        """The active adapter's parameters train (unless its config is in inference mode) and the
+        other adapters' do not. ``freeze_base`` (when an adapter is added): every other parameter
+        is frozen, then the biases the config trains are not (PEFT's rule); otherwise parameters
+        outside the adapters keep whatever the user set."""
+        config = self.peft_config[self.active_adapter]
+        trainable = not config.inference_mode
+        if freeze_base:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for _, p in self.trained_biases(config):
+                p.requires_grad_(trainable)
+        for layer in self.tuner_layers().values():
+            for name in layer.adapter_names():
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(trainable and name == self.active_adapter)
+        for wrapper in self.saved_modules().values():
+            for name, copy_ in wrapper.modules_to_save.items():
+                for p in copy_.parameters():
+                    p.requires_grad_(trainable and name == self.active_adapter)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameters. A quantized base layer holds its weight packed (buffers,
+        not parameters): it counts as in_features x out_features (+ bias), its logical size, so
+        that "all" means the same number with and without quantization (PEFT counts packed 4-bit
+        parameters twice instead)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        for module in self.model.modules():
+            kind = base_layer_kind(module)
+            if kind is not None and kind.logical_weight_numel is not None:
+                total += kind.logical_weight_numel(module) - sum(p.numel() for p in module.parameters(recurse=False))
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        quantized = any(base_layer_kind(m) is not None and base_layer_kind(m).quantized for m in self.model.modules())
+        note = " (quantized layers counted at their logical size, in x out)" if quantized else ""
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+              f"{note}")
+
+    # ---- merging --------------------------------------------------------------------------------
+    def merge_adapter(self, requantize: bool = False) -> None:
+        raise ValueError(f"{self.method_name} adapters cannot be merged into the base weights")
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.tuner_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Merge the active adapter and put the base layers back: returns the plain model (a
+        modules_to_save copy of the active adapter replaces its original)."""
+        self.merge_adapter(requantize=requantize)
+        return self._unwrap(keep_saved_copies=True)
+
+    def unload(self) -> nn.Module:
+        """The base model without any adapter (nothing merged; modules_to_save originals back)."""
+        if any(layer.merged_adapters for layer in self.tuner_layers().values()):
+            self.unmerge_adapter()
+        return self._unwrap(keep_saved_copies=False)
+
+    def _unwrap(self, keep_saved_copies: bool) -> nn.Module:
+        model = self.model
+        for name, layer in list(self.tuner_layers().items()):
+            self._release_layer(layer)
+            replace_module(model, name, layer.base_layer)
+        for name, wrapper in list(self.saved_modules().items()):
+            keep = wrapper.original_module
+            if keep_saved_copies and self.active_adapter in wrapper.modules_to_save:
+                keep = wrapper.modules_to_save[self.active_adapter]
+            replace_module(model, name, keep)
+        return model
+
+    def _release_layer(self, layer: TunerLayer) -> None:
+        """Undo what wrapping a layer set up outside it (hooks on other modules)."""
+
+    # ---- files ----------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Tensors of one adapter under PEFT's saved names (``base_model.model.<module>...``)."""
+        config = self.peft_config[adapter_name]
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.tuner_layers().items():
+            if adapter_name in layer.adapter_names():
+                out.update(self._layer_state(name, layer, adapter_name))
+        for name, p in self.trained_biases(config):
+            out[PREFIX + name] = p
+        for name, wrapper in self.saved_modules().items():
+            if adapter_name in wrapper.modules_to_save:
+                for key, t in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{PREFIX}{name}.{key}"] = t
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def _config_to_save(self, adapter_name: str) -> dict[str, Any]:
+        config = self.peft_config[adapter_name].to_dict()
+        config["inference_mode"] = True  # as PEFT writes it: loading for training says is_trainable=True
+        return config
+
+    def save_pretrained(self, directory, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True) -> None:
+        """PEFT's layout (adapter_config.json + adapter_model.safetensors, or adapter_model.bin with
+        ``safe_serialization=False``); adapters other than "default" in a sub-folder of their name.
+        Each folder's files are written to a temporary folder and renamed into place."""
+        root = pathlib.Path(directory)
+        for adapter in selected_adapters or list(self.peft_config):
+            if adapter not in self.peft_config:
+                raise ValueError(f"no adapter named {adapter!r}; adapters: {sorted(self.peft_config)}")
+            out = root if adapter == "default" else root / adapter
+            weights = WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
+            write_files_atomically(out, {
+                weights: tensors_writer(self.adapter_state_dict(adapter), safe_serialization),
+                CONFIG_NAME: json_writer(self._config_to_save(adapter)),
+            })
+
+    def expected_tensors(self, config: TunerConfig, tensors: dict[str, torch.Tensor], path,
+                         existing: str | None) -> dict[str, tuple[str, str, tuple]]:
+        """key -> (kind, target, expected shape) for every tensor of an adapter file, checked
+        against what ``config`` makes of the model (or against adapter ``existing``); raises naming
+        the module and both shapes on a mismatch, a key the model has no place for, or a missing
+        tensor."""
+        expected: dict[str, tuple[str, str, tuple]] = {}
+        plan = self._plan(config)
+        for name, module, info in plan.layers:
+            expected.update(self._expected_layer_tensors(name, module, info, config, existing, path))
+        for name, module in plan.saved:
+            if existing is not None and not (isinstance(module, ModulesToSaveWrapper)
+                                             and existing in module.modules_to_save):
+                raise ValueError(f"{path}: the file saves {name} whole, which adapter {existing!r} does not; load it "
+                                 "under a new adapter name")
+            original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            for key, t in original.state_dict().items():
+                expected[f"{PREFIX}{name}.{key}"] = ("saved", f"{name}|{key}", tuple(t.shape))
+        params = dict(self.model.named_parameters())
+        for key in tensors:
+            if key in expected or not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX):]
+            bias = _find_bias(params, name)
+            if bias is not None:
+                expected[key] = ("bias", name, tuple(bias.shape))
+        required = {k for k, (kind, _, _) in expected.items() if kind != "bias"}
+        optional = (set(expected) - required) | self._optional_layer_tensors(expected)
+        check_tensors({k: (target.split("|")[0], shape) for k, (_, target, shape) in expected.items()},
+                      tensors, path, optional)
+        return expected
+
+    def copy_tensors(self, tensors: dict[str, torch.Tensor], targets, adapter_name: str) -> None:
+        layers = self.tuner_layers()
+        wrappers = self.saved_modules()
+        params = dict(self.model.named_parameters())
+        for key, value in tensors.items():
+            kind, target, _ = targets[key]
+            if kind == "saved":
+                name, sub = target.split("|")
+                dest = wrappers[name].modules_to_save[adapter_name].state_dict(keep_vars=True)[sub]
+                dest.copy_(value.to(dest.dtype))
+            elif kind == "bias":
+                dest = _find_bias(params, target)
+                dest.copy_(value.to(dest.dtype))
+            else:
+                self._copy_layer_tensor(layers[target], kind, adapter_name, value)
+
+    @torch.no_grad()
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load an adapter folder as ``adapter_name``, frozen unless ``is_trainable`` (as in PEFT).
+        Every tensor is checked against the model first; a file that does not fit changes nothing."""
+        config, tensors, path = self.read_adapter(directory)
+        config.inference_mode = not is_trainable
+        existing = adapter_name in self.peft_config
+        config = self._prepare_config(config)
+        targets = self.expected_tensors(config, tensors, path, adapter_name if existing else None)
+        if not existing:
+            self.add_adapter(adapter_name, config)
+        self.copy_tensors(tensors, targets, adapter_name)
+
+    @classmethod
+    @torch.no_grad()
+    def from_pretrained(cls, model: nn.Module, config: TunerConfig, tensors: dict[str, torch.Tensor], path,
+                        adapter_name: str = "default", is_trainable: bool = False) -> "TunerModel":
+        """Wrap ``model`` with an adapter read from a file (``config`` and ``tensors``, keys in
+        PEFT's layout), frozen unless ``is_trainable``. Every tensor is checked against the model
+        before the model is wrapped: a file that does not fit leaves the model as it was."""
+        config.inference_mode = not is_trainable
+        wrapper = cls(model, None, adapter_name)
+        config = wrapper._prepare_config(config)
+        targets = wrapper.expected_tensors(config, tensors, path, None)
+        wrapper.add_adapter(adapter_name, config)
+        wrapper.copy_tensors(tensors, targets, adapter_name)
+        return wrapper
+
+    @classmethod
+    def read_adapter(cls, directory) -> tuple[TunerConfig, dict[str, torch.Tensor], pathlib.Path]:
+        """(config, tensors, weights path) of a PEFT-layout adapter folder of this method."""
+        path = pathlib.Path(directory)
+        config = cls.config_type.from_dict(read_json(path / CONFIG_NAME))
+        tensors, weights = read_tensors(path, (WEIGHTS_NAME, BIN_WEIGHTS_NAME))
+        return config, tensors, weights
+
+
+def _find_bias(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:
+    """A bias parameter by its saved name: PEFT saves a wrapped layer's bias as
+    ``<layer>.base_layer.bias``, which is ``<layer>.bias`` before the layer is wrapped."""
+    if not name.endswith("bias"):
+        return None
+    for candidate in (name, name.replace(".base_layer.bias", ".bias"), name[: -len("bias")] + "base_layer.bias"):
+        if candidate in params:
+            return params[candidate]
+    return None
