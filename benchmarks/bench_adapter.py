@@ -16,9 +16,9 @@ bottleneck size, token count and mode, in the same run on the same device:
 Modes: ``fwd`` (inference) and ``fwd+bwd`` (training: x and the adapter need gradients, the base
 weight is frozen; the baseline is the frozen Linear's forward plus dX).
 
-Each output is checked against float64 with the implementation's own weights; the row fails when
-its error is more than twice the plain Linear's in the same dtype (``eager-half`` is reported, not
-judged). Columns: device time (CUDA events, L2 flushed), eager time per back-to-back call, the ratio
+Each output (forward) or input gradient (forward+backward) is checked against float64 with the
+implementation's own weights; the row fails when its error is more than twice the plain Linear's in
+the same dtype (``eager-half`` is reported, not judged). Columns: device time (CUDA events, L2 flushed), eager time per back-to-back call, the ratio
 to the baseline, the issue's target and whether it is met, the bandwidth achieved on the bytes the
 layer must move (weights, adapter, x, y) as a fraction of the copy bandwidth measured in the same
 run, TFLOP/s, and ``floor``: 1 + the adapter's FLOPs over the baseline's, the best ratio possible
@@ -113,7 +113,7 @@ class Layer:
         return lin
 
     def exact(self, x, wd, wu, with_adapter=True) -> torch.Tensor:
-        o = x.double() @ self.weight.double().t() + self.bias.double()
+        o = x.to(torch.float64) @ self.weight.double().t() + self.bias.double()
         if not with_adapter:
             return o
         return o + self.scale * torch.tanh(o @ wd.double().t()) @ wu.double().t()
@@ -166,9 +166,18 @@ def build(impl: str, layer: Layer, mode: str, x: torch.Tensor, grad: torch.Tenso
     flops = 2.0 * m * n * k * (2 if mode == "fwd+bwd" else 1)
 
     def check():
-        with torch.no_grad():
-            y = module(x)
-        return y, layer.exact(x, wd, wu, impl != LINEAR)
+        """(output, float64 output) in fwd; in fwd+bwd the input gradients, which cover the backward."""
+        if mode == "fwd":
+            with torch.no_grad():
+                y = module(x)
+            return y, layer.exact(x, wd, wu, impl != LINEAR)
+        xg = x.detach().requires_grad_()
+        (gx,) = torch.autograd.grad(module(xg), [xg], grad)
+        x64 = x.detach().double().requires_grad_()
+        (ex,) = torch.autograd.grad(layer.exact(x64, wd.detach() if wd is not None else None,
+                                                wu.detach() if wu is not None else None, impl != LINEAR),
+                                    [x64], grad.double())
+        return gx, ex
 
     if mode == "fwd":
         def call():

@@ -618,3 +618,108 @@ def test_presets_on_the_gpu_match_the_reference(dtype):
             got = logits(wrapped, ids)
         scale = want.abs().max().item()
         assert (got.float() - want.float()).abs().max().item() <= 16 * torch.finfo(dtype).eps * scale, preset
+
+
+# ---- review findings, each pinned -----------------------------------------------------------------
+
+def test_wrapped_models_pickle_whole(tmp_path):
+    """torch.save of a whole wrapped model (LoRA or adapters) works and loads back the same."""
+    for config in (LoraConfig(target_modules=["q_proj"], init_lora_weights=False), AdapterConfig.from_preset("pfeiffer")):
+        wrapped = get_peft_model(tiny_llama(), config)
+        randomize_adapters(wrapped)
+        torch.save(wrapped, tmp_path / "model.pt")
+        again = torch.load(tmp_path / "model.pt", weights_only=False)
+        torch.testing.assert_close(logits(again), logits(wrapped), rtol=0, atol=0)
+
+
+def test_saved_modules_with_integer_buffers_and_configs_without_peft_type_load(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.bn = torch.nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(self.proj(x))
+
+    wrapped = get_peft_model(Net(), LoraConfig(target_modules=["proj"], modules_to_save=["bn"]))
+    wrapped.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["peft_type"]  # older files: LoRA
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = from_pretrained(Net(), tmp_path)  # num_batches_tracked is int64: not an adapter weight
+    assert type(loaded).__name__ == "LoraModel"
+
+
+def test_loading_a_file_into_an_existing_adapter_with_other_settings_is_refused(tmp_path):
+    saved = get_peft_model(tiny_llama(), AdapterConfig.from_preset("pfeiffer", scaling=3.0))
+    saved.save_pretrained(tmp_path)
+    other = get_peft_model(tiny_llama(), AdapterConfig.from_preset("houlsby", non_linearity="relu"))
+    with pytest.raises(ValueError, match=r"differs from adapter 'default' in placement \(the adapter's 'output', the file's 'output_residual'\), "
+                                         r"scaling \(the adapter's 1.0, the file's 3.0\)"):
+        other.load_adapter(tmp_path, "default")
+
+
+def test_float64_models_and_re_added_adapters():
+    wrapped = get_peft_model(tiny_llama().double(), AdapterConfig.from_preset("houlsby"))
+    randomize_adapters(wrapped)
+    assert logits(wrapped).dtype == torch.float64  # the op takes float32/16/bf16; float64 runs module by module
+    layer = AdapterLayer(torch.nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    layer.add_adapter("a", "output", 4, "relu", 1.0, init_weights="bert")
+    one = layer(x)
+    layer.delete_adapter("a")
+    layer.add_adapter("a", "output", 4, "relu", 3.0, init_weights="bert")
+    with torch.no_grad():
+        layer.adapter_down["a"].weight.fill_(0.1)
+        layer.adapter_up["a"].weight.fill_(0.1)
+        o = layer.base_layer(x)
+        want = o + 3.0 * torch.relu(o @ layer.adapter_down["a"].weight.t()) @ layer.adapter_up["a"].weight.t()
+    torch.testing.assert_close(layer(x).detach(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(one, layer(x))
+
+
+def test_trained_base_biases_use_llm_adapters_names(tmp_path):
+    wrapped = get_peft_model(tiny_gpt2(), AdapterConfig(bottleneck_size=4, bias="adapter_only"))
+    trained = [n for n, p in wrapped.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    assert trained and all(".base_layer.bias" in n for n in trained)
+    with torch.no_grad():
+        for n, p in wrapped.named_parameters():
+            if n in trained:
+                p.add_(0.5)
+    wrapped.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.transformer.h.0.mlp.c_proj.bias" in keys and not any(".base_layer." in k for k in keys)
+    torch.testing.assert_close(logits(from_pretrained(tiny_gpt2(), tmp_path), IDS[:, :8]), logits(wrapped, IDS[:, :8]),
+                               rtol=0, atol=0)
+
+
+def test_a_preset_needs_its_sublayers():
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="preset 'pfeiffer' finds its targets for model types"):
+        get_peft_model(model, AdapterConfig.from_preset("pfeiffer"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["tanh", "gelu_new", "relu", "sigmoid"])
+def test_fixed_scaling_and_other_activations_through_the_layer(backend, act):
+    layer = AdapterLayer(torch.nn.Linear(40, 24))
+    layer.add_adapter("default", "parallel", 5, act, 0.5, init_weights="bert")
+    randomize_adapters(layer)
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    with lightllm.use_backend(backend):
+        y = layer(x)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    x64 = x.detach().double().requires_grad_()
+    d, u = layer.adapter_down["default"].weight.double(), layer.adapter_up["default"].weight.double()
+    base = layer.base_layer
+    want = torch.nn.functional.linear(x64, base.weight.double(), base.bias.double()) + \
+        0.5 * act_fn(act)(x64 @ d.t()) @ u.t()
+    (ex,) = torch.autograd.grad(want.sum(), [x64])
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), ex, rtol=1e-5, atol=1e-5)

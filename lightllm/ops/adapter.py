@@ -35,7 +35,7 @@ ADAPTER = "bottleneck_adapter"
 ADAPTER_BACKWARD = "bottleneck_adapter_backward"
 
 DECODE_ROWS = 16
-_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the op takes (float64 runs module by module)
 
 # The activations the op takes, by transformers' ACT2FN names (kernels/adapter.py has the same table).
 ACTIVATIONS = ("linear", "identity", "relu", "tanh", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "silu",
@@ -231,7 +231,7 @@ def check_bottleneck_adapter(z, res, down_weight, down_bias, up_weight, up_bias,
     if z.dim() != 2 or res.dim() != 2 or z.shape[0] != res.shape[0]:
         raise ValueError(f"{op}: z must be [tokens, K] and res [tokens, N] with the same tokens, got "
                          f"{tuple(z.shape)} and {tuple(res.shape)}")
-    if z.dtype not in _FLOAT_TYPES or res.dtype != z.dtype:
+    if z.dtype not in FLOAT_TYPES or res.dtype != z.dtype:
         raise TypeError(f"{op}: z and res must share a float dtype (float32, float16, bfloat16), got {z.dtype} and "
                         f"{res.dtype}")
     k, n = z.shape[1], res.shape[1]
@@ -244,13 +244,13 @@ def check_bottleneck_adapter(z, res, down_weight, down_bias, up_weight, up_bias,
     for name, t, size in (("down_bias", down_bias, b), ("up_bias", up_bias, n)):
         if t is not None and (t.dim() != 1 or t.shape[0] != size):
             raise ValueError(f"{op}: {name} must be [{size}], got {tuple(t.shape)}")
-    if scale.numel() != 1 or scale.dtype not in _FLOAT_TYPES:
+    if scale.numel() != 1 or scale.dtype not in FLOAT_TYPES:
         raise ValueError(f"{op}: scale must be a float tensor of one element, got {scale.dtype} {tuple(scale.shape)}")
     for name, t in (("res", res), ("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight),
                     ("up_bias", up_bias), ("scale", scale)):
         if t is None:
             continue
-        if t.dtype not in _FLOAT_TYPES:
+        if t.dtype not in FLOAT_TYPES:
             raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != z.device:
             raise ValueError(f"{op}: {name} is on {t.device} but z is on {z.device}")

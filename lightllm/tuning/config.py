@@ -66,8 +66,9 @@ class TunerConfig:
 
 
 def config_from_dict(d: dict[str, Any]) -> TunerConfig:
-    """The registered config class for ``d["peft_type"]``, built from ``d``."""
-    peft_type = d.get("peft_type")
+    """The registered config class for ``d["peft_type"]``, built from ``d`` (no peft_type: LoRA, as
+    older files of PEFT and lightllm were read)."""
+    peft_type = d.get("peft_type", "LORA")
     if peft_type not in CONFIG_TYPES:
         raise ValueError(f"adapter type {peft_type!r} is not supported by lightllm (supported: "
                          f"{', '.join(sorted(CONFIG_TYPES))})")

@@ -160,14 +160,20 @@ class TunerLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        self.base_kind = base_layer_kind(base_layer)
-        if self.base_kind is None:
+        kind = base_layer_kind(base_layer)
+        if kind is None:
             raise TypeError(f"{type(self).__name__} wraps {supported_base_layers()}, not {type(base_layer).__name__}")
-        self.in_features, self.out_features = self.base_kind.features(base_layer)
+        self.in_features, self.out_features = kind.features(base_layer)
         self.base_layer = base_layer
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+
+    @property
+    def base_kind(self) -> BaseLayerKind:
+        # Looked up, not stored: the kinds hold functions, and a stored one would make the model
+        # unpicklable (torch.save of a whole wrapped model).
+        return base_layer_kind(self.base_layer)
 
     def _base_reference(self) -> torch.Tensor:
         return self.base_kind.reference(self.base_layer)

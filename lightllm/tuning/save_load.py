@@ -80,10 +80,10 @@ def read_tensors(directory: pathlib.Path, names: tuple[str, ...]) -> tuple[dict[
 
 
 def check_tensors(expected: dict[str, tuple[str, tuple]], tensors: dict[str, torch.Tensor], path,
-                  optional: set[str] = frozenset()) -> None:
+                  optional: set[str] = frozenset(), floating: set[str] | None = None) -> None:
     """Every key of ``tensors`` must be expected (key -> (where, shape)) with that shape, and every
-    expected key but ``optional`` ones present; the error names the file, the key, the module and
-    both shapes."""
+    expected key but ``optional`` ones present, the ``floating`` ones (default: all) floating point;
+    the error names the file, the key, the module and both shapes."""
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise ValueError(f"{path}: {unknown[0]} names a module the model has no adapter on"
@@ -95,5 +95,5 @@ def check_tensors(expected: dict[str, tuple[str, tuple]], tensors: dict[str, tor
         where, shape = expected[key]
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but {where} needs {tuple(shape)}")
-        if not value.is_floating_point():
+        if (floating is None or key in floating) and not value.is_floating_point():
             raise ValueError(f"{path}: {key} is {value.dtype}; adapter tensors are floating point")

@@ -430,7 +430,7 @@ class TunerModel(nn.Module):
         required = {k for k, (kind, _, _) in expected.items() if kind != "bias"}
         optional = (set(expected) - required) | self._optional_layer_tensors(expected)
         check_tensors({k: (target.split("|")[0], shape) for k, (_, target, shape) in expected.items()},
-                      tensors, path, optional)
+                      tensors, path, optional, floating={k for k, (kind, _, _) in expected.items() if kind != "saved"})
         return expected
 
     def copy_tensors(self, tensors: dict[str, torch.Tensor], targets, adapter_name: str) -> None:

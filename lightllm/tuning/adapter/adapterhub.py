@@ -166,7 +166,9 @@ def save(wrapper, adapter_name: str, out: pathlib.Path, safetensors: bool = True
         tensors[prefix + "adapter_up.bias"] = up.bias if up.bias is not None else torch.zeros_like(up.weight[:, 0])
         if adapter_name in layer.adapter_scaling:
             tensors[prefix + "scaling"] = layer.adapter_scaling[adapter_name]
-    if len(bottlenecks) != 1 or hidden is None:
+    if hidden is None:
+        raise ValueError(f"{where} the model's config has no hidden_size, which AdapterHub's config records")
+    if len(bottlenecks) != 1:
         raise ValueError(f"{where} AdapterHub needs one bottleneck size for every layer (hidden_size // reduction_factor), "
                          f"got {sorted(bottlenecks)}")
     (b,) = bottlenecks

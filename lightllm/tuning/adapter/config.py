@@ -33,7 +33,7 @@ PRESETS = ("houlsby", "pfeiffer", "parallel")
 
 # Model families that share LLaMA's module names (decoder layers with input_layernorm, self_attn.o_proj,
 # post_attention_layernorm and mlp.{gate,up,down}_proj).
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # not mixtral: its experts are not mlp.down_proj
 
 
 def _llama_like(table: dict[str, Any]) -> dict[str, Any]:
@@ -46,22 +46,28 @@ ADAPTER_TYPE_BY_NAME = _llama_like({
     "llama": {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"},
     "bloom": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
     "gptj": {"fc_in": "mh", "fc_out": "output"},
+    "gpt_neo": {"c_fc": "mh", "c_proj": "output"},
     "opt": {"fc1": "mh", "fc2": "output"},
+    "chatglm": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
     "gpt2": {"c_fc": "mh", "c_proj": "output"},
 })
 BOTTLENECK_TARGETS = _llama_like({  # AdapterH, LLM-Adapters' default "bottleneck"
     "llama": ["gate_proj", "up_proj", "down_proj"],
     "bloom": ["dense_h_to_4h", "dense_4h_to_h"],
     "gptj": ["fc_in", "fc_out"],
+    "gpt_neo": ["c_fc", "c_proj"],
     "opt": ["fc1", "fc2"],
+    "chatglm": ["dense_h_to_4h", "dense_4h_to_h"],
     "gpt2": ["c_fc", "mlp.c_proj"],
 })
 ADAPTERP_TARGETS = _llama_like({  # AdapterP (use_adapterp): the FFN's output only
-    "llama": ["down_proj"], "bloom": ["dense_4h_to_h"], "gptj": ["fc_out"], "opt": ["fc2"], "gpt2": ["mlp.c_proj"],
+    "llama": ["down_proj"], "bloom": ["dense_4h_to_h"], "gptj": ["fc_out"], "gpt_neo": ["c_proj"], "opt": ["fc2"],
+    "chatglm": ["dense_4h_to_h"], "gpt2": ["mlp.c_proj"],
 })
 PARALLEL_TARGETS = _llama_like({  # use_parallel_adapter
-    "llama": ["q_proj", "k_proj", "v_proj"], "bloom": ["query_key_value"], "gptj": ["v_proj", "fc_out"],
-    "opt": ["v_proj", "fc2"], "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj", "k_proj"], "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj", "k_proj"],
+    "gpt_neo": ["q_proj", "v_proj", "k_proj"], "opt": ["q_proj", "v_proj", "k_proj"], "chatglm": ["query_key_value"],
+    "gpt2": ["c_attn"],
 })
 
 # The two sublayers of a decoder layer, for the presets and the residual placements: the module

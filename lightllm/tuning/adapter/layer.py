@@ -106,6 +106,7 @@ class AdapterLayer(TunerLayer):
             for linear in (down, up):
                 if linear.bias is not None:
                     linear.bias.zero_()
+        self._scale_tensors = {k: v for k, v in self._scale_tensors.items() if k[0] != name}
         self.adapter_down[name] = down
         self.adapter_up[name] = up
         if scaling == "learned":
@@ -144,7 +145,7 @@ class AdapterLayer(TunerLayer):
         settings = self.settings[name]
         if settings.scaling == "learned":
             return self.adapter_scaling[name]
-        key = (name, device)
+        key = (name, device, settings.scaling)  # the value in the key: a re-added adapter gets its own
         t = self._scale_tensors.get(key)
         if t is None:  # a constant on the device: the kernels read it there, no host value per call
             t = self._scale_tensors[key] = torch.tensor([settings.scaling], dtype=torch.float32, device=device)
@@ -189,7 +190,8 @@ class AdapterLayer(TunerLayer):
         dropout = self.adapter_dropout[name]
         scale = self._scale(name, z.device)
         plain = (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0) \
-            or torch.is_autocast_enabled(z.device.type) or settings.non_linearity.lower() not in ops_adapter.ACTIVATIONS
+            or torch.is_autocast_enabled(z.device.type) or settings.non_linearity.lower() not in ops_adapter.ACTIVATIONS \
+            or z.dtype not in ops_adapter.FLOAT_TYPES or res.dtype != z.dtype
         if plain:
             return self._plain_adapt(name, z, res, scale)
         y = ops_adapter.bottleneck_adapter(z.reshape(-1, z.shape[-1]), res.reshape(-1, res.shape[-1]), down.weight,

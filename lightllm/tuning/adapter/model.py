@@ -70,7 +70,13 @@ class AdapterModel(TunerModel):
                                  f"{sorted(SUBLAYERS)}, not {model_type!r}; set target_modules (the modules whose "
                                  "output is each sublayer's output)")
             sites = PRESET_VALUES[config.preset]["sites"]
-            config.target_modules = [SUBLAYERS[model_type][site][0] for site in sites]
+            targets = [SUBLAYERS[model_type][site][0] for site in sites]
+            names = [n for n, _ in self.model.named_modules()]
+            missing = [t for t in targets if not any(n.endswith("." + t) for n in names)]
+            if missing:  # a model of the family built differently (experts instead of an MLP, say)
+                raise ValueError(f"AdapterConfig: preset {config.preset!r} needs modules named {missing} in this "
+                                 f"{model_type} model and finds none; set target_modules")
+            config.target_modules = targets
             return config
         table, variant = ((PARALLEL_TARGETS, "use_parallel_adapter") if config.use_parallel_adapter
                           else (ADAPTERP_TARGETS, "use_adapterp") if config.use_adapterp
@@ -139,6 +145,12 @@ class AdapterModel(TunerModel):
                          "or call unload() to get the base model back without them")
 
     # ---- LLM-Adapters' files --------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """LLM-Adapters' saved names: its wrapped layer is an nn.Linear subclass, so a trained bias of
+        one is ``<module>.bias`` (PEFT's LoRA saves ``<module>.base_layer.bias``)."""
+        return {k.replace(".base_layer.bias", ".bias") if k.endswith(".base_layer.bias") else k: v
+                for k, v in super().adapter_state_dict(adapter_name).items()}
+
     def _layer_state(self, name: str, layer: AdapterLayer, adapter_name: str) -> dict[str, torch.Tensor]:
         out = {}
         for part, linear in (("adapter_down", layer.adapter_down[adapter_name]), ("adapter_up", layer.adapter_up[adapter_name])):
@@ -154,6 +166,18 @@ class AdapterModel(TunerModel):
             if not (isinstance(module, AdapterLayer) and existing in module.adapter_down):
                 raise ValueError(f"{path}: the file's configuration puts an adapter on {name}, where adapter "
                                  f"{existing!r} has none; load it under a new adapter name")
+            have = module.settings[existing]
+            want = {"placement": info["placement"], "non_linearity": config.non_linearity,
+                    "scaling": "learned" if config.scaling == "learned" else "fixed"}
+            got = {"placement": have.placement, "non_linearity": have.non_linearity,
+                   "scaling": "learned" if have.scaling == "learned" else "fixed"}
+            if config.scaling != "learned" and have.scaling != "learned" and config.scaling != have.scaling:
+                want["scaling"], got["scaling"] = config.scaling, have.scaling
+            differ = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+            if differ:
+                raise ValueError(f"{path}: the file's adapter on {name} differs from adapter {existing!r} in "
+                                 + ", ".join(f"{k} (the adapter's {a!r}, the file's {b!r})" for k, (a, b) in differ.items())
+                                 + "; load it under a new adapter name")
             shapes = {f"{part}.{p}": tuple(t.shape) for part in ("adapter_down", "adapter_up")
                       for p, t in getattr(module, part)[existing].named_parameters()}
             if existing in module.adapter_scaling:
