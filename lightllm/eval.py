@@ -47,7 +47,8 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seqlen: int = 256, ba
     try:
         for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
             batch = batch.to(device)
-            logits = model(input_ids=batch).logits.float()
+            # The last seqlen positions: a prompt-tuned model prepends its virtual tokens' logits.
+            logits = model(input_ids=batch).logits[:, -batch.shape[1]:].float()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                     batch[:, 1:].reshape(-1), reduction="sum")
             total_nll += float(nll)

@@ -89,12 +89,26 @@ def test_bench_adapter_runs(tmp_path):
     assert all(float(row["floor"]) > 1 for row in rows)
 
 
-def test_adapter_training_runs(tmp_path):
+def test_tuning_training_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "training.csv"
-    proc = subprocess.run([sys.executable, str(BENCH / "adapter_training.py"), "--steps", "2", "--placements",
-                           "pfeiffer", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, str(BENCH / "tuning_training.py"), "--steps", "2", "--methods",
+                           "pfeiffer", "prompt", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out, newline="") as f:
-        (row,) = list(csv.DictReader(f))
-    assert row["placement"].startswith("Pfeiffer") and float(row["ppl_before"]) > 1 and row["commit"]
+        rows = list(csv.DictReader(f))
+    assert [r["method"].split(",")[0] for r in rows] == ["adapter: Pfeiffer (preset)", "prompt tuning"]
+    assert all(float(r["ppl_before"]) > 1 and float(r["loss_before"]) > 0 and r["commit"] for r in rows)
+
+
+def test_bench_prefix_runs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "prefix.csv"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_prefix.py"), "--device", "cpu", "--new-tokens", "3",
+                           "--repeats", "1", "--prompt-tokens", "4", "--virtual-tokens", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["plain", "prefix tuning (2)", "prompt tuning (2)", "P-tuning (2)"]
+    assert all(float(r["ms_per_token"]) > 0 and r["commit"] for r in rows)

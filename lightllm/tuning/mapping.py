@@ -22,8 +22,11 @@ MODEL_TYPES: dict[str, type[TunerModel]] = {}
 FOLDER_READERS: list[Callable] = []
 
 
-def register_method(model_type: type[TunerModel]) -> type[TunerModel]:
-    MODEL_TYPES[model_type.config_type.PEFT_TYPE] = model_type
+def register_method(model_type, *peft_types: str):
+    """Serve configs of ``peft_types`` (default: the model type's ``config_type.PEFT_TYPE``) with
+    ``model_type``: a TunerModel, or any class with the same constructor and ``from_pretrained``."""
+    for peft_type in peft_types or (model_type.config_type.PEFT_TYPE,):
+        MODEL_TYPES[peft_type] = model_type
     return model_type
 
 
@@ -32,7 +35,7 @@ def get_peft_model(model: nn.Module, config: TunerConfig, adapter_name: str = "d
     the PEFT-style wrapper of the config's method (LoraModel for a LoraConfig, ...)."""
     model_type = MODEL_TYPES.get(getattr(type(config), "PEFT_TYPE", None))
     if model_type is None or not isinstance(config, TunerConfig):
-        raise TypeError(f"config must be a tuning method's config ({', '.join(c.config_type.__name__ for c in MODEL_TYPES.values())}), "
+        raise TypeError(f"config must be a tuning method's config (for {', '.join(sorted(MODEL_TYPES))}), "
                         f"got {type(config).__name__}")
     return model_type(model, config, adapter_name)
 

@@ -310,17 +310,7 @@ class TunerModel(nn.Module):
                     p.requires_grad_(trainable and name == self.active_adapter)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameters. A quantized base layer holds its weight packed (buffers,
-        not parameters): it counts as in_features x out_features (+ bias), its logical size, so
-        that "all" means the same number with and without quantization (PEFT counts packed 4-bit
-        parameters twice instead)."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        for module in self.model.modules():
-            kind = base_layer_kind(module)
-            if kind is not None and kind.logical_weight_numel is not None:
-                total += kind.logical_weight_numel(module) - sum(p.numel() for p in module.parameters(recurse=False))
-        return trainable, total
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -484,6 +474,20 @@ class TunerModel(nn.Module):
         config = cls.config_type.from_dict(read_json(path / CONFIG_NAME))
         tensors, weights = read_tensors(path, (WEIGHTS_NAME, BIN_WEIGHTS_NAME))
         return config, tensors, weights
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters. A quantized base layer holds its weight packed (buffers, not
+    parameters): it counts as in_features x out_features (+ bias), its logical size, so that "all"
+    means the same number with and without quantization (PEFT counts packed 4-bit parameters twice
+    instead)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        kind = base_layer_kind(module)
+        if kind is not None and kind.logical_weight_numel is not None:
+            total += kind.logical_weight_numel(module) - sum(p.numel() for p in module.parameters(recurse=False))
+    return trainable, total
 
 
 def _find_bias(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:

@@ -1,0 +1,490 @@
+"""PromptLearningModel: prefix tuning, prompt tuning and P-tuning on a causal LM.
+
+How the virtual tokens reach the model, built on transformers' public Cache API and module hooks
+only (no model's attention code is touched, so the same path serves LLaMA, Qwen, Gemma, Mistral,
+GPT-2 and the rest):
+
+* Prefix tuning: the prefix keys and values go into a ``DynamicCache`` built from the model's config
+  (``cache.update(k, v, layer)`` per layer, as PEFT stores them: no rotary embedding), as if P
+  tokens had already been processed. The attention mask gets P ones in front and the real tokens'
+  positions start at P, both as PEFT does, so the logits of PEFT's adapters are reproduced. For a
+  forward pass that keeps no cache (training, ``use_cache=False``) the cache is read-only: its
+  ``update`` returns prefix + new states without storing them, so gradient checkpointing's
+  recomputation sees the same keys (PEFT refuses checkpointing; transformers drops caches under it
+  unless a layer only reads the cache, which this one does, and says so to transformers).
+* Prompt tuning and P-tuning: P embeddings before the input embeddings, mask ones, labels -100.
+* ``generate()``: P placeholder tokens are put in front of the prompt, and a forward pre-hook on the
+  model replaces them, at prefill only, by the prefix (into the cache generate made) or by the
+  virtual embeddings. From then on every length, position, mask, beam reorder and sliding window
+  is transformers' own arithmetic on a sequence that really is P tokens longer; the placeholders
+  are cut from the output. With ``use_cache=False`` every step is a prefill.
+
+Files: PEFT's (``adapter_config.json`` and one tensor ``prompt_embeddings``, the encoder's output:
+[P, layers * 2 * token_dim] for prefix tuning, [P, token_dim] for the others). With
+``save_encoder=True`` the reparameterization (the MLP or LSTM) is kept too, under
+``prompt_encoder.<parameter>`` keys that PEFT ignores, so training can resume with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import pathlib
+
+import torch
+from torch import nn
+
+from ..save_load import check_tensors, json_writer, read_json, read_tensors, tensors_writer, write_files_atomically
+from ..tuner import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, TunerModel, count_parameters
+from .config import (PrefixTuningConfig, PromptLearningConfig, prepare_config)
+from .layer import FlatPromptEncoder, PromptEncoderBase, build_encoder, output_width
+
+logger = logging.getLogger("lightllm")
+
+EMBEDDINGS_KEY = "prompt_embeddings"
+ENCODER_PREFIX = "prompt_encoder."
+
+
+_PREFIX_CACHE_CLASS = None
+
+
+def prefix_cache_class():
+    """A DynamicCache that can be made read-only (defined on first use: transformers is imported
+    lazily)."""
+    global _PREFIX_CACHE_CLASS
+    if _PREFIX_CACHE_CLASS is None:
+        from transformers.cache_utils import DynamicCache
+
+        class PrefixCache(DynamicCache):
+            """A DynamicCache holding a prefix. ``read_only``: ``update`` returns what the layer would
+            return (prefix + the new states, as the layer's own rules make them, sliding windows
+            included) without storing the new states: the same keys every time a layer is run
+            again (gradient checkpointing), and a cache that stays at the prefix."""
+
+            read_only = False
+            reads = 0  # how many times a layer read the prefix (0 after a forward: the model dropped the cache)
+
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                self.reads += 1
+                if not self.read_only:
+                    return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                # Dynamic layers rebind their tensors in update (no in-place writes): a shallow copy
+                # updates without touching this cache.
+                return copy.copy(self.layers[layer_idx]).update(key_states, value_states, *args, **kwargs)
+
+        _PREFIX_CACHE_CLASS = PrefixCache
+    return _PREFIX_CACHE_CLASS
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside (a LoRA or adapter wrapper's base model)."""
+    while isinstance(model, (TunerModel, PromptLearningModel)):
+        model = model.model
+    return model
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on (its name since 5.25, then the older one)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+@contextlib.contextmanager
+def _cache_survives_checkpointing(model: nn.Module, on: bool):
+    """Tell transformers' checkpointed layers that they may keep the cache under gradient
+    checkpointing (``_can_checkpoint_with_cache``: for layers that only read it, which is what a
+    read-only prefix cache makes them)."""
+    layers = [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")] if on else []
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
+
+
+class PromptLearningModel(nn.Module):
+    """A causal LM with prompt-learning adapters (``base_model.model`` is the user's model, which
+    may itself be a LoRA or adapter wrapper: the methods stack)."""
+
+    method_name = "prompt learning"
+
+    def __init__(self, model: nn.Module, config: PromptLearningConfig | None, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = nn.Module()
+        self.base_model.model = model
+        self.peft_config: dict[str, PromptLearningConfig] = {}
+        self.prompt_encoder = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self._disabled = False
+        hf = _hf_model(model)
+        params = inspect.signature(hf.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+        if self._cache_kwarg is None or "inputs_embeds" not in params or not hasattr(hf, "get_input_embeddings"):
+            raise ValueError(f"prompt learning needs a causal LM whose forward takes a key/value cache "
+                             f"(`past_key_values` or `cache`) and `inputs_embeds`; {type(hf).__name__} does not")
+        self.train(model.training)  # the wrapper follows the model's mode (an eval model stays in eval)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    # ---- the wrapped model --------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return _hf_model(self.model)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    # ---- adapters -------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PromptLearningConfig, _flat: bool = False) -> None:
+        if not isinstance(config, PromptLearningConfig):
+            raise TypeError(f"PromptLearningModel takes a PrefixTuningConfig, PromptTuningConfig or PromptEncoderConfig, "
+                            f"got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        hf = self.hf_model
+        config = prepare_config(config, hf.config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(hf, "name_or_path", None) or None
+        self._check_fits(config)
+        words = hf.get_input_embeddings()
+        encoder = build_encoder(config, words, flat=_flat).to(words.weight.device)
+        encoder.train(self.training)
+        self.prompt_encoder[adapter_name] = encoder
+        self.peft_config[adapter_name] = config
+        if not isinstance(self.model, (TunerModel, PromptLearningModel)):
+            for p in self.model.parameters():  # a stacked LoRA or adapter keeps what it trains
+                p.requires_grad_(False)
+        if self.active_adapter not in self.peft_config:
+            self.active_adapter = adapter_name
+        self._mark_trainable()
+
+    def _check_fits(self, config: PromptLearningConfig) -> None:
+        """The config's shapes must be the model's: a prefix's per-layer keys are what the model's
+        attention reads (num_key_value_heads x head_dim), prompts are input embeddings."""
+        hf = self.hf_model
+        text = hf.config.get_text_config(decoder=True) if hasattr(hf.config, "get_text_config") else hf.config
+        width = hf.get_input_embeddings().weight.shape[1]
+        name = type(config).__name__
+        if isinstance(config, PrefixTuningConfig):
+            layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+            heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+            kv = getattr(text, "num_key_value_heads", None) or heads
+            head_dim = getattr(text, "head_dim", None) or width // heads
+            if (config.num_layers, config.token_dim, config.num_attention_heads) != (layers, kv * head_dim, kv):
+                raise ValueError(f"{name}: num_layers={config.num_layers}, token_dim={config.token_dim}, "
+                                 f"num_attention_heads={config.num_attention_heads} do not fit the model's key/value "
+                                 f"cache ({layers} layers of {kv} key/value heads of {head_dim}: num_layers={layers}, "
+                                 f"token_dim={kv * head_dim}, num_attention_heads={kv})")
+        elif config.token_dim != width:
+            raise ValueError(f"{name}: token_dim={config.token_dim} but the model's input embeddings are {width} wide")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        del self.prompt_encoder[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """The model without the virtual tokens inside the block."""
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+
+    def _mark_trainable(self) -> None:
+        for name, encoder in self.prompt_encoder.items():
+            on = name == self.active_adapter and not self.peft_config[name].inference_mode
+            for p in encoder.parameters():
+                p.requires_grad_(on)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def _active(self) -> tuple[PromptLearningConfig, PromptEncoderBase] | None:
+        if self._disabled or self.active_adapter not in self.peft_config:
+            return None
+        return self.peft_config[self.active_adapter], self.prompt_encoder[self.active_adapter]
+
+    # ---- the virtual tokens ---------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return self.hf_model.get_input_embeddings().weight.dtype
+
+    def _prefix_layers(self, config: PrefixTuningConfig, encoder, batch: int):
+        """Per layer (keys, values) [batch, kv heads, P, head_dim] in the model's dtype."""
+        p, heads = config.num_virtual_tokens, config.num_attention_heads
+        out = encoder().to(self._dtype())
+        t = out.view(p, 2 * config.num_layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)
+        return [(t[2 * i].unsqueeze(0).expand(batch, -1, -1, -1), t[2 * i + 1].unsqueeze(0).expand(batch, -1, -1, -1))
+                for i in range(config.num_layers)]
+
+    def _filled_cache(self, config, encoder, batch: int, read_only: bool, cache=None):
+        if cache is None:
+            cache = prefix_cache_class()(config=self.hf_model.config)
+        for i, (k, v) in enumerate(self._prefix_layers(config, encoder, batch)):
+            cache.update(k, v, i)
+        if read_only:
+            cache.read_only = True
+        return cache
+
+    def _prompt_embeds(self, encoder, input_ids, inputs_embeds):
+        if inputs_embeds is None:
+            inputs_embeds = self.hf_model.get_input_embeddings()(input_ids)
+        prompts = encoder().to(inputs_embeds.dtype).unsqueeze(0).expand(inputs_embeds.shape[0], -1, -1)
+        return torch.cat([prompts, inputs_embeds], dim=1)
+
+    def _check_length(self, total: int) -> None:
+        text = self.hf_model.config
+        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        if limit is not None and total > limit:
+            raise ValueError(f"{self.active_adapter!r}: {total} positions (the virtual tokens and the input) exceed the "
+                             f"model's max_position_embeddings {limit}")
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, position_ids=None,
+                use_cache=None, **kwargs):
+        active = self._active()
+        cache = kwargs.pop("cache", None)
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        if active is None:
+            if cache is not None:
+                kwargs[self._cache_kwarg] = cache
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                              labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+        config, encoder = active
+        p = config.num_virtual_tokens
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, length = ref.shape[0], ref.shape[1]
+        read_only_cache = cache is not None and getattr(cache, "read_only", False)
+        continuing = cache is not None and not read_only_cache and cache.get_seq_length() > 0
+        if continuing:  # a cache this model returned: the virtual tokens are in it already
+            past = cache.get_seq_length()
+            if attention_mask is not None and attention_mask.shape[1] == past + length - p:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
+            self._check_length(past + length)
+            kwargs[self._cache_kwarg] = cache
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                              labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+        self._check_length(p + length)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
+        if isinstance(config, PrefixTuningConfig):
+            keep = bool(use_cache) and not self.training
+            cache = kwargs[self._cache_kwarg] = self._filled_cache(config, encoder, batch, read_only=not keep)
+            cache.reads = 0
+            if position_ids is not None:
+                position_ids = position_ids + p  # the real tokens come after the prefix, as in PEFT
+            hf = self.hf_model
+            checkpointing = not keep and self.training and _checkpointing(hf)
+            dropped = (f"{type(hf).__name__} drops its key/value cache under gradient checkpointing in its own code, so "
+                       "prefix tuning cannot train with checkpointing on this model (LLaMA, Qwen, Gemma, Mistral can); "
+                       "turn gradient checkpointing off, or use prompt tuning / P-tuning")
+            with _cache_survives_checkpointing(hf, checkpointing):
+                try:
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                     labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+                except RuntimeError as e:
+                    if checkpointing and cache.reads == 0:
+                        raise ValueError(dropped) from e
+                    raise
+            if cache.reads == 0:
+                raise ValueError(dropped if checkpointing else f"{type(hf).__name__} did not read the prefix cache")
+            return out
+        inputs_embeds = self._prompt_embeds(encoder, input_ids, inputs_embeds)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((batch, p), -100), labels], dim=1)
+        if position_ids is not None:
+            front = torch.arange(p, device=position_ids.device).expand(position_ids.shape[0], p)
+            position_ids = torch.cat([front, position_ids + p], dim=1)
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                          position_ids=position_ids, use_cache=use_cache, **kwargs)
+
+    # ---- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        """transformers' ``generate`` with the virtual tokens: every decoding strategy, with or
+        without a cache, batched prompts with left padding. The output holds the prompt and the
+        new tokens, as for the plain model."""
+        hf = self.hf_model
+        active = self._active()
+        if active is None:
+            return hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is None or "inputs_embeds" in kwargs:
+            raise ValueError("PromptLearningModel.generate takes input_ids (not inputs_embeds)")
+        config, encoder = active
+        p = config.num_virtual_tokens
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        placeholders = input_ids.new_zeros((batch, p))
+        ids = torch.cat([placeholders, input_ids], dim=1)
+        mask = torch.cat([attention_mask.new_ones((batch, p)), attention_mask], dim=1)
+        for key in ("max_length", "min_length"):  # lengths that count the prompt count the placeholders
+            if kwargs.get(key) is not None:
+                kwargs[key] += p
+        if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None:
+            gen_config = kwargs.get("generation_config") or hf.generation_config
+            kwargs["max_length"] = gen_config.max_length + p
+        self._check_length(ids.shape[1])
+        handle = hf.register_forward_pre_hook(self._generation_hook, with_kwargs=True)
+        try:
+            out = hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        finally:
+            handle.remove()
+        if torch.is_tensor(out):
+            return out[:, p:]
+        out.sequences = out.sequences[:, p:]
+        return out
+
+    def _generation_hook(self, module, args, kwargs):
+        """At prefill (no cache, a cache still empty, or this model's read-only cache): replace the P
+        placeholder tokens by the prefix or the virtual embeddings. Later steps pass."""
+        config, encoder = self._active()
+        p = config.num_virtual_tokens
+        key = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(key)
+        fresh = cache is None or getattr(cache, "read_only", False)
+        if not fresh and cache.get_seq_length() > 0:
+            return args, kwargs
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids, args = args[0], args[1:]
+        if isinstance(config, PrefixTuningConfig):
+            batch = ids.shape[0]
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            kwargs[self._cache_kwarg] = self._filled_cache(config, encoder, batch, read_only=fresh,
+                                                           cache=None if fresh else cache)
+            kwargs["input_ids"] = ids[:, p:]
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"][..., p:]
+            if kwargs.get("cache_position") is not None:
+                kwargs["cache_position"] = kwargs["cache_position"][p:]
+        else:
+            kwargs["input_ids"] = None
+            kwargs["inputs_embeds"] = self._prompt_embeds(encoder, ids[:, p:], None)
+        return args, kwargs
+
+    # ---- files -------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str, save_encoder: bool = False) -> dict[str, torch.Tensor]:
+        encoder = self.prompt_encoder[adapter_name]
+        with torch.no_grad():
+            out = {EMBEDDINGS_KEY: encoder()}
+        if save_encoder and encoder.has_reparameterization():  # else the embedding is prompt_embeddings itself
+            if isinstance(encoder, FlatPromptEncoder):
+                raise ValueError(f"adapter {adapter_name!r} was loaded from a file without its prompt encoder: there is "
+                                 "no reparameterization to save")
+            out.update({ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save_pretrained(self, directory, selected_adapters: list[str] | None = None, safe_serialization: bool = True,
+                        save_encoder: bool = False) -> None:
+        """PEFT's layout: ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``) with
+        ``prompt_embeddings``; adapters other than "default" in a sub-folder. ``save_encoder``: keep
+        the prompt encoder (``prompt_encoder.*`` keys, which PEFT ignores) to resume training with
+        its reparameterization."""
+        root = pathlib.Path(directory)
+        for adapter in selected_adapters or list(self.peft_config):
+            if adapter not in self.peft_config:
+                raise ValueError(f"no adapter named {adapter!r}; adapters: {sorted(self.peft_config)}")
+            config = self.peft_config[adapter].to_dict()
+            config["inference_mode"] = True
+            out = root if adapter == "default" else root / adapter
+            weights = WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
+            write_files_atomically(out, {
+                weights: tensors_writer(self.adapter_state_dict(adapter, save_encoder), safe_serialization),
+                CONFIG_NAME: json_writer(config),
+            })
+
+    @classmethod
+    def read_adapter(cls, directory):
+        from ..config import config_from_dict
+
+        path = pathlib.Path(directory)
+        config = config_from_dict(read_json(path / CONFIG_NAME))
+        if not isinstance(config, PromptLearningConfig):
+            raise ValueError(f"{path} holds a {config.PEFT_TYPE} adapter, not a prompt-learning one")
+        tensors, weights = read_tensors(path, (WEIGHTS_NAME, BIN_WEIGHTS_NAME))
+        return config, tensors, weights
+
+    def _load(self, config: PromptLearningConfig, tensors: dict[str, torch.Tensor], path, adapter_name: str,
+              is_trainable: bool) -> None:
+        """Check a file against the model, then add it as ``adapter_name``; nothing changes on a
+        mismatch. A file with the encoder (``prompt_encoder.*``, lightllm's) restores it; PEFT's
+        (only ``prompt_embeddings``) loads the virtual tokens themselves."""
+        config.inference_mode = not is_trainable
+        hf = self.hf_model
+        config = prepare_config(config, hf.config)
+        self._check_fits(config)
+        with_encoder = any(k.startswith(ENCODER_PREFIX) for k in tensors)
+        expected = {EMBEDDINGS_KEY: ("the prompt encoder", (config.num_virtual_tokens, output_width(config)))}
+        if with_encoder:
+            import dataclasses
+
+            probe = build_encoder(dataclasses.replace(config, inference_mode=True), hf.get_input_embeddings())
+            expected.update({ENCODER_PREFIX + k: ("the prompt encoder", tuple(v.shape))
+                             for k, v in probe.state_dict().items()})
+        check_tensors(expected, tensors, path, optional=set(expected) - {EMBEDDINGS_KEY} if not with_encoder else set())
+        flat = not with_encoder
+        if is_trainable and flat and build_encoder(config, hf.get_input_embeddings(), flat=False).has_reparameterization():
+            raise ValueError(f"{path} holds the computed virtual tokens only (PEFT does not save the "
+                             f"{'prefix MLP' if isinstance(config, PrefixTuningConfig) else 'prompt encoder'}): it loads "
+                             "for inference (is_trainable=False); to resume training with the reparameterization, "
+                             "save with lightllm's save_encoder=True")
+        self.add_adapter(adapter_name, config, _flat=flat)
+        encoder = self.prompt_encoder[adapter_name]
+        if with_encoder:
+            encoder.load_state_dict({k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)})
+        else:
+            encoder.embedding.weight.copy_(tensors[EMBEDDINGS_KEY])
+        self._mark_trainable()
+
+    @torch.no_grad()
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; load under a new name")
+        config, tensors, path = self.read_adapter(directory)
+        self._load(config, tensors, path, adapter_name, is_trainable)
+
+    @classmethod
+    @torch.no_grad()
+    def from_pretrained(cls, model: nn.Module, config: PromptLearningConfig, tensors, path,
+                        adapter_name: str = "default", is_trainable: bool = False) -> "PromptLearningModel":
+        wrapper = cls(model, None, adapter_name)
+        wrapper._load(config, tensors, path, adapter_name, is_trainable)
+        return wrapper
