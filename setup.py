@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -149,9 +149,8 @@ def native_extensions():
 setup(
     # Triton kernels live in the top-level folder kernels/ but install as lightllm.kernels:
     # a top-level `kernels` module would shadow Hugging Face's `kernels` package.
-    packages=["lightllm", "lightllm.ops", "lightllm.nn", "lightllm.optim", "lightllm.quantization", "lightllm.models",
-              "lightllm.tuning", "lightllm.tuning.lora", "lightllm.tuning.adapter",
-              "lightllm.kernels"],
+    # Every package under lightllm/ (a new subpackage cannot be forgotten here), plus the kernels.
+    packages=find_packages(where=str(ROOT), include=["lightllm", "lightllm.*"]) + ["lightllm.kernels"],
     package_dir={"lightllm": "lightllm", "lightllm.kernels": "kernels"},
     # The embedded default model ships inside the package (a Hugging Face model directory).
     package_data={"lightllm.models": ["shakespeare/*.json", "shakespeare/*.safetensors", "shakespeare/*.png"]},
