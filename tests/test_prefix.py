@@ -287,13 +287,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, method):
         wrapped = randomized(get_peft_model(model, METHODS[method]()))
         wrapped.train()
         ids, mask = batch(pad=0)
+        seen = []
+        wrapped.hf_model.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw.get("cache", kw.get("past_key_values"))), with_kwargs=True)
         out = wrapped(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
         losses.append(out.loss.item())
         grads.append({n: p.grad.clone() for n, p in wrapped.named_parameters() if p.requires_grad})
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        if method.startswith("prefix") and cache is not None:
-            assert cache.get_seq_length() == P  # read-only in training: the prefix only, whatever was recomputed
+        if method.startswith("prefix"):  # read by every layer, again in recomputation, and never grown
+            (cache,) = seen
+            assert cache.get_seq_length() == P
+            assert cache.reads == 2 * (2 if checkpointing else 1)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
@@ -423,3 +427,112 @@ def test_prefix_and_prompt_tuning_learn_on_the_embedded_model(method):
     after, loss_after = perplexity(wrapped, tokenizer, play[cut:], seqlen=256, progress=False), train_loss()
     assert loss_after < loss_before - 0.03, (loss_before, loss_after)
     assert after < 0.97 * before, (before, after)
+
+
+# ---- review findings, each pinned ---------------------------------------------------------------------
+
+def test_generate_without_a_length_and_with_a_generation_config():
+    """transformers 5's configs leave max_length unset; a generation_config object's lengths count
+    the prompt, so they are shifted past the placeholders too."""
+    from transformers import GenerationConfig
+
+    wrapped = randomized(get_peft_model(tiny("llama"), PromptTuningConfig(num_virtual_tokens=P)))
+    ids, mask = batch(pad=0)
+    plain = tiny("llama").generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    out = wrapped.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    assert out.shape == plain.shape
+    fixed = GenerationConfig(max_length=13, min_length=13, eos_token_id=int(out[0, 8]), pad_token_id=0, do_sample=False)
+    assert wrapped.generate(input_ids=ids, attention_mask=mask, generation_config=fixed).shape == (2, 13)
+    assert torch.equal(wrapped.generate(inputs=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0),
+                       greedy_by_forwards(wrapped, ids, mask, 3))
+
+
+def test_decoding_loops_continue_from_the_caches_forward_returns():
+    """The default forward keeps a cache with the prefix in it; an empty cache the caller passes is
+    filled; positions passed on continuation are real-token positions."""
+    from transformers.cache_utils import DynamicCache
+
+    wrapped = randomized(get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=P)))
+    ids, _ = batch(pad=0)
+    with torch.no_grad():
+        full = wrapped(input_ids=ids).logits
+        out = wrapped(input_ids=ids[:, :5])
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        torch.testing.assert_close(wrapped(input_ids=ids[:, 5:], past_key_values=cache).logits, full[:, 5:],
+                                   rtol=1e-5, atol=1e-5)
+        mine = DynamicCache()
+        wrapped(input_ids=ids[:, :5], past_key_values=mine, position_ids=torch.arange(5).expand(2, 5))
+        step = wrapped(input_ids=ids[:, 5:], past_key_values=mine, position_ids=torch.arange(5, 7).expand(2, 2)).logits
+        torch.testing.assert_close(step, full[:, 5:], rtol=1e-5, atol=1e-5)
+    wrapped.train()
+    out = wrapped(input_ids=ids, labels=ids)  # training: the read-only cache is not handed out
+    assert getattr(out, "past_key_values", None) is None and getattr(out, "cache", None) is None
+
+
+def test_processors_stopping_criteria_and_streamers_do_not_see_the_placeholders():
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    wrapped = randomized(get_peft_model(tiny("gpt2"), PromptTuningConfig(num_virtual_tokens=P)))
+    ids, mask = batch(pad=0)
+    penalty = RepetitionPenaltyLogitsProcessor(3.0)
+    want = ids
+    for _ in range(5):  # greedy forwards with the penalty on the real tokens only
+        with torch.no_grad():
+            scores = penalty(want, wrapped(input_ids=want).logits[:, -1])
+        want = torch.cat([want, scores.argmax(-1, keepdim=True)], 1)
+    got = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                           repetition_penalty=3.0)
+    assert torch.equal(got, want)
+    seen = []
+
+    class Record:
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.shape[1])
+            return scores
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 9, dtype=torch.bool)
+
+    class Streamer:
+        def __init__(self):
+            self.first = None
+
+        def put(self, value):
+            self.first = value if self.first is None else self.first
+
+        def end(self):
+            pass
+
+    streamer = Streamer()
+    out = wrapped.generate(input_ids=ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([Record()]),
+                           stopping_criteria=StoppingCriteriaList([StopAt()]), streamer=streamer)
+    assert seen[0] == 7 and out.shape == (1, 9) and torch.equal(streamer.first.reshape(-1), ids[0])
+
+
+def test_stacking_two_prompt_wrappers_is_refused_and_saving_ignores_dropout(tmp_path):
+    wrapped = get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="already has a prompt-learning wrapper: add the method as another named adapter"):
+        get_peft_model(wrapped, PromptTuningConfig(num_virtual_tokens=P))
+    lstm = get_peft_model(tiny("llama"), PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=16,
+                                                            encoder_reparameterization_type="LSTM", encoder_dropout=0.5))
+    lstm.train()
+    one, two = lstm.adapter_state_dict("default"), lstm.adapter_state_dict("default")
+    assert torch.equal(one["prompt_embeddings"], two["prompt_embeddings"]) and lstm.training
+
+
+def test_a_text_initialized_file_resumes_without_its_tokenizer(tmp_path):
+    from lightllm.models import default_model_dir, load_model
+
+    model, _ = load_model(device="cpu")
+    wrapped = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                                       prompt_tuning_init_text="Macbeth",
+                                                       tokenizer_name_or_path=str(default_model_dir())))
+    wrapped.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["tokenizer_name_or_path"] = str(tmp_path / "gone")  # the tokenizer is not needed to load
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    resumed = from_pretrained(load_model(device="cpu")[0], tmp_path, is_trainable=True)
+    assert [n for n, p in resumed.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]

@@ -24,6 +24,14 @@ def output_width(config) -> int:
     return config.token_dim
 
 
+def reparameterized(config) -> bool:
+    """Whether the method trains its virtual tokens through a network (an MLP or LSTM) that its
+    PEFT file does not keep."""
+    if isinstance(config, PrefixTuningConfig):
+        return bool(config.prefix_projection)
+    return isinstance(config, PromptEncoderConfig)
+
+
 class PromptEncoderBase(nn.Module):
     """``forward()`` gives the [P, width] float32 virtual tokens."""
 

@@ -39,7 +39,7 @@ from torch import nn
 from ..save_load import check_tensors, json_writer, read_json, read_tensors, tensors_writer, write_files_atomically
 from ..tuner import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, TunerModel, count_parameters
 from .config import (PrefixTuningConfig, PromptLearningConfig, prepare_config)
-from .layer import FlatPromptEncoder, PromptEncoderBase, build_encoder, output_width
+from .layer import FlatPromptEncoder, PromptEncoderBase, build_encoder, output_width, reparameterized
 
 logger = logging.getLogger("lightllm")
 
@@ -108,6 +108,74 @@ def _cache_survives_checkpointing(model: nn.Module, on: bool):
             del m._can_checkpoint_with_cache
 
 
+class _ProcessorWithoutPlaceholders:
+    """A logits processor that sees the sequences without the P placeholders generate runs on."""
+
+    def __init__(self, inner, p: int):
+        self.inner, self.p = inner, p
+
+    def __call__(self, input_ids, scores):
+        return self.inner(input_ids[:, self.p:], scores)
+
+
+class _CriterionWithoutPlaceholders:
+    """A stopping criterion that sees the sequences without the placeholders."""
+
+    def __init__(self, inner, p: int):
+        self.inner, self.p = inner, p
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.inner(input_ids[:, self.p:], scores, **kwargs)
+
+
+class _StreamerWithoutPlaceholders:
+    """A streamer whose first ``put`` (the prompt) arrives without the placeholders."""
+
+    def __init__(self, inner, p: int):
+        self.inner, self.p, self.first = inner, p, True
+
+    def put(self, value):
+        if self.first:
+            self.first = False
+            value = value[..., self.p:]
+        self.inner.put(value)
+
+    def end(self):
+        self.inner.end()
+
+
+def _hide_placeholders(gen, kwargs: dict, p: int) -> None:
+    """Keep what reads the token history from seeing the placeholders: the user's logits
+    processors, stopping criteria and streamer are wrapped, and the built-in processors that read
+    the history (repetition penalty, n-gram blocking, bad words, sequence bias) are built here,
+    wrapped, from the generation config (they then run after transformers' own processors, which
+    for sampling means after top-k / top-p)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+    from transformers.generation import logits_process as lp
+
+    wrap = _ProcessorWithoutPlaceholders
+    processors = [wrap(x, p) for x in (kwargs.pop("logits_processor", None) or [])]
+    if gen.repetition_penalty not in (None, 1.0):
+        processors.append(wrap(lp.RepetitionPenaltyLogitsProcessor(gen.repetition_penalty), p))
+        gen.repetition_penalty = None
+    if gen.no_repeat_ngram_size:
+        processors.append(wrap(lp.NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size), p))
+        gen.no_repeat_ngram_size = None
+    if gen.bad_words_ids is not None:
+        processors.append(wrap(lp.NoBadWordsLogitsProcessor(gen.bad_words_ids, gen.eos_token_id), p))
+        gen.bad_words_ids = None
+    if gen.sequence_bias is not None:
+        processors.append(wrap(lp.SequenceBiasLogitsProcessor(gen.sequence_bias), p))
+        gen.sequence_bias = None
+    if processors:
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
+    if kwargs.get("stopping_criteria"):
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_CriterionWithoutPlaceholders(x, p)
+                                                            for x in kwargs["stopping_criteria"]])
+    if kwargs.get("streamer") is not None:
+        kwargs["streamer"] = _StreamerWithoutPlaceholders(kwargs["streamer"], p)
+
+
 class PromptLearningModel(nn.Module):
     """A causal LM with prompt-learning adapters (``base_model.model`` is the user's model, which
     may itself be a LoRA or adapter wrapper: the methods stack)."""
@@ -122,6 +190,9 @@ class PromptLearningModel(nn.Module):
         self.prompt_encoder = nn.ModuleDict()
         self.active_adapter = adapter_name
         self._disabled = False
+        if isinstance(model, PromptLearningModel):
+            raise ValueError("the model already has a prompt-learning wrapper: add the method as another named adapter "
+                             "(add_adapter) instead of wrapping it twice")
         hf = _hf_model(model)
         params = inspect.signature(hf.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
@@ -186,7 +257,8 @@ class PromptLearningModel(nn.Module):
         width = hf.get_input_embeddings().weight.shape[1]
         name = type(config).__name__
         if isinstance(config, PrefixTuningConfig):
-            layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+            layers = next((getattr(text, n) for n in ("num_hidden_layers", "num_layers", "n_layer")
+                           if getattr(text, n, None) is not None), None)
             heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
             kv = getattr(text, "num_key_value_heads", None) or heads
             head_dim = getattr(text, "head_dim", None) or width // heads
@@ -287,13 +359,22 @@ class PromptLearningModel(nn.Module):
         config, encoder = active
         p = config.num_virtual_tokens
         ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("PromptLearningModel: pass input_ids or inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
+        if use_cache is None:  # the model's own default, as transformers resolves it
+            use_cache = getattr(self.hf_model.config, "use_cache", True) is not False
         read_only_cache = cache is not None and getattr(cache, "read_only", False)
-        continuing = cache is not None and not read_only_cache and cache.get_seq_length() > 0
-        if continuing:  # a cache this model returned: the virtual tokens are in it already
+        if read_only_cache:
+            cache = None  # a training-time cache holds the prefix only: start afresh
+        if cache is not None and cache.get_seq_length() > 0:
+            # A cache this model returned (or one a caller filled through it): the virtual tokens are
+            # in it already, and the caller's positions and mask count the real tokens only.
             past = cache.get_seq_length()
             if attention_mask is not None and attention_mask.shape[1] == past + length - p:
                 attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
+            if position_ids is not None:
+                position_ids = position_ids + p
             self._check_length(past + length)
             kwargs[self._cache_kwarg] = cache
             return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -302,9 +383,14 @@ class PromptLearningModel(nn.Module):
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
         if isinstance(config, PrefixTuningConfig):
-            keep = bool(use_cache) and not self.training
-            cache = kwargs[self._cache_kwarg] = self._filled_cache(config, encoder, batch, read_only=not keep)
-            cache.reads = 0
+            keep = use_cache and not self.training
+            # An empty cache the caller passed is filled (and then continued from); in training the
+            # prefix goes into a read-only cache of ours instead.
+            cache = self._filled_cache(config, encoder, batch, read_only=not keep, cache=cache if keep else None)
+            kwargs[self._cache_kwarg] = cache
+            ours = isinstance(cache, prefix_cache_class())
+            if ours:
+                cache.reads = 0
             if position_ids is not None:
                 position_ids = position_ids + p  # the real tokens come after the prefix, as in PEFT
             hf = self.hf_model
@@ -317,11 +403,15 @@ class PromptLearningModel(nn.Module):
                     out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                      labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
                 except RuntimeError as e:
-                    if checkpointing and cache.reads == 0:
+                    if checkpointing and ours and cache.reads == 0:
                         raise ValueError(dropped) from e
                     raise
-            if cache.reads == 0:
+            if ours and cache.reads == 0:
                 raise ValueError(dropped if checkpointing else f"{type(hf).__name__} did not read the prefix cache")
+            if not keep:  # a read-only cache must not be mistaken for one to continue from
+                for name in ("past_key_values", "cache"):
+                    if getattr(out, name, None) is cache:
+                        setattr(out, name, None)
             return out
         inputs_embeds = self._prompt_embeds(encoder, input_ids, inputs_embeds)
         if labels is not None:
@@ -339,31 +429,37 @@ class PromptLearningModel(nn.Module):
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """transformers' ``generate`` with the virtual tokens: every decoding strategy, with or
         without a cache, batched prompts with left padding. The output holds the prompt and the
-        new tokens, as for the plain model."""
+        new tokens, as for the plain model; logits processors, stopping criteria and streamers see
+        those too (the placeholders generate runs on are cut from what they read)."""
         hf = self.hf_model
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
         active = self._active()
         if active is None:
             return hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if input_ids is None or "inputs_embeds" in kwargs:
-            raise ValueError("PromptLearningModel.generate takes input_ids (not inputs_embeds)")
+        if input_ids is None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError("PromptLearningModel.generate takes input_ids (or inputs=), not inputs_embeds")
         config, encoder = active
         p = config.num_virtual_tokens
+        gen = copy.deepcopy(kwargs.pop("generation_config", None) or hf.generation_config)
+        kwargs = gen.update(**kwargs)  # what is not a generation setting stays a model argument
+        if attention_mask is None:  # as transformers infers it: padding is where the pad token is (not EOS)
+            eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+            pad = gen.pad_token_id
+            attention_mask = (input_ids.ne(pad).long() if pad is not None and pad not in eos and (input_ids == pad).any()
+                              else torch.ones_like(input_ids))
+        if gen.max_new_tokens is None and gen.max_length is not None:  # lengths of the whole sequence count P too
+            gen.max_length += p
+        if gen.min_length:
+            gen.min_length += p
+        _hide_placeholders(gen, kwargs, p)
         batch = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        placeholders = input_ids.new_zeros((batch, p))
-        ids = torch.cat([placeholders, input_ids], dim=1)
+        ids = torch.cat([input_ids.new_zeros((batch, p)), input_ids], dim=1)
         mask = torch.cat([attention_mask.new_ones((batch, p)), attention_mask], dim=1)
-        for key in ("max_length", "min_length"):  # lengths that count the prompt count the placeholders
-            if kwargs.get(key) is not None:
-                kwargs[key] += p
-        if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None:
-            gen_config = kwargs.get("generation_config") or hf.generation_config
-            kwargs["max_length"] = gen_config.max_length + p
         self._check_length(ids.shape[1])
         handle = hf.register_forward_pre_hook(self._generation_hook, with_kwargs=True)
         try:
-            out = hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **kwargs)
         finally:
             handle.remove()
         if torch.is_tensor(out):
@@ -403,8 +499,13 @@ class PromptLearningModel(nn.Module):
     # ---- files -------------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str, save_encoder: bool = False) -> dict[str, torch.Tensor]:
         encoder = self.prompt_encoder[adapter_name]
-        with torch.no_grad():
-            out = {EMBEDDINGS_KEY: encoder()}
+        was_training = encoder.training
+        encoder.eval()  # the virtual tokens without dropout (an LSTM encoder's), as inference will see them
+        try:
+            with torch.no_grad():
+                out = {EMBEDDINGS_KEY: encoder()}
+        finally:
+            encoder.train(was_training)
         if save_encoder and encoder.has_reparameterization():  # else the embedding is prompt_embeddings itself
             if isinstance(encoder, FlatPromptEncoder):
                 raise ValueError(f"adapter {adapter_name!r} was loaded from a file without its prompt encoder: there is "
@@ -461,7 +562,7 @@ class PromptLearningModel(nn.Module):
                              for k, v in probe.state_dict().items()})
         check_tensors(expected, tensors, path, optional=set(expected) - {EMBEDDINGS_KEY} if not with_encoder else set())
         flat = not with_encoder
-        if is_trainable and flat and build_encoder(config, hf.get_input_embeddings(), flat=False).has_reparameterization():
+        if is_trainable and flat and reparameterized(config):
             raise ValueError(f"{path} holds the computed virtual tokens only (PEFT does not save the "
                              f"{'prefix MLP' if isinstance(config, PrefixTuningConfig) else 'prompt encoder'}): it loads "
                              "for inference (is_trainable=False); to resume training with the reparameterization, "
