@@ -87,18 +87,50 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.task == "math":
+        return _eval_math(args)
     from lightllm import data
     from lightllm.eval import eval_windows, perplexity, tokenize_stream
     from lightllm.models import load_model
 
-    text = data.load_text(args.data, split="heldout")  # a bad path fails before the model loads
+    text = data.load_text(args.data or "shakespeare", split="heldout")  # a bad path fails before the model loads
     model, tokenizer = load_model(args.model, device=args.device)
     ids = tokenize_stream(tokenizer, text)
     windows = eval_windows(ids, args.seqlen)
     ppl = perplexity(model, tokenizer, ids, args.seqlen)
-    source = "held-out Shakespeare plays" if args.data == "shakespeare" else args.data
+    source = "held-out Shakespeare plays" if args.data in (None, "shakespeare") else args.data
     print(f"perplexity {ppl:.3f} on {source}: {windows.numel() - windows.shape[0]} predicted tokens, "
           f"{windows.shape[0]} windows of {args.seqlen}")
+    return 0
+
+
+def _eval_math(args: argparse.Namespace) -> int:
+    from lightllm.eval.math import evaluate_math
+    from lightllm.models import load_model
+    from lightllm.train.data import math_task, read_records
+    from lightllm.train.templates import get_template
+
+    template = get_template(args.template)  # bad inputs fail before the model loads
+    records = math_task("test") if args.data in (None, "shakespeare", "math") else read_records([args.data])
+    model, tokenizer = load_model(args.model, device=args.device)
+    if args.adapter:
+        from lightllm.tuning import from_pretrained
+
+        model = from_pretrained(model, args.adapter)
+    result = evaluate_math(model, tokenizer, records, template, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, jsonl_path=args.out_jsonl)
+    kinds = "".join(f", {k} {100 * v:.1f}%" for k, v in sorted(result["by_type"].items()))
+    print(f"exact match {100 * result['accuracy']:.1f}% ({result['correct']} of {result['total']}){kinds}"
+          + (f"; generations in {args.out_jsonl}" if args.out_jsonl else ""))
+    return 0
+
+
+def _data_export(args: argparse.Namespace) -> int:
+    from lightllm.train.data import math_task, write_records
+
+    records = math_task(args.split, n=args.n, seed=args.seed)
+    write_records(records, args.out)
+    print(f"wrote {len(records)} {args.split} problems to {args.out}")
     return 0
 
 
@@ -158,13 +190,39 @@ def main(argv: list[str] | None = None) -> int:
     quantize.set_defaults(func=_quantize)
 
     evaluate = sub.add_parser(
-        "eval", help="perplexity of a model (dense or a GPTQ checkpoint) on held-out text",
-        description="Perplexity over non-overlapping windows of the text (GPTQ-for-LLaMa's wikitext2 method).")
+        "eval", help="perplexity on held-out text, or accuracy on math word problems (--task math)",
+        description="--task perplexity (default): perplexity over non-overlapping windows of the text "
+                    "(GPTQ-for-LLaMa's wikitext2 method). --task math: greedy generation on word problems and "
+                    "exact-match accuracy of the last number of each response (LLM-Adapters' scoring); works on a "
+                    "dense model, a GPTQ checkpoint (--model DIR) and a model with an adapter (--adapter DIR).")
     _add_common(evaluate)
-    evaluate.add_argument("--data", default="shakespeare", metavar="shakespeare|FILE",
-                          help="the built-in held-out plays (default) or a UTF-8 text file")
-    evaluate.add_argument("--seqlen", type=int, default=256, help="window length in tokens (default 256)")
+    evaluate.add_argument("--task", choices=("perplexity", "math"), default="perplexity", help="default: perplexity")
+    evaluate.add_argument("--data", default=None, metavar="FILE",
+                          help="perplexity: the built-in held-out plays (default) or a UTF-8 text file; math: the "
+                               "embedded task's test split (default) or an LLM-Adapters-format JSON/JSONL file")
+    evaluate.add_argument("--seqlen", type=int, default=256, help="perplexity window length in tokens (default 256)")
+    evaluate.add_argument("--adapter", metavar="DIR", help="math: an adapter folder to load onto the model (LoRA, "
+                                                           "bottleneck adapters, prefix / prompt tuning)")
+    evaluate.add_argument("--template", default="qa", metavar="NAME|FILE",
+                          help="math: the prompt template the model was tuned with: alpaca, qa (default) or a JSON "
+                               "file")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="math: prompts generated at once (default 32)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="math: tokens generated per answer (default 32)")
+    evaluate.add_argument("--out-jsonl", metavar="FILE", help="math: write every generation and what was read from it")
     evaluate.set_defaults(func=_eval)
+
+    data_cmd = sub.add_parser("data", help="export the embedded math task (LLM-Adapters' JSON format)",
+                              description="Write the embedded arithmetic word problems (seeded, fixed splits, no test "
+                                          "problem in the training split) as LLM-Adapters-format records.")
+    data_sub = data_cmd.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    export = data_sub.add_parser("export", help="write a split to a .json (list) or .jsonl file",
+                                 description="Write a split of the embedded math task to a .json or .jsonl file.")
+    export.add_argument("--split", choices=("train", "test"), default="train", help="default: train")
+    export.add_argument("--n", type=int, default=None, help="number of problems (default: the whole split)")
+    export.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write (.json or .jsonl)")
+    export.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    export.set_defaults(func=_data_export)
 
     demo = sub.add_parser(
         "demo", help="the main job: full precision vs RTN vs GPTQ at 4 and 3 bits on the embedded model",

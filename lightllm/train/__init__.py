@@ -1,0 +1,2 @@
+"""Instruction fine-tuning: data (records, templates, tokenization), batches, the training loop on
+Accelerate, and the CLI."""
