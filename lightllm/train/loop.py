@@ -1,0 +1,487 @@
+"""The fine-tuning loop, on Accelerate: ``finetune(FinetuneConfig(...))``.
+
+One optimizer step takes ``batch_size`` records in all (every process together), in micro-batches
+of ``micro_batch_size`` per process; the records of step s are the s-th slice of a seeded epoch
+order (length-grouped), split between the processes, so the data order depends only on the seed
+and the step, and a resumed run reads exactly what the uninterrupted one would. The loss is the
+mean over every target token of the whole step (collate.py): the step's target tokens are counted
+first (and summed over the processes), then every micro-batch adds its summed token loss over that
+count; under DDP, whose gradient is the mean over processes, each process scales its part by the
+process count, so the gradient is the same as one process with the same global batch. The
+scheduler steps once per optimizer step, whatever the process count.
+
+Methods: ``lora``, ``qlora`` (LoRA on a 4-bit GPTQ/RTN base: quantized first, or a GPTQ checkpoint
+loaded as is), ``adapter`` (a placement or preset), ``prefix``, ``prompt``, ``p-tuning``, ``full``.
+Optimizers: lightllm's AdamW8bit by default, or any lightllm or torch.optim optimizer by name.
+Checkpoints (trainable parameters, optimizer, scheduler, every process's RNG, the step) are written
+atomically every ``save_steps`` and at the end, the last ``save_total_limit`` kept; ``resume``
+continues from the newest complete one. The trained adapter is saved in its method's format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from .collate import Collator, count_target_tokens, length_grouped_order, token_loss_sum
+from .data import math_task, read_records, tokenize_record
+from .templates import get_template
+
+logger = logging.getLogger("lightllm")
+
+METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "p-tuning", "full")
+LIGHTLLM_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgd8bit": "SGD8bit"}
+TORCH_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "adafactor": "Adafactor", "rmsprop": "RMSprop"}
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Everything a run needs; the CLI's flags have the same names."""
+
+    output_dir: str
+    model: str | None = None  # a Hugging Face folder or GPTQ checkpoint (default: the embedded model)
+    method: str = "lora"
+    data: list[str] | None = None  # JSON/JSONL files (default: the embedded math task's training split)
+    template: str | None = None  # alpaca (default), qa, or a JSON file
+    cutoff_len: int = 256
+    train_on_inputs: bool = False
+    # the method
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    adapter: str = "series"  # series, parallel (LLM-Adapters), houlsby, pfeiffer, parallel-he (presets)
+    bottleneck_size: int = 64
+    num_virtual_tokens: int = 16
+    quant_bits: int = 4
+    quant_method: str = "rtn"  # qlora on a dense model: how to quantize it first (rtn or gptq)
+    quant_group_size: int = 32
+    # optimization
+    optimizer: str = "adamw8bit"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine, linear, constant (after warmup)
+    warmup_steps: int = 0
+    batch_size: int = 32  # records per optimizer step, all processes together
+    micro_batch_size: int = 8  # records per forward pass and process
+    max_steps: int = 100
+    stop_after: int | None = None  # stop after this step, the schedule still spanning max_steps (a run in parts)
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no, bf16, fp16
+    group_by_length: bool = True
+    seed: int = 0
+    # outputs
+    save_steps: int = 0  # 0: only at the end
+    save_total_limit: int = 2
+    resume: bool = False
+    log_steps: int = 10
+    merge: bool = False  # lora: also write the merged model
+    cpu: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.optimizer.lower() not in LIGHTLLM_OPTIMIZERS and self.optimizer.lower() not in TORCH_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join([*LIGHTLLM_OPTIMIZERS, *TORCH_OPTIMIZERS])}, "
+                             f"got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("batch_size", "micro_batch_size", "max_steps", "save_total_limit", "log_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    model: Any  # the trained (wrapped) model
+    tokenizer: Any
+    log: list[dict[str, Any]]
+    adapter_dir: pathlib.Path | None
+    steps: int
+    seconds: float  # the training loop with its checkpoints (not loading, quantizing or the final outputs)
+    peak_memory_bytes: int | None = None  # see PeakMemory
+
+
+# ---- building blocks -----------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory while the block runs: on CUDA the allocator's peak (torch.cuda.max_memory_allocated);
+    on the CPU the process's resident set, sampled every 10 ms by a thread (it includes the
+    interpreter, the libraries and the model: compare runs made in fresh processes)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak = _resident_bytes()
+
+        def sample():
+            while not self._stop.wait(0.01):
+                self.peak = max(self.peak, _resident_bytes())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _resident_bytes())
+        return False
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far, from getrusage where it exists
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except ImportError:
+            return 0
+
+
+def method_config(config: FinetuneConfig):
+    """The tuning config of the run's method (None for full fine-tuning)."""
+    from ..tuning import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    if config.method in ("lora", "qlora"):
+        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.target_modules, task_type="CAUSAL_LM")
+    if config.method == "adapter":
+        presets = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "parallel-he": "parallel"}
+        if config.adapter in presets:
+            return AdapterConfig.from_preset(presets[config.adapter])
+        if config.adapter == "series":
+            return AdapterConfig(bottleneck_size=config.bottleneck_size, init_weights="mam_adapter")
+        if config.adapter == "parallel":
+            return AdapterConfig(bottleneck_size=config.bottleneck_size, use_parallel_adapter=True,
+                                 init_weights="mam_adapter")
+        raise ValueError(f"adapter must be series, parallel, houlsby, pfeiffer or parallel-he, got {config.adapter!r}")
+    if config.method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, prefix_projection=True,
+                                  init_weights="zero")
+    if config.method == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=config.num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB")
+    if config.method == "p-tuning":
+        return PromptEncoderConfig(num_virtual_tokens=config.num_virtual_tokens)
+    return None
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    key = name.lower()
+    if key in LIGHTLLM_OPTIMIZERS:
+        from .. import optim
+
+        cls = getattr(optim, LIGHTLLM_OPTIMIZERS[key])
+    else:
+        cls = getattr(torch.optim, TORCH_OPTIMIZERS[key])
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Linear warmup over ``warmup`` steps, then cosine or linear decay to 0 at ``total`` (or constant)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return factor
+
+
+def _check_output_dir(path: pathlib.Path, needed_bytes: int) -> None:
+    """Fail before training when the output cannot be written: a path that is a file, a folder not
+    writable, or a disk without room for two checkpoints."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {path} is a file")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise ValueError(f"output_dir {path} is not writable: {e}") from None
+    free = shutil.disk_usage(path).free
+    if free < 2 * needed_bytes:
+        raise ValueError(f"output_dir {path} has {free / 2**20:.0f} MiB free; checkpoints need about "
+                         f"{2 * needed_bytes / 2**20:.0f} MiB")
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    found = [p for p in output_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
+    """Train ``config.method`` on the data and save the adapter; see the module docstring."""
+    from accelerate import Accelerator
+
+    from ..models import load_model
+    from ..tuning import get_peft_model, prepare_model_for_kbit_training
+
+    if accelerator is None:
+        accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % (config.micro_batch_size * world):
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size x processes = "
+                         f"{config.micro_batch_size} x {world}")
+    output_dir = pathlib.Path(config.output_dir)
+    template = get_template(config.template)
+    records = read_records(config.data) if config.data else math_task("train", seed=config.seed)
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, device=accelerator.device, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    items = [tokenize_record(r, tokenizer, template, config.cutoff_len, config.train_on_inputs) for r in records]
+    items = [t for t in items if any(label != -100 for label in t.labels[1:])]  # nothing to learn from the rest
+    if len(items) < config.batch_size:
+        raise ValueError(f"{len(items)} usable records, fewer than one batch of {config.batch_size}")
+
+    if config.method == "qlora":
+        from ..nn import QuantLinear
+        from ..quantization import QuantConfig, quantize_model
+
+        if not any(isinstance(m, QuantLinear) for m in model.modules()):
+            calib = [torch.tensor([t.input_ids], device=accelerator.device) for t in items[:64]]
+            quantize_model(model, [{"input_ids": c} for c in calib],
+                           QuantConfig(bits=config.quant_bits, group_size=config.quant_group_size,
+                                       method=config.quant_method), progress=False)
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    tuning = method_config(config)
+    torch.manual_seed(config.seed)  # the same adapter initialization in every process
+    wrapped = model if tuning is None else get_peft_model(model, tuning)
+    if tuning is None:
+        for p in wrapped.parameters():
+            p.requires_grad_(True)
+    trainable = _trainable(wrapped)
+    _check_output_dir(output_dir, sum(p.numel() for p in trainable.values()) * 12 + (1 << 20))
+
+    optimizer = build_optimizer(config.optimizer, list(trainable.values()), config.lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps,
+                                                                       config.max_steps))
+    wrapped.train()
+    engine, optimizer = accelerator.prepare(wrapped, optimizer)  # DDP (or nothing) + mixed precision
+
+    state = {"step": 0, "log": [], "tokens": 0}
+    if config.resume:
+        found = _checkpoints(output_dir)
+        if found:
+            _load_checkpoint(found[-1], wrapped, optimizer, scheduler, state, rank)
+            logger.info("resumed from %s at step %d", found[-1], state["step"])
+        else:
+            logger.info("no checkpoint in %s: starting from step 0", output_dir)
+
+    lengths = [len(t.input_ids) for t in items]
+    collate = Collator(tokenizer.pad_token_id)
+    steps_per_epoch = len(items) // config.batch_size
+    accumulation = config.batch_size // (config.micro_batch_size * world)
+
+    def records_of_step(step: int) -> list[int]:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = (length_grouped_order(lengths, config.batch_size, seed=config.seed * 100003 + epoch)
+                 if config.group_by_length else random.Random(config.seed * 100003 + epoch).sample(range(len(items)),
+                                                                                                   len(items)))
+        chunk = order[index * config.batch_size:(index + 1) * config.batch_size]
+        return chunk[rank::world]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"finetune {config.method}",
+               disable=not (config.progress and accelerator.is_main_process))
+    started = time.perf_counter()
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    with PeakMemory(accelerator.device) as memory:
+        try:
+            stop = min(config.max_steps, config.stop_after or config.max_steps)
+            while state["step"] < stop:
+                mine = records_of_step(state["step"])
+                micro = [collate([items[i] for i in mine[j:j + config.micro_batch_size]])
+                         for j in range(0, len(mine), config.micro_batch_size)]
+                assert len(micro) == accumulation
+                counted = torch.tensor([float(sum(count_target_tokens(b["labels"]) for b in micro))],
+                                       device=accelerator.device)
+                total = float(accelerator.reduce(counted, reduction="sum")) if world > 1 else float(counted)
+                step_loss = torch.zeros((), device=accelerator.device)
+                for j, batch in enumerate(micro):
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    labels = batch.pop("labels")
+                    sync = j == len(micro) - 1
+                    context = accelerator.no_sync(engine) if not sync and world > 1 else contextlib.nullcontext()
+                    with context, accelerator.autocast():
+                        logits = engine(**batch).logits
+                        loss_sum = token_loss_sum(logits, labels)
+                        accelerator.backward(loss_sum * (world / total))
+                    step_loss += loss_sum.detach()
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = float(accelerator.reduce(step_loss, reduction="sum")) / total if world > 1 else \
+                    float(step_loss) / total
+                state["step"] += 1
+                state["tokens"] += int(total)
+                window_loss += step_loss
+                window_tokens += int(total)
+                bar.update(1)
+                if state["step"] % config.log_steps == 0 or state["step"] == stop:
+                    elapsed = time.perf_counter() - window_start
+                    count = (state["step"] - 1) % config.log_steps + 1
+                    entry = {"step": state["step"], "loss": window_loss / count, "lr": scheduler.get_last_lr()[0],
+                             "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                    state["log"].append(entry)
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                if (config.save_steps and state["step"] % config.save_steps == 0) or state["step"] == stop:
+                    _save_checkpoint(output_dir, wrapped, optimizer, scheduler, state, accelerator, config)
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - started
+    adapter_dir = None
+    if accelerator.is_main_process and state["step"] >= config.max_steps:
+        adapter_dir = _save_outputs(output_dir, wrapped, tokenizer, state["log"], config)
+    accelerator.wait_for_everyone()
+    return FinetuneResult(wrapped, tokenizer, state["log"], adapter_dir, state["step"], seconds, memory.peak)
+
+
+# ---- checkpoints and outputs -----------------------------------------------------------------------
+
+def _save_checkpoint(output_dir: pathlib.Path, model, optimizer, scheduler, state, accelerator, config) -> None:
+    """checkpoint-<step>/: trainable parameters, optimizer, scheduler, trainer state (rank 0) and
+    every process's RNG; written in a temporary folder and renamed, so a crash leaves the previous
+    checkpoint complete. Keeps the newest ``save_total_limit``."""
+    step = state["step"]
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save({n: p.detach().cpu() for n, p in _trainable(model).items()}, tmp / "trainable.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": state["tokens"], "log": state["log"],
+                                                            "config": dataclasses.asdict(config)}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(output_dir)[:-config.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, rank: int) -> None:
+    saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
+    params = _trainable(model)
+    if set(saved) != set(params):
+        raise ValueError(f"{path} holds trainable parameters {sorted(set(saved) ^ set(params))[:4]} that this run's "
+                         "model does not (or lacks ones it has): resume with the same method and settings")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    state.update(step=trainer["step"], tokens=trainer["tokens"], log=trainer["log"])
+    rng = path / f"rng_{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+
+
+def _save_outputs(output_dir: pathlib.Path, model, tokenizer, log, config) -> pathlib.Path:
+    """The adapter in its method's format (output_dir/adapter; the whole model for full
+    fine-tuning), the JSON log, and a loss curve (when matplotlib is installed)."""
+    out = output_dir / ("model" if config.method == "full" else "adapter")
+    model.save_pretrained(out)
+    if config.method == "full":
+        tokenizer.save_pretrained(out)
+    if config.merge and config.method in ("lora", "qlora"):
+        merged_dir = output_dir / "merged"
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload(requantize=config.method == "qlora")
+        if config.method == "qlora":
+            from ..quantization import save_quantized
+
+            save_quantized(merged, merged_dir, tokenizer=tokenizer)
+        else:
+            merged.save_pretrained(merged_dir)
+            tokenizer.save_pretrained(merged_dir)
+    tmp = output_dir / ".log.json.tmp"
+    tmp.write_text(json.dumps(log, indent=1))
+    os.replace(tmp, output_dir / "log.json")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([e["step"] for e in log], [e["loss"] for e in log], marker="o", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (mean over target tokens)")
+        ax.set_title(f"{config.method} fine-tuning")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(output_dir / "loss.png", dpi=100)
+        plt.close(fig)
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss curve (pip install matplotlib)")
+    return out

@@ -1,0 +1,150 @@
+"""The fine-tuning loop: every method trains and saves in its format, an interrupted run resumes to
+the same losses step for step, two processes (gloo) end with the same parameters and the same loss
+curve as one process with the same global batch, and bad outputs fail before training."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from lightllm.train.loop import FinetuneConfig, finetune  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LLaMA with the embedded model's tokenizer (vocabulary 4096)."""
+    from lightllm.models import default_model_dir
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from lightllm.train.data import math_task, write_records
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    write_records(math_task("train", n=96), path)
+    return path
+
+
+def config(tmp_path, model_dir, data, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), model=str(model_dir), data=[str(data)], template="qa",
+                  cutoff_len=96, lr=1e-2, batch_size=8, micro_batch_size=2, max_steps=6, log_steps=1, cpu=True,
+                  progress=False, warmup_steps=1)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def losses(result):
+    return [entry["loss"] for entry in result.log]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "adapter", "prefix", "prompt", "p-tuning", "full"])
+def test_every_method_trains_and_saves_in_its_format(tmp_path, tiny_model_dir, data_file, method):
+    from lightllm.tuning import from_pretrained
+
+    result = finetune(config(tmp_path, tiny_model_dir, data_file, method=method, max_steps=8))
+    run = tmp_path / "run"
+    assert result.steps == 8 and len(result.log) == 8
+    assert (run / "log.json").is_file() and (run / "checkpoint-8" / "trainer_state.json").is_file()
+    assert sum(losses(result)[-3:]) < sum(losses(result)[:3])  # it learns
+    if method == "full":
+        assert (run / "model" / "model.safetensors").is_file()
+        return
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == {"lora": "LORA", "qlora": "LORA", "adapter": "BOTTLENECK", "prefix": "PREFIX_TUNING",
+                                    "prompt": "PROMPT_TUNING", "p-tuning": "P_TUNING"}[method]
+    if method != "qlora":  # the adapter reloads onto a fresh base and gives the trained model's logits
+        from lightllm.models import load_model
+
+        base, _ = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+        loaded = from_pretrained(base, run / "adapter")
+        ids = torch.randint(5, 4000, (2, 9), generator=torch.Generator().manual_seed(0))
+        result.model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_step_for_step(tmp_path, tiny_model_dir, data_file):
+    """Data order, dropout RNG, optimizer (8-bit state) and schedule all resume: the losses after
+    resuming are the uninterrupted run's."""
+    whole = finetune(config(tmp_path / "a", tiny_model_dir, data_file, lora_dropout=0.1))
+    first = finetune(config(tmp_path / "b", tiny_model_dir, data_file, lora_dropout=0.1, stop_after=3))
+    assert first.steps == 3 and not (tmp_path / "b" / "run" / "adapter").exists()
+    rest = finetune(config(tmp_path / "b", tiny_model_dir, data_file, lora_dropout=0.1, resume=True))
+    assert rest.steps == 6
+    assert losses(rest)[:3] == losses(first)
+    assert losses(rest) == pytest.approx(losses(whole), rel=1e-6, abs=1e-7)
+
+
+def test_checkpoints_are_kept_to_the_limit_and_bad_outputs_fail_first(tmp_path, tiny_model_dir, data_file):
+    finetune(config(tmp_path, tiny_model_dir, data_file, save_steps=2, save_total_limit=2))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list((tmp_path / "run").glob(".checkpoint-*"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="output_dir .*file is a file"):
+        finetune(config(tmp_path, tiny_model_dir, data_file, output_dir=str(tmp_path / "file")))
+    with pytest.raises(ValueError, match="batch_size 8 must be a multiple of micro_batch_size x processes = 3 x 1"):
+        finetune(config(tmp_path, tiny_model_dir, data_file, micro_batch_size=3))
+    with pytest.raises(ValueError, match="method must be one of"):
+        FinetuneConfig(output_dir="x", method="dora")
+
+
+TWO_PROCESS_SCRIPT = """
+import pathlib, sys
+import torch
+from accelerate import Accelerator
+from lightllm.train.loop import FinetuneConfig, finetune
+
+out_root, model_dir, data = sys.argv[1:4]
+accelerator = Accelerator(cpu=True)
+cfg = FinetuneConfig(output_dir=str(pathlib.Path(out_root) / "ddp"), model=model_dir, data=[data], template="qa",
+                     cutoff_len=96, lr=1e-2, batch_size=8, micro_batch_size=2, max_steps=4, log_steps=1, cpu=True,
+                     progress=False, warmup_steps=1)
+result = finetune(cfg, accelerator=accelerator)
+params = {n: p.detach().cpu() for n, p in result.model.named_parameters() if p.requires_grad}
+torch.save({"params": params, "losses": [e["loss"] for e in result.log]},
+           pathlib.Path(out_root) / f"rank{accelerator.process_index}.pt")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, data_file):
+    # torchrun in a child process: a fresh interpreter per rank (forking this test process after
+    # earlier tests have started torch's thread pools can hang), gloo on CPU, two real ranks
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(script), str(tmp_path), str(tiny_model_dir), str(data_file)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0["params"]:
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+    single = finetune(config(tmp_path / "one", tiny_model_dir, data_file, max_steps=4))
+    assert rank0["losses"] == pytest.approx(losses(single), rel=1e-5)
+    one = {n: p for n, p in single.model.named_parameters() if p.requires_grad}
+    for name, value in rank0["params"].items():
+        torch.testing.assert_close(value, one[name].detach(), rtol=1e-4, atol=1e-6)
