@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import platform
 import sys
@@ -147,6 +148,12 @@ def _finetune(args: argparse.Namespace) -> int:
         values["target_modules"] = "all-linear"
     values["cpu"] = args.device == "cpu"
     result = finetune(FinetuneConfig(**values))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: one report, from rank 0
+        return 0
+    if result.adapter_dir is None:
+        print(f"{args.method}: stopped after step {result.steps} of {args.max_steps}; checkpoint in {args.output_dir}, "
+              "--resume continues")
+        return 0
     last = result.log[-1] if result.log else {}
     print(f"{args.method}: {result.steps} steps in {result.seconds:.0f} s, last loss {last.get('loss', float('nan')):.4f}; "
           f"adapter in {result.adapter_dir}, log in {args.output_dir}/log.json")
@@ -260,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                     "with one method, on Accelerate (run under `accelerate launch` or `torchrun` for several "
                     "processes). Writes checkpoints (every --save-steps and at the end; --resume continues from the "
                     "newest), the trained adapter in its method's format (OUT/adapter), a JSON log and a loss curve.",
-        epilog="Example: python -m lightllm finetune --method lora --template qa --lr 3e-3 --max-steps 600 "
-               "--output-dir runs/lora && python -m lightllm eval --task math --adapter runs/lora/adapter")
+        epilog="Example: python -m lightllm finetune --method lora --template qa --lr 3e-3 --batch-size 8 --max-steps 900 "
+               "--output-dir runs/lora && python -m lightllm eval --task math --template qa --adapter runs/lora/adapter")
     ft.add_argument("--model", default=None, metavar="DIR", help=_model_help())
     ft.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu forces the CPU (default: the GPU if any)")
     ft.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, the adapter, log.json, loss.png")

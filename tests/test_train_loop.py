@@ -106,6 +106,19 @@ def test_checkpoints_are_kept_to_the_limit_and_bad_outputs_fail_first(tmp_path, 
         FinetuneConfig(output_dir="x", method="dora")
 
 
+def test_fsdp_and_deepspeed_are_refused_before_anything_loads(tmp_path):
+    """Not built yet: refused with the reason, never a silent wrong run."""
+    from accelerate.utils import DistributedType
+
+    class Sharded:  # what finetune reads of an Accelerator prepared for FSDP
+        distributed_type = DistributedType.FSDP
+        num_processes, process_index = 2, 0
+
+    with pytest.raises(ValueError, match="does not run under .*FSDP yet: use DDP"):
+        finetune(FinetuneConfig(output_dir=str(tmp_path / "run"), model=str(tmp_path / "absent")), accelerator=Sharded())
+    assert not (tmp_path / "run").exists()
+
+
 TWO_PROCESS_SCRIPT = """
 import pathlib, sys
 import torch

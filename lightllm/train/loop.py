@@ -119,6 +119,7 @@ class FinetuneResult:
     steps: int
     seconds: float  # the training loop with its checkpoints (not loading, quantizing or the final outputs)
     peak_memory_bytes: int | None = None  # see PeakMemory
+    memory_before_bytes: int | None = None  # the same measure when the loop started (model and data loaded)
 
 
 # ---- building blocks -----------------------------------------------------------------------------
@@ -129,16 +130,17 @@ class PeakMemory:
     interpreter, the libraries and the model: compare runs made in fresh processes)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
+        self.device, self.peak, self.start = device, None, None
 
     def __enter__(self):
         import threading
 
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
             return self
         self._stop = threading.Event()
-        self.peak = _resident_bytes()
+        self.peak = self.start = _resident_bytes()
 
         def sample():
             while not self._stop.wait(0.01):
@@ -269,6 +271,14 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
 
     if accelerator is None:
         accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    if str(getattr(accelerator, "distributed_type", "")).upper().endswith(("FSDP", "DEEPSPEED")):
+        # Refused before anything loads. Not yet built: sharding the trainable parameters of a tuned
+        # model (and the packed weights of a quantized base) with the 8-bit optimizer deciding its
+        # state from each full parameter's size; an FSDP run that silently trains the wrong thing
+        # (bitsandbytes + FSDP2 users report loss 0 and NaN gradient norms) is worse than none.
+        raise ValueError(f"lightllm finetune does not run under {accelerator.distributed_type} yet: use DDP "
+                         "(accelerate launch / torchrun without an FSDP or DeepSpeed config); the trainable "
+                         "parameters of the supported methods fit on every process")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % (config.micro_batch_size * world):
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size x processes = "
@@ -395,7 +405,8 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     if accelerator.is_main_process and state["step"] >= config.max_steps:
         adapter_dir = _save_outputs(output_dir, wrapped, tokenizer, state["log"], config)
     accelerator.wait_for_everyone()
-    return FinetuneResult(wrapped, tokenizer, state["log"], adapter_dir, state["step"], seconds, memory.peak)
+    return FinetuneResult(wrapped, tokenizer, state["log"], adapter_dir, state["step"], seconds, memory.peak,
+                          memory.start)
 
 
 # ---- checkpoints and outputs -----------------------------------------------------------------------
