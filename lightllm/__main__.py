@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_common(demo)
     demo.add_argument("--part", choices=("all", "finetune", "quantize"), default="all",
                       help="finetune, quantize, or all (default: both, fine-tuning first)")
-    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default 300)")
+    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default 900)")
     demo.add_argument("--nsamples", type=int, default=128, help="quantize: calibration windows (default 128)")
     demo.add_argument("--seqlen", type=int, default=256, help="quantize: tokens per calibration window (default 256)")
     demo.add_argument("--json", metavar="FILE", help="also write the results as JSON ({\"finetune\": ..., \"quantize\": ...})")

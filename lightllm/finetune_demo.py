@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
 import pathlib
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -83,7 +84,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         from .models import load_model
 
         model, tokenizer = load_model(job["model"], device=job["device"], dtype=torch.float32)
-        return {"label": job["label"], "base_params": sum(p.numel() for p in model.parameters()),
+        return {"label": job["label"], "pid": os.getpid(), "base_params": sum(p.numel() for p in model.parameters()),
                 **_score(model, tokenizer, settings, progress)}
 
     data = work / "train.jsonl"
@@ -99,7 +100,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         cpu=job["device"] == "cpu", progress=progress, log_steps=max(1, settings.steps // 20), **job["overrides"])
     result = finetune(config)
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
-    row = {"label": job["label"], "trainable": trainable, "train_s": result.seconds,
+    row = {"label": job["label"], "pid": os.getpid(), "trainable": trainable, "train_s": result.seconds,
            "peak_memory_bytes": result.peak_memory_bytes,
            "memory_before_bytes": result.memory_before_bytes, "final_loss": result.log[-1]["loss"],
            **_score(result.model, result.tokenizer, settings, progress)}

@@ -2,6 +2,8 @@
 scored in its own process, the counts are the models' own, the deployment rows exist, and the table
 reports what the goals say (a random model meets none of them, and the table must say so)."""
 
+import os
+
 import pytest
 import torch
 
@@ -59,6 +61,8 @@ def test_rows_run_in_fresh_processes(tiny_model_dir):
                                methods=DEMO_METHODS[3:4])  # prefix: the quickest
     assert [r["label"] for r in result["rows"]] == ["untuned", DEMO_METHODS[3][0]]
     assert result["rows"][1]["trainable"] > 0 and result["deployment"] == []
+    pids = {r["pid"] for r in result["rows"]}
+    assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_demo_cli_help_names_both_parts(capsys):

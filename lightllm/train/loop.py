@@ -106,6 +106,10 @@ class FinetuneConfig:
         for name in ("batch_size", "micro_batch_size", "max_steps", "save_total_limit", "log_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.stop_after is not None and not (isinstance(self.stop_after, int) and self.stop_after >= 1):
+            raise ValueError(f"stop_after must be an integer >= 1, got {self.stop_after!r}")
+        if not isinstance(self.save_steps, int) or self.save_steps < 0:
+            raise ValueError(f"save_steps must be an integer >= 0 (0: only at the end), got {self.save_steps!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -262,15 +266,30 @@ def _checkpoints(output_dir: pathlib.Path) -> list[pathlib.Path]:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
+def _make_accelerator(config: FinetuneConfig):
+    """An Accelerator for the run. Accelerate keeps its state per process; a second run in the same
+    single process with another precision or device (a notebook, the tests) resets that state
+    instead of failing. Under a launcher (several processes) the launcher's settings stand."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    cpu = config.cpu or not torch.cuda.is_available()
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    except ValueError as e:
+        if "already been initialized" not in str(e) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+
+
 def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     """Train ``config.method`` on the data and save the adapter; see the module docstring."""
-    from accelerate import Accelerator
-
     from ..models import load_model
     from ..tuning import get_peft_model, prepare_model_for_kbit_training
 
     if accelerator is None:
-        accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+        accelerator = _make_accelerator(config)
     if str(getattr(accelerator, "distributed_type", "")).upper().endswith(("FSDP", "DEEPSPEED")):
         # Refused before anything loads. Not yet built: sharding the trainable parameters of a tuned
         # model (and the packed weights of a quantized base) with the 8-bit optimizer deciding its
@@ -279,11 +298,21 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
         raise ValueError(f"lightllm finetune does not run under {accelerator.distributed_type} yet: use DDP "
                          "(accelerate launch / torchrun without an FSDP or DeepSpeed config); the trainable "
                          "parameters of the supported methods fit on every process")
+    if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+        raise ValueError(f"the Accelerator accumulates gradients over {accelerator.gradient_accumulation_steps} steps "
+                         "(--gradient_accumulation_steps or ACCELERATE_GRADIENT_ACCUMULATION_STEPS): it would divide "
+                         "lightllm's token-weighted loss again; set it to 1 and use micro_batch_size instead")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % (config.micro_batch_size * world):
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size x processes = "
                          f"{config.micro_batch_size} x {world}")
     output_dir = pathlib.Path(config.output_dir)
+    earlier = _checkpoints(output_dir) if output_dir.is_dir() else []
+    if earlier and not config.resume:  # rotation would delete them and a later resume pick them up
+        raise ValueError(f"output_dir {output_dir} holds checkpoints of an earlier run ({earlier[-1].name}): pass "
+                         "resume to continue it, or choose another output_dir")
+    if earlier:
+        check_same_run(earlier[-1], config)
     template = get_template(config.template)
     records = read_records(config.data) if config.data else math_task("train", seed=config.seed)
 
@@ -327,10 +356,10 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     engine, optimizer = accelerator.prepare(wrapped, optimizer)  # DDP (or nothing) + mixed precision
 
     state = {"step": 0, "log": [], "tokens": 0}
+    found = _checkpoints(output_dir)
     if config.resume:
-        found = _checkpoints(output_dir)
         if found:
-            _load_checkpoint(found[-1], wrapped, optimizer, scheduler, state, rank)
+            _load_checkpoint(found[-1], wrapped, optimizer, scheduler, state, rank, accelerator)
             logger.info("resumed from %s at step %d", found[-1], state["step"])
         else:
             logger.info("no checkpoint in %s: starting from step 0", output_dir)
@@ -353,7 +382,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"finetune {config.method}",
                disable=not (config.progress and accelerator.is_main_process))
     started = time.perf_counter()
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     with PeakMemory(accelerator.device) as memory:
         try:
             stop = min(config.max_steps, config.stop_after or config.max_steps)
@@ -379,7 +408,8 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                 if config.max_grad_norm:
                     accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if not getattr(optimizer, "step_was_skipped", False):  # fp16: an overflow skips the step
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = float(accelerator.reduce(step_loss, reduction="sum")) / total if world > 1 else \
                     float(step_loss) / total
@@ -387,24 +417,29 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                 state["tokens"] += int(total)
                 window_loss += step_loss
                 window_tokens += int(total)
+                window_steps += 1
                 bar.update(1)
                 if state["step"] % config.log_steps == 0 or state["step"] == stop:
                     elapsed = time.perf_counter() - window_start
-                    count = (state["step"] - 1) % config.log_steps + 1
-                    entry = {"step": state["step"], "loss": window_loss / count, "lr": scheduler.get_last_lr()[0],
+                    entry = {"step": state["step"], "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
                              "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                     state["log"].append(entry)
                     bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
                 if (config.save_steps and state["step"] % config.save_steps == 0) or state["step"] == stop:
                     _save_checkpoint(output_dir, wrapped, optimizer, scheduler, state, accelerator, config)
         finally:
             bar.close()
     seconds = time.perf_counter() - started
-    adapter_dir = None
+    adapter_dir, failure = None, None
     if accelerator.is_main_process and state["step"] >= config.max_steps:
-        adapter_dir = _save_outputs(output_dir, wrapped, tokenizer, state["log"], config)
+        try:
+            adapter_dir = _save_outputs(output_dir, wrapped, tokenizer, state["log"], config)
+        except Exception as e:  # the other processes wait at the barrier below: release them, then raise
+            failure = e
     accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
     return FinetuneResult(wrapped, tokenizer, state["log"], adapter_dir, state["step"], seconds, memory.peak,
                           memory.start)
 
@@ -427,18 +462,63 @@ def _save_checkpoint(output_dir: pathlib.Path, model, optimizer, scheduler, stat
         torch.save({n: p.detach().cpu() for n, p in _trainable(model).items()}, tmp / "trainable.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if getattr(accelerator, "scaler", None) is not None:  # fp16's loss scale resumes too
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": state["tokens"], "log": state["log"],
                                                             "config": dataclasses.asdict(config)}, indent=1))
+        _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync_dir(output_dir)
         for old in _checkpoints(output_dir)[:-config.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, rank: int) -> None:
+def _fsync_dir(path: pathlib.Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every system opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: pathlib.Path) -> None:
+    """Flush a checkpoint's files and folder before it is renamed into place (a power loss after the
+    rename must not find it truncated)."""
+    for f in path.iterdir():
+        with open(f, "rb+") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+#: Settings that must match for a resumed run to continue the same run.
+SAME_RUN_FIELDS = ("model", "method", "data", "template", "cutoff_len", "train_on_inputs", "batch_size",
+                   "micro_batch_size", "max_steps", "seed", "group_by_length", "optimizer", "schedule", "lr",
+                   "warmup_steps", "lora_r", "adapter", "bottleneck_size", "num_virtual_tokens", "quant_bits",
+                   "quant_method", "quant_group_size")
+
+
+def check_same_run(checkpoint: pathlib.Path, config: FinetuneConfig) -> None:
+    """Refuse to resume a checkpoint written with other settings (data order, schedule or shapes
+    would differ from the run it claims to continue)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # as the file holds it (lists, not tuples)
+    differ = [f"{k}: {saved[k]!r} then, {current[k]!r} now" for k in SAME_RUN_FIELDS
+              if k in saved and saved[k] != current[k]]
+    if differ:
+        raise ValueError(f"resume: {checkpoint} was written by a run with other settings ({'; '.join(differ)}); "
+                         "resume with the same settings, or start a new run in another output_dir")
+
+
+def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, rank: int, accelerator) -> None:
     saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
     params = _trainable(model)
     if set(saved) != set(params):
@@ -449,6 +529,8 @@ def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, ran
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    if (path / "scaler.pt").is_file() and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=False))
     trainer = json.loads((path / "trainer_state.json").read_text())
     state.update(step=trainer["step"], tokens=trainer["tokens"], log=trainer["log"])
     rng = path / f"rng_{rank}.pt"
