@@ -35,3 +35,20 @@ def _reset_backend_choice():
     lightllm.set_backend(None)
     yield
     lightllm.set_backend(None)
+
+
+def save_tiny_llama(path, hidden_size: int = 32, intermediate_size: int = 64):
+    """A tiny random LLaMA (2 layers, GQA) with the embedded model's tokenizer (vocabulary 4096),
+    saved to ``path``: fast to train in tests, real enough for every tuning method."""
+    import transformers
+
+    from lightllm.models import default_model_dir
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

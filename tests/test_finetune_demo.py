@@ -5,27 +5,18 @@ reports what the goals say (a random model meets none of them, and the table mus
 import os
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from conftest import save_tiny_llama  # noqa: E402
 from lightllm.finetune_demo import DEMO_METHODS, FinetuneDemoSettings, format_table, goals, run_finetune_demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from lightllm.models import default_model_dir
-
-    path = tmp_path_factory.mktemp("tiny-demo")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A tiny random LLaMA with the embedded model's tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-demo"), hidden_size=128, intermediate_size=256)
 
 
 SETTINGS = FinetuneDemoSettings(steps=2, batch_size=4, warmup_steps=1, test_limit=3, train_records=90,

@@ -15,23 +15,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from conftest import save_tiny_llama  # noqa: E402
 from lightllm.train.loop import FinetuneConfig, finetune  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random LLaMA with the embedded model's tokenizer (vocabulary 4096)."""
-    from lightllm.models import default_model_dir
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A tiny random LLaMA with the embedded model's tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
