@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; default 1)")
     ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     ft.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="default: no")
+    ft.add_argument("--fsdp", action="store_true",
+                    help="under torchrun / accelerate launch: shard parameters, gradients and optimizer state over the "
+                         "processes with FSDP2 instead of copying them (DDP); resume with the same process count")
     ft.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     ft.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (default 2)")
     ft.add_argument("--log-steps", type=int, default=10, help="log and show the loss every N steps (default 10)")

@@ -372,8 +372,8 @@ def _train_steps(model, opt, rank=0, world=1) -> None:
         opt.zero_grad()
 
 
-def _spawn_two(worker, result_path) -> None:
-    """Run worker(rank, 2, port, result_path) in two processes joined by a gloo group on a free port."""
+def _spawn_two(worker, result_path, *extra) -> None:
+    """Run worker(rank, 2, port, result_path, *extra) in two processes joined by a gloo group on a free port."""
     import socket
 
     import torch.multiprocessing as mp
@@ -381,7 +381,7 @@ def _spawn_two(worker, result_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, str(result_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, port, str(result_path), *extra), nprocs=2, join=True)
 
 
 def _one_process(min_8bit_size: int) -> torch.nn.Module:
@@ -439,7 +439,7 @@ def test_fine_tuning_the_embedded_model_converges_like_adamw():
     assert abs(ours - reference) <= 0.01 * reference, (ours, reference)
 
 
-def _fsdp2_worker(rank, world, port, result_path):
+def _fsdp2_worker(rank, world, port, result_path, min_8bit_size):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -447,7 +447,7 @@ def _fsdp2_worker(rank, world, port, result_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = _small_model()
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=256)
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=min_8bit_size)
     _train_steps(model, opt, rank, world)
     local_kinds = [opt.state[p]["state1"].dtype for p in model.parameters()]
     full = [p.full_tensor().detach() for p in model.parameters()]
@@ -456,13 +456,16 @@ def _fsdp2_worker(rank, world, port, result_path):
     dist.destroy_process_group()
 
 
-def test_fsdp2_sharded_parameters_update_their_shards(tmp_path):
-    # Shards here are 4096 and 512 elements (multiples of 256): the blocks are those of one process,
-    # so the sharded run must match it.
-    _spawn_two(_fsdp2_worker, tmp_path / "fsdp.pt")
+@pytest.mark.parametrize("min_8bit_size", [256, 1024])
+def test_fsdp2_sharded_parameters_update_their_shards(tmp_path, min_8bit_size):
+    # Weights of 8192 and 1024 elements, shards of 4096 and 512 (multiples of 256): the blocks are
+    # those of one process, so the sharded run must match it. With min_8bit_size 1024 the second
+    # weight's shard (512) is below the threshold but the weight is not: its state is 8-bit, as in
+    # one process (deciding from the shard would silently give it 32-bit state).
+    _spawn_two(_fsdp2_worker, tmp_path / "fsdp.pt", min_8bit_size)
     full, kinds = torch.load(tmp_path / "fsdp.pt")
-    assert kinds == [torch.uint8, torch.float32, torch.uint8, torch.float32]  # 8-bit shards; biases stay 32-bit
-    model = _one_process(min_8bit_size=256)
+    assert kinds == [torch.uint8, torch.float32, torch.uint8, torch.float32]  # 8-bit weights; biases stay 32-bit
+    model = _one_process(min_8bit_size=min_8bit_size)
     for a, b in zip(full, model.parameters()):
         assert_mostly_close(a.detach(), b.detach(), 1e-4, exact_fraction=0.99)
 

@@ -1,6 +1,7 @@
 """The fine-tuning loop: every method trains and saves in its format, an interrupted run resumes to
 the same losses step for step, two processes (gloo) end with the same parameters and the same loss
-curve as one process with the same global batch, and bad outputs fail before training."""
+curve as one process with the same global batch, under DDP and under FSDP2 (sharded, resumed too),
+and bad outputs fail before training."""
 
 import json
 import math
@@ -102,17 +103,41 @@ def test_checkpoints_are_kept_to_the_limit_and_bad_outputs_fail_first(tmp_path, 
         FinetuneConfig(output_dir="x", method="dora")
 
 
-def test_fsdp_and_deepspeed_are_refused_before_anything_loads(tmp_path):
-    """Not built yet: refused with the reason, never a silent wrong run."""
+def test_accelerate_fsdp_and_deepspeed_configs_are_refused_before_anything_loads(tmp_path):
+    """lightllm shards with FSDP2 itself (--fsdp); Accelerate's FSDP wrapping and DeepSpeed are
+    refused with the way to run, before a model loads."""
     from accelerate.utils import DistributedType
 
-    class Sharded:  # what finetune reads of an Accelerator prepared for FSDP
-        distributed_type = DistributedType.FSDP
-        num_processes, process_index = 2, 0
+    for kind, message in ((DistributedType.FSDP, "shards with FSDP2 itself.*--fsdp"),
+                          (DistributedType.DEEPSPEED, "does not run under DeepSpeed")):
+        class Configured:  # what finetune reads of an Accelerator prepared by such a config
+            distributed_type = kind
+            mixed_precision = "no"
+            num_processes, process_index = 2, 0
 
-    with pytest.raises(ValueError, match="does not run under .*FSDP yet: use DDP"):
-        finetune(FinetuneConfig(output_dir=str(tmp_path / "run"), model=str(tmp_path / "absent")), accelerator=Sharded())
+        with pytest.raises(ValueError, match=message):
+            finetune(FinetuneConfig(output_dir=str(tmp_path / "run"), model=str(tmp_path / "absent")),
+                     accelerator=Configured())
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="fsdp with mixed_precision fp16"):
+        FinetuneConfig(output_dir="x", fsdp=True, mixed_precision="fp16")
+
+
+def test_fsdp_qlora_merge_on_a_base_quantized_in_the_run_is_refused_before_training(tmp_path, tiny_model_dir,
+                                                                                     data_file):
+    """The merge after an FSDP run reloads the base in one process; a base quantized during the run
+    cannot be rebuilt there, so the run is refused before its first step, not after it."""
+    from accelerate.utils import DistributedType
+
+    class TwoProcesses:
+        distributed_type = DistributedType.MULTI_CPU
+        mixed_precision = "no"
+        num_processes, process_index, device = 2, 0, torch.device("cpu")
+
+    cfg = config(tmp_path, tiny_model_dir, data_file, method="qlora", fsdp=True, merge=True)
+    with pytest.raises(ValueError, match="qlora with fsdp and merge needs a GPTQ checkpoint"):
+        finetune(cfg, accelerator=TwoProcesses())
+    assert not any((tmp_path / "run").glob("checkpoint-*"))
 
 
 TWO_PROCESS_SCRIPT = """
@@ -190,3 +215,77 @@ def test_bf16_mixed_precision_trains(tmp_path, tiny_model_dir, data_file):
     result = finetune(config(tmp_path, tiny_model_dir, data_file, mixed_precision="bf16", max_steps=8))
     assert all(math.isfinite(v) for v in losses(result))
     assert sum(losses(result)[-3:]) < sum(losses(result)[:3])
+
+
+FSDP_SCRIPT = """
+import json, pathlib, sys
+import torch
+from accelerate import Accelerator
+from lightllm.train.loop import FinetuneConfig, finetune
+
+out_root, model_dir, data, method, extra = sys.argv[1:6]
+accelerator = Accelerator(cpu=True)
+settings = dict(model=model_dir, data=[data], template="qa", method=method, cutoff_len=96, lr=1e-2, batch_size=8,
+                micro_batch_size=2, max_steps=4, log_steps=1, cpu=True, progress=False, warmup_steps=1, fsdp=True,
+                save_steps=2, **json.loads(extra))
+root = pathlib.Path(out_root)
+whole = finetune(FinetuneConfig(output_dir=str(root / "whole"), **settings), accelerator=accelerator)
+finetune(FinetuneConfig(output_dir=str(root / "parts"), stop_after=2, **settings), accelerator=accelerator)
+resumed = finetune(FinetuneConfig(output_dir=str(root / "parts"), resume=True, **settings), accelerator=accelerator)
+record = {}
+for name, result in (("whole", whole), ("resumed", resumed)):
+    record[name] = {"losses": [e["loss"] for e in result.log],
+                    "params": {n: p.detach().cpu() for n, p in result.model.named_parameters() if p.requires_grad},
+                    "kinds": sorted({type(p).__name__ for p in result.model.parameters()})}
+torch.save(record, root / f"rank{accelerator.process_index}.pt")
+"""
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", {"merge": True}),
+    ("qlora", {"gradient_checkpointing": True}),  # the GPTQ/RTN base's packed buffers stay whole
+    ("adapter", {}),
+    ("prefix", {}),
+    ("full", {"optimizer": "adamw"}),  # torch's AdamW: its state is sharded DTensors, saved per process
+])
+def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path, tiny_model_dir, data_file, method, extra):
+    """Two gloo ranks with FSDP2 (fully_shard per decoder layer): the loss curve and the trained
+    parameters equal one process with the same global batch; a run stopped at step 2 and resumed
+    repeats the uninterrupted one exactly; both ranks end with the same whole parameters; the
+    outputs are written whole (the merged LoRA equals one process's merge)."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(script), str(tmp_path), str(tiny_model_dir), str(data_file), method,
+                           json.dumps(extra)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    whole, resumed = rank0["whole"], rank0["resumed"]
+    assert whole["kinds"] == ["Parameter"]  # gathered at the end: whole tensors, not shards
+    for name, value in whole["params"].items():
+        assert torch.equal(value, rank1["whole"]["params"][name]), name
+        assert torch.equal(value, resumed["params"][name]), name
+    assert resumed["losses"] == whole["losses"]
+
+    single = finetune(config(tmp_path / "one", tiny_model_dir, data_file, method=method, max_steps=4, **extra))
+    assert whole["losses"] == pytest.approx(losses(single), rel=1e-5)
+    one = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
+    assert set(one) == set(whole["params"])
+    for name, value in whole["params"].items():
+        torch.testing.assert_close(value, one[name], rtol=1e-4, atol=5e-5)
+    saved = tmp_path / "whole" / ("model" if method == "full" else "adapter")
+    assert saved.is_dir()
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        ours = load_file(tmp_path / "whole" / "merged" / "model.safetensors")
+        reference = load_file(tmp_path / "one" / "run" / "merged" / "model.safetensors")
+        assert set(ours) == set(reference)
+        for key in ours:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5)
+
+    # the optimizer state is split two ways: one process cannot continue it
+    with pytest.raises(ValueError, match="FSDP run of 2 processes"):
+        finetune(config(tmp_path, tiny_model_dir, data_file, output_dir=str(tmp_path / "parts"), method=method,
+                        max_steps=4, fsdp=True, save_steps=2, resume=True, **extra))

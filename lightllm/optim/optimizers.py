@@ -12,8 +12,9 @@ gradient) like torch.optim.Adam, where bitsandbytes decouples it; the step count
 tensor per parameter (as in torch), so a step can be captured in a CUDA graph.
 
 FSDP2 (``fully_shard``, DTensor parameters): each rank updates its own shard, with state for that
-shard only; 8-bit blocks are formed within the shard, so when shard boundaries fall on multiples of
-256 elements the result is the same as in one process. The state stays rank-local: save and load
+shard only, 8-bit or 32-bit as the whole parameter's size decides (never the shard's); 8-bit blocks
+are formed within the shard, so when shard boundaries fall on multiples of 256 elements the result is
+the same as in one process. The state stays rank-local: save and load
 ``optimizer.state_dict()`` per rank; torch.distributed.checkpoint's optimizer-state functions are
 not supported (the state is not a DTensor) and ``load_state_dict`` refuses their name-keyed dicts. Under DistributedDataParallel every rank
 holds the whole state and updates identically.
@@ -185,7 +186,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, config: dict) -> dict:
         state = self.state[param]
         p = _local(param)  # FSDP2: the state covers this rank's shard
-        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+        # 8-bit or 32-bit from the whole parameter's size (a DTensor's numel is the global one), so a
+        # large weight sharded over many ranks keeps 8-bit state, as it would in one process
+        eight_bit = config["optim_bits"] == 8 and param.numel() >= config["min_8bit_size"]
         qmap1, qmap2 = self._dynamic_maps(p.device)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         n_states = 2 if self.algo in TWO_STATE else 1

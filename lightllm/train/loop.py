@@ -10,6 +10,15 @@ count; under DDP, whose gradient is the mean over processes, each process scales
 process count, so the gradient is the same as one process with the same global batch. The
 scheduler steps once per optimizer step, whatever the process count.
 
+``fsdp=True`` shards with torch's FSDP2 (``fully_shard`` on every decoder layer, then on the whole
+model) instead of DDP: parameters, gradients and optimizer state are split between the processes
+and gathered layer by layer for the forward and backward passes. The gradient FSDP2 reduce-scatters
+is the mean over processes, as DDP's, so the loss scaling and the result are the same. Parameters
+are sharded, buffers are not: a GPTQ base's packed weights (buffers of QuantLinear) stay whole on
+every process and only the LoRA weights (and the norms and embeddings) are split, which trains
+exactly as one process does. Checkpoints hold the gathered trainable parameters and each process's
+own optimizer shard, so an FSDP run resumes with the same number of processes.
+
 Methods: ``lora``, ``qlora`` (LoRA on a 4-bit GPTQ/RTN base: quantized first, or a GPTQ checkpoint
 loaded as is), ``adapter`` (a placement or preset), ``prefix``, ``prompt``, ``p-tuning``, ``full``.
 Optimizers: lightllm's AdamW8bit by default, or any lightllm or torch.optim optimizer by name.
@@ -82,6 +91,7 @@ class FinetuneConfig:
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # no, bf16, fp16
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     group_by_length: bool = True
     seed: int = 0
     # outputs
@@ -112,6 +122,9 @@ class FinetuneConfig:
             raise ValueError(f"save_steps must be an integer >= 0 (0: only at the end), got {self.save_steps!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError("fsdp with mixed_precision fp16 is not supported (its GradScaler is not built for sharded "
+                             "gradients here): use bf16")
 
 
 @dataclasses.dataclass
@@ -264,6 +277,90 @@ def _checkpoints(output_dir: pathlib.Path) -> list[pathlib.Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+# ---- FSDP2 ------------------------------------------------------------------------------------------
+
+def _check_fsdp_available() -> None:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        from torch.distributed.tensor import distribute_tensor  # noqa: F401
+    except ImportError:
+        raise ValueError(f"fsdp needs torch's FSDP2 (torch >= 2.7), this is torch {torch.__version__}") from None
+
+
+def shard_with_fsdp2(model: torch.nn.Module) -> None:
+    """``fully_shard`` every decoder layer (the classes the model names in ``_no_split_modules``, the
+    rule Accelerate's transformer wrap policy uses), then the whole model (embeddings, final norm,
+    head and a prompt method's encoder form the root group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def unshard_all(model: torch.nn.Module) -> None:
+    """Gather every FSDP group's parameters (all processes take part): afterwards the model's
+    parameters are whole tensors, to save or to run."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter whole (a collective for a sharded one)."""
+    return p.full_tensor() if _is_dtensor(p) else p
+
+
+def _copy_whole_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, sharded (each process keeps its own part) or not."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)  # every process read the file: no communication
+    param.copy_(value)
+
+
+def _local_optimizer_state(optimizer) -> dict[str, Any]:
+    """This process's optimizer state with sharded tensors as their local parts, and where they were
+    (torch's optimizers keep DTensor state for DTensor parameters; lightllm's keep local tensors)."""
+    saved = optimizer.state_dict()
+    sharded_entries = []
+    for index, entry in list(saved["state"].items()):
+        entry = saved["state"][index] = dict(entry)  # state_dict() shares these dicts with the live state
+        for key, value in entry.items():
+            if _is_dtensor(value):
+                entry[key] = value.to_local()
+                sharded_entries.append((index, key))
+    return {"state_dict": saved, "sharded_entries": sharded_entries}
+
+
+def _load_local_optimizer_state(optimizer, saved: dict[str, Any]) -> None:
+    """The inverse of _local_optimizer_state: load, then wrap the entries that were sharded back into
+    DTensors laid out as their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer.load_state_dict(saved["state_dict"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = optimizer.state
+    for index, key in saved["sharded_entries"]:
+        p = params[index]
+        local = state[p][key]
+        state[p][key] = DTensor.from_local(local.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride())
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 
 def _make_accelerator(config: FinetuneConfig):
@@ -290,19 +387,28 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
 
     if accelerator is None:
         accelerator = _make_accelerator(config)
-    if str(getattr(accelerator, "distributed_type", "")).upper().endswith(("FSDP", "DEEPSPEED")):
-        # Refused before anything loads. Not yet built: sharding the trainable parameters of a tuned
-        # model (and the packed weights of a quantized base) with the 8-bit optimizer deciding its
-        # state from each full parameter's size; an FSDP run that silently trains the wrong thing
-        # (bitsandbytes + FSDP2 users report loss 0 and NaN gradient norms) is worse than none.
-        raise ValueError(f"lightllm finetune does not run under {accelerator.distributed_type} yet: use DDP "
-                         "(accelerate launch / torchrun without an FSDP or DeepSpeed config); the trainable "
-                         "parameters of the supported methods fit on every process")
+    elif str(getattr(accelerator, "mixed_precision", config.mixed_precision)) != config.mixed_precision:
+        raise ValueError(f"the Accelerator given runs mixed_precision {accelerator.mixed_precision!r} but the config "
+                         f"asks for {config.mixed_precision!r}: make them agree")
+    kind = str(getattr(accelerator, "distributed_type", "")).upper()
+    if kind.endswith("FSDP"):
+        # Refused before anything loads: Accelerate's FSDP wrapping would shard the model by its own
+        # policy around lightllm's (the tuned layers, the packed quantized weights), untested here.
+        raise ValueError("lightllm finetune shards with FSDP2 itself: launch without Accelerate's FSDP config "
+                         "(accelerate launch / torchrun) and pass --fsdp (FinetuneConfig(fsdp=True))")
+    if kind.endswith("DEEPSPEED"):
+        raise ValueError("lightllm finetune does not run under DeepSpeed: use DDP (accelerate launch / torchrun "
+                         "without a DeepSpeed config) or --fsdp to shard the model over the processes")
     if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
         raise ValueError(f"the Accelerator accumulates gradients over {accelerator.gradient_accumulation_steps} steps "
                          "(--gradient_accumulation_steps or ACCELERATE_GRADIENT_ACCUMULATION_STEPS): it would divide "
                          "lightllm's token-weighted loss again; set it to 1 and use micro_batch_size instead")
     world, rank = accelerator.num_processes, accelerator.process_index
+    sharded = config.fsdp and world > 1
+    if config.fsdp and world == 1:
+        logger.warning("fsdp: one process, nothing to shard; training unsharded")
+    if sharded:
+        _check_fsdp_available()
     if config.batch_size % (config.micro_batch_size * world):
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size x processes = "
                          f"{config.micro_batch_size} x {world}")
@@ -331,6 +437,10 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
         from ..quantization import QuantConfig, quantize_model
 
         if not any(isinstance(m, QuantLinear) for m in model.modules()):
+            if sharded and config.merge:  # the merge reloads the base on one process: it must be a checkpoint
+                raise ValueError("qlora with fsdp and merge needs a GPTQ checkpoint as the base (--model): a base "
+                                 "quantized during the run cannot be rebuilt for the merge; quantize it first "
+                                 "(lightllm quantize) or merge later in one process")
             calib = [torch.tensor([t.input_ids], device=accelerator.device) for t in items[:64]]
             quantize_model(model, [{"input_ids": c} for c in calib],
                            QuantConfig(bits=config.quant_bits, group_size=config.quant_group_size,
@@ -346,20 +456,25 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     if tuning is None:
         for p in wrapped.parameters():
             p.requires_grad_(True)
+    _check_output_dir(output_dir, sum(p.numel() for p in _trainable(wrapped).values()) * 12 + (1 << 20))
+    if sharded:
+        shard_with_fsdp2(wrapped)  # before the optimizer: it must hold the sharded parameters
     trainable = _trainable(wrapped)
-    _check_output_dir(output_dir, sum(p.numel() for p in trainable.values()) * 12 + (1 << 20))
 
     optimizer = build_optimizer(config.optimizer, list(trainable.values()), config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps,
                                                                        config.max_steps))
     wrapped.train()
-    engine, optimizer = accelerator.prepare(wrapped, optimizer)  # DDP (or nothing) + mixed precision
+    if sharded:  # FSDP2 does the communication; Accelerate wraps the optimizer for mixed precision
+        engine, optimizer = wrapped, accelerator.prepare(optimizer)
+    else:
+        engine, optimizer = accelerator.prepare(wrapped, optimizer)  # DDP (or nothing) + mixed precision
 
     state = {"step": 0, "log": [], "tokens": 0}
     found = _checkpoints(output_dir)
     if config.resume:
         if found:
-            _load_checkpoint(found[-1], wrapped, optimizer, scheduler, state, rank, accelerator)
+            _load_checkpoint(found[-1], wrapped, optimizer, scheduler, state, rank, accelerator, sharded)
             logger.info("resumed from %s at step %d", found[-1], state["step"])
         else:
             logger.info("no checkpoint in %s: starting from step 0", output_dir)
@@ -399,7 +514,8 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     labels = batch.pop("labels")
                     sync = j == len(micro) - 1
-                    context = accelerator.no_sync(engine) if not sync and world > 1 else contextlib.nullcontext()
+                    context = (accelerator.no_sync(engine) if not sync and world > 1 and not sharded
+                               else contextlib.nullcontext())
                     with context, accelerator.autocast():
                         logits = engine(**batch).logits
                         loss_sum = token_loss_sum(logits, labels)
@@ -427,14 +543,22 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                     bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
                     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
                 if (config.save_steps and state["step"] % config.save_steps == 0) or state["step"] == stop:
-                    _save_checkpoint(output_dir, wrapped, optimizer, scheduler, state, accelerator, config)
+                    _save_checkpoint(output_dir, wrapped, optimizer, scheduler, state, accelerator, config, sharded)
         finally:
             bar.close()
     seconds = time.perf_counter() - started
+    whole_state = None
+    if sharded:  # collectives, every process: the outputs are written whole and the model returned usable
+        if config.method == "full":  # FSDP's state_dict() gives shards: gather the whole one on rank 0
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            whole_state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        unshard_all(wrapped)
     adapter_dir, failure = None, None
     if accelerator.is_main_process and state["step"] >= config.max_steps:
         try:
-            adapter_dir = _save_outputs(output_dir, wrapped, tokenizer, state["log"], config)
+            adapter_dir = _save_outputs(output_dir, wrapped, tokenizer, state["log"], config, whole_state, sharded)
         except Exception as e:  # the other processes wait at the barrier below: release them, then raise
             failure = e
     accelerator.wait_for_everyone()
@@ -446,10 +570,12 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
 
 # ---- checkpoints and outputs -----------------------------------------------------------------------
 
-def _save_checkpoint(output_dir: pathlib.Path, model, optimizer, scheduler, state, accelerator, config) -> None:
+def _save_checkpoint(output_dir: pathlib.Path, model, optimizer, scheduler, state, accelerator, config,
+                     sharded: bool = False) -> None:
     """checkpoint-<step>/: trainable parameters, optimizer, scheduler, trainer state (rank 0) and
     every process's RNG; written in a temporary folder and renamed, so a crash leaves the previous
-    checkpoint complete. Keeps the newest ``save_total_limit``."""
+    checkpoint complete. Keeps the newest ``save_total_limit``. Under FSDP the trainable parameters
+    are gathered whole and every process writes its own optimizer shard."""
     step = state["step"]
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
@@ -458,15 +584,21 @@ def _save_checkpoint(output_dir: pathlib.Path, model, optimizer, scheduler, stat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if sharded:  # collectives: every process takes part
+        whole = {n: _full(p).detach().cpu() for n, p in _trainable(model).items()}
+        torch.save(_local_optimizer_state(optimizer), tmp / f"optimizer_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save({n: p.detach().cpu() for n, p in _trainable(model).items()}, tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(whole if sharded else {n: p.detach().cpu() for n, p in _trainable(model).items()},
+                   tmp / "trainable.pt")
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if getattr(accelerator, "scaler", None) is not None:  # fp16's loss scale resumes too
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": state["tokens"], "log": state["log"],
+                                                            "processes": accelerator.num_processes,
                                                             "config": dataclasses.asdict(config)}, indent=1))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -503,7 +635,7 @@ def _fsync_tree(path: pathlib.Path) -> None:
 SAME_RUN_FIELDS = ("model", "method", "data", "template", "cutoff_len", "train_on_inputs", "batch_size",
                    "micro_batch_size", "max_steps", "seed", "group_by_length", "optimizer", "schedule", "lr",
                    "warmup_steps", "lora_r", "adapter", "bottleneck_size", "num_virtual_tokens", "quant_bits",
-                   "quant_method", "quant_group_size")
+                   "quant_method", "quant_group_size", "fsdp")
 
 
 def check_same_run(checkpoint: pathlib.Path, config: FinetuneConfig) -> None:
@@ -518,7 +650,14 @@ def check_same_run(checkpoint: pathlib.Path, config: FinetuneConfig) -> None:
                          "resume with the same settings, or start a new run in another output_dir")
 
 
-def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, rank: int, accelerator) -> None:
+def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, rank: int, accelerator,
+                     sharded: bool = False) -> None:
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    written_sharded = bool(trainer.get("config", {}).get("fsdp")) and trainer.get("processes", 1) > 1
+    if (sharded or written_sharded) and trainer.get("processes") != accelerator.num_processes:
+        raise ValueError(f"{path} was written by an FSDP run of {trainer.get('processes')} processes; its optimizer "
+                         f"state is split that way: resume with {trainer.get('processes')} processes, not "
+                         f"{accelerator.num_processes}")
     saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
     params = _trainable(model)
     if set(saved) != set(params):
@@ -526,30 +665,47 @@ def _load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, state, ran
                          "model does not (or lacks ones it has): resume with the same method and settings")
     with torch.no_grad():
         for name, value in saved.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+            _copy_whole_into(params[name], value)
+    if sharded:
+        _load_local_optimizer_state(optimizer, torch.load(path / f"optimizer_{rank}.pt", map_location="cpu",
+                                                          weights_only=False))
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     if (path / "scaler.pt").is_file() and getattr(accelerator, "scaler", None) is not None:
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=False))
-    trainer = json.loads((path / "trainer_state.json").read_text())
     state.update(step=trainer["step"], tokens=trainer["tokens"], log=trainer["log"])
     rng = path / f"rng_{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
 
 
-def _save_outputs(output_dir: pathlib.Path, model, tokenizer, log, config) -> pathlib.Path:
+def _save_outputs(output_dir: pathlib.Path, model, tokenizer, log, config, whole_state=None,
+                  sharded: bool = False) -> pathlib.Path:
     """The adapter in its method's format (output_dir/adapter; the whole model for full
-    fine-tuning), the JSON log, and a loss curve (when matplotlib is installed)."""
+    fine-tuning, from ``whole_state`` when given: an FSDP run's gathered state dict), the JSON log,
+    and a loss curve (when matplotlib is installed). The merged model comes from a copy of the
+    trained one, or after an FSDP run (whose model cannot be copied) from the base loaded again
+    with the saved adapter."""
     out = output_dir / ("model" if config.method == "full" else "adapter")
-    model.save_pretrained(out)
+    if whole_state is not None:
+        model.save_pretrained(out, state_dict=whole_state)
+    else:
+        model.save_pretrained(out)
     if config.method == "full":
         tokenizer.save_pretrained(out)
     if config.merge and config.method in ("lora", "qlora"):
         merged_dir = output_dir / "merged"
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload(requantize=config.method == "qlora")
+        if sharded:
+            from ..models import load_model
+            from ..tuning import from_pretrained
+
+            base, _ = load_model(config.model, device=torch.device("cpu"), dtype=torch.float32)
+            merged = from_pretrained(base, out).merge_and_unload(requantize=config.method == "qlora")
+        else:
+            merged = copy.deepcopy(model).merge_and_unload(requantize=config.method == "qlora")
         if config.method == "qlora":
             from ..quantization import save_quantized
 
