@@ -247,6 +247,9 @@ torch.save(record, root / f"rank{accelerator.process_index}.pt")
     ("adapter", {}),
     ("prefix", {}),
     ("full", {"optimizer": "adamw"}),  # torch's AdamW: its state is sharded DTensors, saved per process
+    ("full", {}),  # AdamW8bit: 8-bit state for the sharded embedding
+    ("prompt", {}),
+    ("p-tuning", {}),
 ])
 def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path, tiny_model_dir, data_file, method, extra):
     """Two gloo ranks with FSDP2 (fully_shard per decoder layer): the loss curve and the trained
@@ -267,15 +270,33 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path, tiny_
         assert torch.equal(value, rank1["whole"]["params"][name]), name
         assert torch.equal(value, resumed["params"][name]), name
     assert resumed["losses"] == whole["losses"]
+    # it was sharded: each process saved its own optimizer state, about half of the whole
+    checkpoint = tmp_path / "whole" / "checkpoint-4"
+    assert not (checkpoint / "optimizer.pt").exists()
+    local = torch.load(checkpoint / "optimizer_0.pt", weights_only=False)["state_dict"]["state"]
+    local_elements = sum(max(v.numel() for v in entry.values() if isinstance(v, torch.Tensor)) for entry in local.values())
+    whole_elements = sum(v.numel() for v in whole["params"].values())
+    assert (checkpoint / "optimizer_1.pt").is_file() and local_elements <= 0.6 * whole_elements
 
     single = finetune(config(tmp_path / "one", tiny_model_dir, data_file, method=method, max_steps=4, **extra))
     assert whole["losses"] == pytest.approx(losses(single), rel=1e-5)
     one = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
     assert set(one) == set(whole["params"])
     for name, value in whole["params"].items():
-        torch.testing.assert_close(value, one[name], rtol=1e-4, atol=5e-5)
+        if method == "full" and not extra:  # 8-bit state: reduction order now and then moves a code by one
+            near = (value - one[name]).abs() <= 5e-5 + 1e-4 * one[name].abs()
+            assert near.float().mean() >= 0.999, name
+        else:
+            torch.testing.assert_close(value, one[name], rtol=1e-4, atol=5e-5)
     saved = tmp_path / "whole" / ("model" if method == "full" else "adapter")
     assert saved.is_dir()
+    if method == "full":  # the whole model, gathered, with the tied embedding stored once as one process does
+        from safetensors.torch import load_file
+
+        ours = load_file(saved / "model.safetensors")
+        assert set(ours) == set(load_file(tmp_path / "one" / "run" / "model" / "model.safetensors"))
+        for key, value in ours.items():
+            assert torch.equal(value, whole["params"][key]), key
     if method == "lora":
         from safetensors.torch import load_file
 

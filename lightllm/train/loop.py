@@ -17,7 +17,10 @@ is the mean over processes, as DDP's, so the loss scaling and the result are the
 are sharded, buffers are not: a GPTQ base's packed weights (buffers of QuantLinear) stay whole on
 every process and only the LoRA weights (and the norms and embeddings) are split, which trains
 exactly as one process does. Checkpoints hold the gathered trainable parameters and each process's
-own optimizer shard, so an FSDP run resumes with the same number of processes.
+own optimizer shard, so an FSDP run resumes with the same number of processes. What it does not save
+yet: every process loads the whole model before sharding it, and at the end every layer is gathered
+on every process to write the outputs, so the model must still fit one device (the optimizer state
+and gradients are what is split). The gradient is reduce-scattered on every micro-batch.
 
 Methods: ``lora``, ``qlora`` (LoRA on a 4-bit GPTQ/RTN base: quantized first, or a GPTQ checkpoint
 loaded as is), ``adapter`` (a placement or preset), ``prefix``, ``prompt``, ``p-tuning``, ``full``.
@@ -129,7 +132,7 @@ class FinetuneConfig:
 
 @dataclasses.dataclass
 class FinetuneResult:
-    model: Any  # the trained (wrapped) model
+    model: Any  # the trained (wrapped) model; after an FSDP run still sharded by FSDP: run it on every process together
     tokenizer: Any
     log: list[dict[str, Any]]
     adapter_dir: pathlib.Path | None
@@ -280,18 +283,27 @@ def _checkpoints(output_dir: pathlib.Path) -> list[pathlib.Path]:
 # ---- FSDP2 ------------------------------------------------------------------------------------------
 
 def _check_fsdp_available() -> None:
+    import inspect
+
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
-        from torch.distributed.tensor import distribute_tensor  # noqa: F401
+        from torch.distributed.tensor import distribute_tensor
     except ImportError:
-        raise ValueError(f"fsdp needs torch's FSDP2 (torch >= 2.7), this is torch {torch.__version__}") from None
+        distribute_tensor = None
+    # src_data_rank (each process keeps its own copy when loading a checkpoint) came with torch 2.7
+    if distribute_tensor is None or "src_data_rank" not in inspect.signature(distribute_tensor).parameters:
+        raise ValueError(f"fsdp needs torch's FSDP2 as in torch >= 2.7, this is torch {torch.__version__}")
 
 
-def shard_with_fsdp2(model: torch.nn.Module) -> None:
+def shard_with_fsdp2(model: torch.nn.Module, device: torch.device, processes: int) -> None:
     """``fully_shard`` every decoder layer (the classes the model names in ``_no_split_modules``, the
     rule Accelerate's transformer wrap policy uses), then the whole model (embeddings, final norm,
-    head and a prompt method's encoder form the root group)."""
+    head and a prompt method's encoder form the root group). The mesh is on the run's device type:
+    FSDP's default would pick the GPU whenever one exists, even for a run asked to use the CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (processes,))
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     block_names = set(getattr(base, "_no_split_modules", None) or ())
@@ -299,8 +311,8 @@ def shard_with_fsdp2(model: torch.nn.Module) -> None:
     if not blocks:
         raise ValueError(f"fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def unshard_all(model: torch.nn.Module) -> None:
@@ -458,7 +470,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             p.requires_grad_(True)
     _check_output_dir(output_dir, sum(p.numel() for p in _trainable(wrapped).values()) * 12 + (1 << 20))
     if sharded:
-        shard_with_fsdp2(wrapped)  # before the optimizer: it must hold the sharded parameters
+        shard_with_fsdp2(wrapped, accelerator.device, world)  # before the optimizer: it must hold the sharded parameters
     trainable = _trainable(wrapped)
 
     optimizer = build_optimizer(config.optimizer, list(trainable.values()), config.lr, config.weight_decay)
@@ -548,12 +560,18 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             bar.close()
     seconds = time.perf_counter() - started
     whole_state = None
-    if sharded:  # collectives, every process: the outputs are written whole and the model returned usable
+    if sharded:  # collectives, every process: the outputs are written whole
         if config.method == "full":  # FSDP's state_dict() gives shards: gather the whole one on rank 0
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             whole_state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
+            # tied weights come back as separate copies: keep one name per shared parameter, as
+            # save_pretrained would (the others are re-tied on load)
+            first_name: dict[int, str] = {}
+            for name, param in wrapped.named_parameters(remove_duplicate=False):
+                if first_name.setdefault(id(param), name) != name:
+                    whole_state.pop(name, None)
         unshard_all(wrapped)
     adapter_dir, failure = None, None
     if accelerator.is_main_process and state["step"] >= config.max_steps:
@@ -585,7 +603,11 @@ def _save_checkpoint(output_dir: pathlib.Path, model, optimizer, scheduler, stat
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if sharded:  # collectives: every process takes part
-        whole = {n: _full(p).detach().cpu() for n, p in _trainable(model).items()}
+        whole = {}
+        for name, p in _trainable(model).items():
+            value = _full(p).detach()
+            if accelerator.is_main_process:  # only rank 0 writes: the others drop theirs at once
+                whole[name] = value.cpu()
         torch.save(_local_optimizer_state(optimizer), tmp / f"optimizer_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(whole if sharded else {n: p.detach().cpu() for n, p in _trainable(model).items()},
