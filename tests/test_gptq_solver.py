@@ -142,6 +142,41 @@ def test_fused_without_triton_says_so(monkeypatch):
         gptq_solve(torch.randn(8, 32), torch.eye(32), 4, fused=True)
 
 
+def test_the_solver_follows_the_backend_choice_like_every_op(monkeypatch):
+    """The block solver is dispatched as op gptq_solve_block: the automatic choice runs the reference
+    on the CPU, and on a GPU the kernel only once it is in GPU_VERIFIED; a backend chosen by name
+    (use_backend) runs its kernel."""
+    import lightllm
+    from lightllm.quantization import gptq
+
+    ran = []
+
+    def spy(name, impl):
+        def fn(*args):
+            ran.append(name)
+            return impl.fn(*args)
+        return backends.Implementation(fn, impl.devices)
+
+    table = backends._REGISTRY[gptq.SOLVE_BLOCK]
+    for name, impl in list(table.items()):
+        monkeypatch.setitem(table, name, spy(name, impl))
+    x = correlated_inputs(128, 64, 3)
+    w, h = torch.randn(8, 64), 2 * x.t() @ x / 128
+    automatic = gptq_solve(w, h, 4, 32)
+    assert ran == ["torch"]  # one block of 64 columns, the reference
+    if backends.why_unavailable("triton") is None:  # the interpreter here, a GPU there
+        ran.clear()
+        with lightllm.use_backend("triton"):
+            chosen = gptq_solve(w, h, 4, 32)
+        assert ran == ["triton"]
+        assert (chosen.q == automatic.q).double().mean() > 0.99
+
+    assert backends.default_backend(gptq.SOLVE_BLOCK, "cuda") == "torch"  # not verified on a card yet
+    monkeypatch.setattr(backends, "why_unavailable", lambda backend: None)  # as on a GPU machine
+    monkeypatch.setitem(backends.GPU_VERIFIED, (gptq.SOLVE_BLOCK, "triton"), {"card": "a test's"})
+    assert backends.default_backend(gptq.SOLVE_BLOCK, "cuda") == "triton"
+
+
 def test_bad_input():
     w, h = torch.randn(8, 32), torch.eye(32)
     with pytest.raises(ValueError, match="bits must be one of"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import register, resolve
 from .gptq_format import GPTQ_BITS, grid_params, quantize_to_grid
 
 logger = logging.getLogger("lightllm")
@@ -155,15 +156,21 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     """Quantize ``weight`` [N, K] with GPTQ given the input Hessian [K, K].
 
     ``fused``: True runs the per-block loop in the Triton kernel (a CUDA tensor, or the Triton
-    interpreter), False the plain PyTorch loop, None picks the kernel for CUDA tensors when Triton
-    is available. Both give the same algorithm; results agree up to float rounding order.
+    interpreter), False the plain PyTorch loop, None lets the backend choice decide, as for every op
+    (op ``gptq_solve_block``: ``lightllm.use_backend`` / ``set_backend`` / ``LIGHTLLM_BACKEND``, else
+    the automatic default, which on a GPU is the kernel only once it is in ``GPU_VERIFIED``). Both
+    give the same algorithm; results agree up to float rounding order.
     ``zero_min``: smallest zero point of asymmetric grids (1 when writing v1 checkpoints).
     """
     _check_args(weight, hessian, bits, group_size, damp_percent)
     if fused is None:
-        fused = weight.is_cuda and _triton_solver() is not None
-    elif fused and _triton_solver() is None:
-        raise RuntimeError("gptq_solve(fused=True) needs Triton, which is not installed")
+        solve_block = resolve(SOLVE_BLOCK, weight.device)[1]
+    elif fused:
+        if _triton_solver() is None:
+            raise RuntimeError("gptq_solve(fused=True) needs Triton, which is not installed")
+        solve_block = _solve_block_triton
+    else:
+        solve_block = _solve_block_torch
     n, k = weight.shape
     # Group size -1: one grid per row, from the weights before dead inputs are zeroed (as the
     # reference implementation computes it).
@@ -196,10 +203,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
             for start in range(i1 + (-i1) % size, i2, size):
                 set_group(start // size, w[:, start:start + size])
         g = col_group[i1:i2]
-        if fused:
-            codes, err, block_loss = _triton_solver().gptq_block(w[:, i1:i2], hinv[i1:i2, i1:i2], scales[g], zeros[g], bits)
-        else:
-            codes, err, block_loss = _solve_block_reference(w[:, i1:i2].clone(), hinv[i1:i2, i1:i2], scales[g], zeros[g], bits)
+        codes, err, block_loss = solve_block(w[:, i1:i2], hinv[i1:i2, i1:i2], scales[g], zeros[g], bits)
         q[i1:i2] = codes
         loss += block_loss
         w[:, i2:] -= err.t() @ hinv[i1:i2, i2:]  # lazy batch update of the columns still to come
@@ -246,3 +250,17 @@ def _triton_solver():
     except ImportError:  # no Triton
         return None
     return gptq_solver
+
+
+# The block solver is an op like the others, so the same backend choice and GPU verification apply.
+SOLVE_BLOCK = "gptq_solve_block"
+
+
+@register(SOLVE_BLOCK, "torch", ("cpu", "cuda"))
+def _solve_block_torch(w, hinv, scale, zero, bits):
+    return _solve_block_reference(w.clone(), hinv, scale, zero, bits)
+
+
+@register(SOLVE_BLOCK, "triton", ("cuda", "cpu"))
+def _solve_block_triton(w, hinv, scale, zero, bits):
+    return _triton_solver().gptq_block(w, hinv, scale, zero, bits)
