@@ -51,7 +51,7 @@ def _info(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for row in backends.op_table():
-        verified = "; ".join(f"{b}: {rec['card']} @ {rec['commit']}" for b, rec in row["gpu_verified"].items())
+        verified = "; ".join(f"{key}: {rec['card']} @ {rec['commit']}" for key, rec in row["gpu_verified"].items())
         print(f"{row['op']:24s} {', '.join(row['implemented']):28s} {row['default_cpu']:12s} "
               f"{row['default_cuda']:12s} {verified or 'none yet (GPU default stays on the reference)'}")
     return 0

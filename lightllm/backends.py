@@ -16,9 +16,12 @@ kernel in it, able to run on the tensor's device; otherwise the call raises
 so once in the log, so that a whole workflow (a layer's forward and backward, say) can run with one
 backend chosen while its kernels are still being written.
 
-The automatic default on a GPU is a kernel only if it appears in :data:`GPU_VERIFIED`, i.e. it
-passed the GPU tests on a real card (the card and commit are recorded there and in
-benchmarks/RESULTS.md). Otherwise the reference runs. On the CPU it is the fastest CPU path.
+The automatic default on a GPU is a kernel only if it appears in :data:`GPU_VERIFIED` for the
+card's architecture (``sm_90``...), i.e. it passed the GPU tests on a card of that architecture
+(the card and commit are recorded there and in benchmarks/RESULTS.md): a pass on an H100 says
+nothing about the shared memory or instructions of an RTX 4090. Otherwise the reference runs. On
+the CPU it is the fastest CPU path. The ``cuda`` backend is unavailable, with the reason, on a card
+that none of the extension's compiled images (SASS, or PTX the driver can JIT) runs on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextvars
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -40,10 +44,11 @@ logger = logging.getLogger("lightllm")
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 _CHOICES = BACKENDS + ("auto",)
 
-# (op, backend) -> record of the GPU run that verified it. Only these may be a GPU default.
-# Nothing has run on a real card yet: every GPU default is the reference until this is filled in
-# from a device_check.sh run (see benchmarks/RESULTS.md).
-GPU_VERIFIED: dict[tuple[str, str], dict[str, str]] = {}
+# (op, backend, architecture like "sm_90") -> record of the GPU run that verified it. Only these
+# may be a GPU default, and only on cards of that architecture. Nothing has run on a real card yet:
+# every GPU default is the reference until this is filled in from a device_check.sh run (see
+# benchmarks/RESULTS.md).
+GPU_VERIFIED: dict[tuple[str, str, str], dict[str, str]] = {}
 
 # Preferred order among verified GPU kernels, fastest first.
 _GPU_PREFERENCE = ("cuda", "triton")
@@ -147,7 +152,7 @@ def why_unavailable(backend: str) -> str | None:
             return "lightllm._C was built without CUDA kernels (no CUDA toolkit at build time, or LIGHTLLM_SKIP_CUDA_BUILD=1)"
         if not torch.cuda.is_available():
             return "no CUDA device is visible"
-        return None
+        return cuda_image_problem(_device_capability(None), _native.build_summary().get("cuda_gencode", ""))
     if backend == "triton":
         if not _triton_importable():
             return "triton is not installed"
@@ -155,6 +160,55 @@ def why_unavailable(backend: str) -> str | None:
             return "no CUDA device is visible (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
         return None
     return f"unknown backend {backend!r}"
+
+
+def _device_capability(index: int | None) -> tuple[int, int]:
+    """(major, minor) of a CUDA device (the current one for None)."""
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_arch(index: int | None = None) -> str | None:
+    """The architecture name GPU_VERIFIED is keyed by: "sm_90" for compute capability 9.0 (None
+    when no CUDA device is visible)."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = _device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def compiled_images(gencode: str) -> tuple[list[str], list[str]]:
+    """(SASS targets like "sm_80", "sm_90a"; PTX targets like "compute_90") of nvcc -gencode flags."""
+    sass, ptx = [], []
+    for codes in re.findall(r",code=\[?([\w,]+)", gencode):  # "-gencode=arch=compute_80,code=sm_80"
+        for code in codes.split(","):
+            target = sass if code.startswith("sm_") else ptx
+            if code not in target:
+                target.append(code)
+    return sass, ptx
+
+
+def cuda_image_problem(capability: tuple[int, int], gencode: str) -> str | None:
+    """Why the extension's CUDA kernels cannot run on a card of ``capability``, None if one image can:
+    SASS for sm_XY runs on XY and later minors of the same major; an arch-specific sm_XYa only on
+    XY; PTX for compute_XY is compiled by the driver for XY and every later card."""
+    sass, ptx = compiled_images(gencode)
+    card = capability[0] * 10 + capability[1]
+
+    def number(code: str) -> tuple[int, bool]:
+        digits = code.split("_", 1)[1]
+        return int(digits.rstrip("af")), digits.endswith("a")
+
+    for code in sass:
+        n, specific = number(code)
+        if (n == card) if specific else (n // 10 == card // 10 and n <= card):
+            return None
+    for code in ptx:
+        n, specific = number(code)
+        if (n == card) if specific else n <= card:
+            return None
+    images = ", ".join(sass + [f"PTX {c}" for c in ptx]) or "no architecture"
+    return (f"lightllm._C's CUDA kernels are built for {images}; this card is sm_{card}, which none of them runs on "
+            f"(rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]})")
 
 
 def available_backends() -> list[str]:
@@ -170,12 +224,16 @@ def _runs_on(backend: str, impl: Implementation, device_type: str) -> bool:
     return True
 
 
-def default_backend(op: str, device_type: str) -> str:
+def default_backend(op: str, device_type: str, device_index: int | None = None) -> str:
     """The automatic choice for ``op`` on ``device_type`` (see the module docstring)."""
     impls = _REGISTRY.get(op, {})
     if device_type == "cuda":
-        for backend in _GPU_PREFERENCE:
-            if (op, backend) in GPU_VERIFIED and backend in impls and why_unavailable(backend) is None:
+        verified = [b for b in _GPU_PREFERENCE if any(key[:2] == (op, b) for key in GPU_VERIFIED)]
+        if not verified:
+            return "torch"
+        arch = device_arch(device_index)
+        for backend in verified:
+            if (op, backend, arch) in GPU_VERIFIED and backend in impls and why_unavailable(backend) is None:
                 return backend
         return "torch"
     if device_type == "cpu" and "cpp" in impls and why_unavailable("cpp") is None:
@@ -189,13 +247,13 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     if not impls:
         raise KeyError(f"no implementations registered for op {op!r}")
     choice = get_backend()
-    backend = default_backend(op, device.type) if choice == "auto" else choice
+    backend = default_backend(op, device.type, device.index) if choice == "auto" else choice
     reason = why_unavailable(backend)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
     impl = impls.get(backend)
     if impl is None:
-        fallback = default_backend(op, device.type)
+        fallback = default_backend(op, device.type, device.index)
         if (op, backend) not in _fallbacks_logged:
             _fallbacks_logged.add((op, backend))
             logger.info("%s has no %r kernel; running its default %r instead", op, backend, fallback)
@@ -225,7 +283,8 @@ def op_table() -> list[dict]:
                 "implemented": [b for b in BACKENDS if b in impls],
                 "default_cpu": default_backend(op, "cpu"),
                 "default_cuda": default_backend(op, "cuda"),
-                "gpu_verified": {b: GPU_VERIFIED[(op, b)] for b in BACKENDS if (op, b) in GPU_VERIFIED},
+                "gpu_verified": {f"{b} {arch}": record for (o, b, arch), record in sorted(GPU_VERIFIED.items())
+                                 if o == op},
             }
         )
     return rows

@@ -90,13 +90,65 @@ def test_gpu_default_names_only_verified_kernels(monkeypatch):
     # Nothing verified: the reference, whatever is built.
     monkeypatch.setattr(backends, "GPU_VERIFIED", {})
     assert backends.default_backend("quantize_blockwise", "cuda") == "torch"
-    # A verified kernel becomes the default only where it can run.
-    monkeypatch.setattr(backends, "GPU_VERIFIED", {("quantize_blockwise", "cuda"): {"card": "test", "commit": "x"}})
+    # A verified kernel becomes the default only where it can run, and only on its architecture.
+    monkeypatch.setattr(backends, "GPU_VERIFIED",
+                        {("quantize_blockwise", "cuda", "sm_90"): {"card": "test", "commit": "x"}})
     monkeypatch.setattr(backends, "why_unavailable", lambda b: None)
+    monkeypatch.setattr(backends, "device_arch", lambda index=None: "sm_90")
     assert backends.default_backend("quantize_blockwise", "cuda") == "cuda"
     assert backends.default_backend("dequantize_blockwise", "cuda") == "torch"
+    monkeypatch.setattr(backends, "device_arch", lambda index=None: "sm_89")  # an RTX 4090: not verified there
+    assert backends.default_backend("quantize_blockwise", "cuda") == "torch"
+    monkeypatch.setattr(backends, "device_arch", lambda index=None: "sm_90")
     monkeypatch.setattr(backends, "why_unavailable", lambda b: "not built" if b == "cuda" else None)
     assert backends.default_backend("quantize_blockwise", "cuda") == "torch"
+    row = next(r for r in backends.op_table() if r["op"] == "quantize_blockwise")
+    assert row["gpu_verified"] == {"cuda sm_90": {"card": "test", "commit": "x"}}
+
+
+DEFAULT_GENCODE = ("-gencode=arch=compute_80,code=sm_80;-gencode=arch=compute_90a,code=sm_90a;"
+                   "-gencode=arch=compute_90,code=compute_90")
+
+
+@pytest.mark.parametrize("capability,runs", [
+    ((8, 0), True),   # A100: sm_80 SASS
+    ((8, 6), True),   # RTX 30xx, A10G: sm_80 SASS runs on later minors of major 8
+    ((8, 9), True),   # RTX 40xx, L4, L40S
+    ((9, 0), True),   # H100/H200: sm_90a
+    ((10, 0), True),  # B200: the driver compiles the compute_90 PTX
+    ((7, 5), False),  # T4
+    ((7, 0), False),  # V100
+])
+def test_which_cards_the_compiled_cuda_images_run_on(capability, runs):
+    problem = backends.cuda_image_problem(capability, DEFAULT_GENCODE)
+    assert (problem is None) == runs, problem
+    if not runs:
+        sm = f"sm_{capability[0]}{capability[1]}"
+        assert sm in problem and "sm_80, sm_90a, PTX compute_90" in problem
+        assert f"TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}" in problem
+    # arch-specific SASS runs on its own architecture only, and without PTX nothing later runs
+    only_90a = "-gencode=arch=compute_90a,code=sm_90a"
+    assert backends.cuda_image_problem((9, 0), only_90a) is None
+    assert backends.cuda_image_problem((10, 0), only_90a) is not None
+    assert backends.cuda_image_problem((8, 9), "-gencode=arch=compute_86,code=sm_86") is None
+    assert backends.cuda_image_problem((8, 0), "-gencode=arch=compute_86,code=sm_86") is not None
+
+
+def test_the_cuda_backend_names_a_card_it_has_no_image_for(monkeypatch):
+    """A T4 with the default build: `info` and a by-name choice say why, instead of the first call
+    failing with 'no kernel image is available'."""
+    monkeypatch.setattr(backends._native, "has_cpp", lambda: True)
+    monkeypatch.setattr(backends._native, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(backends._native, "build_summary", lambda: {"native": True, "cuda_gencode": DEFAULT_GENCODE})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_device_capability", lambda index: (7, 5))
+    reason = backends.why_unavailable("cuda")
+    assert reason is not None and "sm_75" in reason
+    with pytest.raises(backends.BackendUnavailableError, match="sm_75"):
+        with lightllm.use_backend("cuda"):
+            pass
+    monkeypatch.setattr(backends, "_device_capability", lambda index: (8, 9))
+    assert backends.why_unavailable("cuda") is None
 
 
 def test_every_registered_op_has_a_reference():
