@@ -2,7 +2,8 @@
 
 Environment switches (read at build time):
   LIGHTLLM_SKIP_NATIVE_BUILD=1  pure-Python install (reference and Triton backends only)
-  LIGHTLLM_SKIP_CUDA_BUILD=1    build the C++ CPU kernels only
+  LIGHTLLM_SKIP_CUDA_BUILD=1    build the C++ CPU kernels only (also chosen, with a message, when
+                                nvcc's CUDA major version differs from torch's)
   CUDA_HOME                     CUDA toolkit root (default: the toolkit of `nvcc` on PATH, then
                                 /usr/local/cuda); torch's own guess can name the wrong root
   TORCH_CUDA_ARCH_LIST          e.g. "8.0;9.0a" or "9.0a+PTX" (default: 8.0, 9.0a, PTX of 9.0)
@@ -10,6 +11,7 @@ Environment switches (read at build time):
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +80,30 @@ DEFAULT_GENCODE = (
 )
 
 
+def nvcc_release(cuda_home) -> "str | None":
+    """The toolkit's release ("13.0") from ``nvcc --version``, or None if it cannot be read."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def cuda_version_mismatch(nvcc: "str | None", torch_cuda: str) -> "str | None":
+    """Why CUDA kernels built by this nvcc would not work with this torch (None if they would):
+    the CUDA major versions must match, as torch's own extension builder requires; a different
+    minor version within the major is fine."""
+    if nvcc is None:
+        return None  # unknown: try, and let the compiler speak
+    if nvcc.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"nvcc is CUDA {nvcc} but torch was built for CUDA {torch_cuda}: kernels from one major version do "
+                f"not load beside the other's runtime. Building the C++ CPU kernels only; point CUDA_HOME at a CUDA "
+                f"{torch_cuda.split('.')[0]} toolkit to build the CUDA kernels.")
+    return None
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -122,6 +148,11 @@ class CMakeBuild(build_ext):
         elif torch.version.cuda is None:
             _say(f"torch {torch.__version__} is a CPU-only build: building the C++ CPU kernels only.")
             cuda_home = None
+        else:
+            mismatch = cuda_version_mismatch(nvcc_release(cuda_home), torch.version.cuda)
+            if mismatch is not None:
+                _say(mismatch)
+                cuda_home = None
         if cuda_home is not None:
             arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
             gencode = cuda_gencode_flags(arch_list) if arch_list else DEFAULT_GENCODE

@@ -172,3 +172,34 @@ def test_transformers_and_hugging_face_kernels_import_from_the_checkout_root():
         assert lines[1] != str(ROOT / "kernels" / "__init__.py"), "`import kernels` gave the checkout's folder"
         assert os.path.samefile(lines[1], installed.locate_file("kernels/__init__.py"))
         assert lines[2] == installed.version
+
+
+def _setup_helpers() -> dict:
+    """setup.py's helper functions, without running setup() (which the module does when executed)."""
+    import ast
+
+    source = (ROOT / "setup.py").read_text()
+    tree = ast.parse(source)
+    tree.body = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+                 or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ROOT" for t in node.targets))]
+    namespace = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(tree, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def test_cuda_kernels_need_nvcc_and_torch_of_the_same_cuda_major(tmp_path):
+    helpers = _setup_helpers()
+    mismatch = helpers["cuda_version_mismatch"]
+    assert mismatch("13.0", "13.0") is None
+    assert mismatch("13.1", "13.0") is None  # minor versions within a major are compatible
+    assert mismatch(None, "13.0") is None  # unknown: the compiler will say
+    message = mismatch("12.4", "13.0")
+    assert message is not None and "CUDA 12.4" in message and "CUDA 13.0" in message and "CUDA_HOME" in message
+    # nvcc's version read from its banner, as a toolkit prints it
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(0o755)
+    assert helpers["nvcc_release"](tmp_path) == "12.4"
+    assert helpers["nvcc_release"](tmp_path / "absent") is None
