@@ -25,6 +25,11 @@ from .blockwise import nearest_code
 
 ALGO_ADAM, ALGO_ADAMW, ALGO_LION, ALGO_SGD = 0, 1, 2, 3
 
+#: No FMA contraction: beta*m + (1-beta)*g must round the two products and the sum separately, as the
+#: reference and the CUDA kernel (__fmul_rn/__fadd_rn) do, or the backends differ in the last bit on
+#: a GPU. (The interpreter never contracts; the test compiles for sm_90 and reads the PTX.)
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
 
 # Columns of the per-tensor table (int64 [n_tensors, 9], the layout of csrc/optim.h's OptimDeviceTensor).
 PARAM, GRAD, STATE1, ABSMAX1, STATE2, ABSMAX2, STEP, NUMEL, ALIGNED = range(9)
@@ -69,7 +74,7 @@ def _store_state(table_ptr, STATE_COL: tl.constexpr, ABSMAX_COL: tl.constexpr, t
 def _optimizer_step_kernel(
     work_tensor_ptr, work_block_ptr, table_ptr, skip_ptr,
     qmap1_ptr, mid1_ptr, bucket1_ptr, qmap2_ptr, mid2_ptr, bucket2_ptr,
-    lr_ptr, grad_scale_ptr, found_inf_ptr,
+    lr_ptr, grad_scale_ptr, found_inf_ptr, weight_decay64_ptr,
     beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
     ALGO: tl.constexpr, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE8: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, NESTEROV: tl.constexpr,
@@ -97,7 +102,9 @@ def _optimizer_step_kernel(
         g = -g
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     m = _load_state(table_ptr, 2, 3, t, block, offs, ok, qmap1_ptr, STATE8)
-    decay = 1.0 - lr * weight_decay
+    # 1 - lr * wd in float64 from the float64 weight decay, rounded once to float32, as the reference
+    # (Python floats) and the CUDA kernel compute it; the L2 term below uses float32 wd, as they do
+    decay = (1.0 - lr.to(tl.float64) * tl.load(weight_decay64_ptr)).to(tl.float32)
     if ALGO == 0 or ALGO == 1:  # Adam (L2) / AdamW (decoupled)
         v = _load_state(table_ptr, 4, 5, t, block, offs, ok, qmap2_ptr, STATE8)
         if ALGO == 0:
@@ -152,14 +159,17 @@ def optimizer_step(algo, tables, skip, params, grads, state1, qmap1, search1, qm
     mid2, bucket2, steps2 = search2
     device = params[0].device
     zero = torch.zeros(1, dtype=torch.float32, device=device)
+    weight_decay64 = torch.full((1,), float(weight_decay), dtype=torch.float64, device=device)  # a fill: no sync
     _optimizer_step_kernel[(total,)](
         work_tensor, work_block, table, skip,
         qmap1, mid1, bucket1, qmap2, mid2, bucket2,
         lr, grad_scale if grad_scale is not None else zero, found_inf if found_inf is not None else zero,
+        weight_decay64,
         float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2),
         math.log(beta1) if beta1 > 0 else -1e30, math.log(beta2) if beta2 > 0 else -1e30, float(eps), float(weight_decay),
         ALGO=ALGO_IDS[algo], PARAM_DTYPE=_TRITON_DTYPES[params[0].dtype], GRAD_DTYPE=_TRITON_DTYPES[grads[0].dtype],
         STATE8=state1[0].dtype == torch.uint8, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         MAXIMIZE=bool(maximize), NESTEROV=bool(nesterov),
         STEPS1=min(steps1, 4), TABLE1=steps1 <= 4, STEPS2=min(steps2, 4), TABLE2=steps2 <= 4, BLOCK=256,
-        num_warps=2)
+        num_warps=2, **LAUNCH_OPTIONS)
+

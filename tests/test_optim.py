@@ -582,3 +582,70 @@ def test_name_keyed_state_dicts_are_refused_and_stable_embedding_survives_to_emp
     emb(torch.tensor([1, 2])).sum().backward()
     opt.step()
     assert opt.state[emb.weight]["state1"].dtype == torch.float32
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="the Triton interpreter is not available here")
+def test_triton_decoupled_decay_is_rounded_as_the_reference():
+    """1 - lr*wd computed in float64 from the float64 weight decay and rounded once, as the reference
+    and the CUDA kernel do: with lr 0.7 and wd 0.3 float32 arithmetic gives 0.78999996, not 0.79, and
+    Lion's update (p * decay - lr * sign) shows it in every element."""
+    def lion(backend):
+        params = make_params([4097])
+        opt = Lion8bit(params, lr=0.7, weight_decay=0.3, optim_bits=32)
+        with lightllm.use_backend(backend):
+            set_grads(params, 0)
+            opt.step()
+        return params[0].detach()
+
+    assert torch.equal(lion("triton"), lion("torch"))
+
+
+AOT_PTX_SCRIPT = """
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lightllm.kernels import optim as triton_optim
+
+pointers = {"work_tensor_ptr": "*i32", "work_block_ptr": "*i32", "table_ptr": "*i64", "skip_ptr": "*i32",
+            "qmap1_ptr": "*fp32", "mid1_ptr": "*fp32", "bucket1_ptr": "*i32", "qmap2_ptr": "*fp32",
+            "mid2_ptr": "*fp32", "bucket2_ptr": "*i32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+            "found_inf_ptr": "*fp32", "weight_decay64_ptr": "*fp64"}
+scalars = {name: "fp32" for name in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1",
+                                     "log_beta2", "eps", "weight_decay")}
+found = []
+for algo in range(4):
+    for state8 in (False, True):
+        constants = {"ALGO": algo, "PARAM_DTYPE": triton.language.float32, "GRAD_DTYPE": triton.language.float32,
+                     "STATE8": state8, "HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True, "MAXIMIZE": False,
+                     "NESTEROV": True, "STEPS1": 4, "TABLE1": True, "STEPS2": 4, "TABLE2": True, "BLOCK": 256}
+        signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+        source = ASTSource(fn=triton_optim._optimizer_step_kernel, signature=signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 2, **triton_optim.LAUNCH_OPTIONS})
+        ptx = compiled.asm["ptx"]
+        found.append({"algo": algo, "state8": state8, "fma": ptx.count("fma.rn.f32"),
+                      "unrounded": re.findall(r"\\b(?:mul|add|sub)\\.f32\\b", ptx)[:3],
+                      "rounded": len(re.findall(r"\\bmul\\.rn\\.f32\\b", ptx))})
+print(json.dumps(found))
+"""
+
+
+def test_triton_optimizer_kernel_is_compiled_without_fma_contraction():
+    """On a GPU, beta*m + (1-beta)*g contracted into an FMA rounds once where the reference rounds
+    three times. Compile the kernel for sm_90 as it is launched (ahead of time, no GPU needed; in a
+    child process without the interpreter) and read the PTX: every float32 multiply, add and
+    subtract is an explicitly rounded one (.rn), which ptxas may not fuse, and no float32 FMA appears."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT_PTX_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for kernel in json.loads(done.stdout.strip().splitlines()[-1]):
+        assert kernel["fma"] == 0 and not kernel["unrounded"], kernel
+        assert kernel["rounded"] > 0, kernel  # the arithmetic is there, rounded
