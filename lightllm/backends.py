@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import logging
 import os
@@ -187,6 +188,7 @@ def compiled_images(gencode: str) -> tuple[list[str], list[str]]:
     return sass, ptx
 
 
+@functools.lru_cache(maxsize=None)  # asked on every op call that names the cuda backend
 def cuda_image_problem(capability: tuple[int, int], gencode: str) -> str | None:
     """Why the extension's CUDA kernels cannot run on a card of ``capability``, None if one image can:
     SASS for sm_XY runs on XY and later minors of the same major; an arch-specific sm_XYa only on
