@@ -150,10 +150,15 @@ def why_unavailable(backend: str) -> str | None:
         if not _native.has_cpp():
             return f"lightllm._C is not loaded ({_native.load_error})"
         if not _native.has_cuda_kernels():
-            return "lightllm._C was built without CUDA kernels (no CUDA toolkit at build time, or LIGHTLLM_SKIP_CUDA_BUILD=1)"
+            return ("lightllm._C was built without CUDA kernels (no CUDA toolkit at build time, nvcc's CUDA major "
+                    "version not torch's, or LIGHTLLM_SKIP_CUDA_BUILD=1)")
         if not torch.cuda.is_available():
             return "no CUDA device is visible"
-        return cuda_image_problem(_device_capability(None), _native.build_summary().get("cuda_gencode", ""))
+        if not torch.cuda.is_initialized():
+            # reading the card would start CUDA in this process (and break fork-based workers later):
+            # the check runs once CUDA is up, as it is when an op sees a CUDA tensor
+            return None
+        return cuda_image_problem(_device_capability(None), _native.native_module().cuda_gencode)
     if backend == "triton":
         if not _triton_importable():
             return "triton is not installed"
@@ -165,6 +170,11 @@ def why_unavailable(backend: str) -> str | None:
 
 def _device_capability(index: int | None) -> tuple[int, int]:
     """(major, minor) of a CUDA device (the current one for None)."""
+    return _capability_of(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)  # asked on every op call on a GPU once GPU_VERIFIED has entries
+def _capability_of(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
@@ -192,25 +202,26 @@ def compiled_images(gencode: str) -> tuple[list[str], list[str]]:
 def cuda_image_problem(capability: tuple[int, int], gencode: str) -> str | None:
     """Why the extension's CUDA kernels cannot run on a card of ``capability``, None if one image can:
     SASS for sm_XY runs on XY and later minors of the same major; an arch-specific sm_XYa only on
-    XY; PTX for compute_XY is compiled by the driver for XY and every later card."""
+    XY; a family-specific sm_XYf / compute_XYf on cards of major X from XY on; PTX for compute_XY is
+    compiled by the driver for XY and every later card."""
     sass, ptx = compiled_images(gencode)
     card = capability[0] * 10 + capability[1]
 
-    def number(code: str) -> tuple[int, bool]:
+    def runs(code: str, any_later_major: bool) -> bool:
         digits = code.split("_", 1)[1]
-        return int(digits.rstrip("af")), digits.endswith("a")
+        n = int(digits.rstrip("af"))
+        if digits.endswith("a"):
+            return n == card
+        if digits.endswith("f") or not any_later_major:
+            return n // 10 == card // 10 and n <= card
+        return n <= card
 
-    for code in sass:
-        n, specific = number(code)
-        if (n == card) if specific else (n // 10 == card // 10 and n <= card):
-            return None
-    for code in ptx:
-        n, specific = number(code)
-        if (n == card) if specific else n <= card:
-            return None
+    if any(runs(code, False) for code in sass) or any(runs(code, True) for code in ptx):
+        return None
     images = ", ".join(sass + [f"PTX {c}" for c in ptx]) or "no architecture"
     return (f"lightllm._C's CUDA kernels are built for {images}; this card is sm_{card}, which none of them runs on "
-            f"(rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]})")
+            f"(rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]} where the CUDA toolkit and torch "
+            "still support that architecture)")
 
 
 def available_backends() -> list[str]:
@@ -230,11 +241,10 @@ def default_backend(op: str, device_type: str, device_index: int | None = None) 
     """The automatic choice for ``op`` on ``device_type`` (see the module docstring)."""
     impls = _REGISTRY.get(op, {})
     if device_type == "cuda":
-        verified = [b for b in _GPU_PREFERENCE if any(key[:2] == (op, b) for key in GPU_VERIFIED)]
-        if not verified:
+        if not GPU_VERIFIED:  # nothing verified yet: no need to ask the card
             return "torch"
         arch = device_arch(device_index)
-        for backend in verified:
+        for backend in _GPU_PREFERENCE:
             if (op, backend, arch) in GPU_VERIFIED and backend in impls and why_unavailable(backend) is None:
                 return backend
         return "torch"

@@ -132,6 +132,10 @@ def test_which_cards_the_compiled_cuda_images_run_on(capability, runs):
     assert backends.cuda_image_problem((10, 0), only_90a) is not None
     assert backends.cuda_image_problem((8, 9), "-gencode=arch=compute_86,code=sm_86") is None
     assert backends.cuda_image_problem((8, 0), "-gencode=arch=compute_86,code=sm_86") is not None
+    # family-specific code runs within its major only; plain PTX on every later card
+    assert backends.cuda_image_problem((10, 3), "-gencode=arch=compute_100f,code=compute_100f") is None
+    assert backends.cuda_image_problem((12, 0), "-gencode=arch=compute_100f,code=compute_100f") is not None
+    assert backends.cuda_image_problem((12, 0), "-gencode=arch=compute_100,code=compute_100") is None
 
 
 def test_the_cuda_backend_names_a_card_it_has_no_image_for(monkeypatch):
@@ -140,7 +144,9 @@ def test_the_cuda_backend_names_a_card_it_has_no_image_for(monkeypatch):
     monkeypatch.setattr(backends._native, "has_cpp", lambda: True)
     monkeypatch.setattr(backends._native, "has_cuda_kernels", lambda: True)
     monkeypatch.setattr(backends._native, "build_summary", lambda: {"native": True, "cuda_gencode": DEFAULT_GENCODE})
+    monkeypatch.setattr(backends._native, "native_module", lambda: type("Built", (), {"cuda_gencode": DEFAULT_GENCODE}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as once an op has seen a CUDA tensor
     monkeypatch.setattr(backends, "_device_capability", lambda index: (7, 5))
     reason = backends.why_unavailable("cuda")
     assert reason is not None and "sm_75" in reason
@@ -148,6 +154,10 @@ def test_the_cuda_backend_names_a_card_it_has_no_image_for(monkeypatch):
         with lightllm.use_backend("cuda"):
             pass
     monkeypatch.setattr(backends, "_device_capability", lambda index: (8, 9))
+    assert backends.why_unavailable("cuda") is None
+    # before CUDA is started in this process the card is not read (that would start it)
+    monkeypatch.setattr(backends, "_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert backends.why_unavailable("cuda") is None
 
 

@@ -585,10 +585,27 @@ def test_name_keyed_state_dicts_are_refused_and_stable_embedding_survives_to_emp
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="the Triton interpreter is not available here")
-def test_triton_decoupled_decay_is_rounded_as_the_reference():
+def test_triton_decoupled_decay_is_rounded_as_the_reference(monkeypatch):
     """1 - lr*wd computed in float64 from the float64 weight decay and rounded once, as the reference
     and the CUDA kernel do: with lr 0.7 and wd 0.3 float32 arithmetic gives 0.78999996, not 0.79, and
-    Lion's update (p * decay - lr * sign) shows it in every element."""
+    Lion's update (p * decay - lr * sign) shows it in every element. The launch itself asks for no
+    FMA contraction (the options the AOT test below compiles with)."""
+    from lightllm.kernels import optim as triton_optim
+
+    launches = []
+
+    class LaunchSpy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_optim, "_optimizer_step_kernel", LaunchSpy(triton_optim._optimizer_step_kernel))
+
     def lion(backend):
         params = make_params([4097])
         opt = Lion8bit(params, lr=0.7, weight_decay=0.3, optim_bits=32)
@@ -598,6 +615,7 @@ def test_triton_decoupled_decay_is_rounded_as_the_reference():
         return params[0].detach()
 
     assert torch.equal(lion("triton"), lion("torch"))
+    assert launches and all(kwargs.get("enable_fp_fusion") is False for kwargs in launches)
 
 
 AOT_PTX_SCRIPT = """
