@@ -70,6 +70,7 @@ _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 _global_choice: str | None = None
 _fallbacks_logged: set[tuple[str, str]] = set()
+_recorders: list[list["Dispatch"]] = []  # open record_dispatches() blocks
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightllm_backend", default=None)
 
 
@@ -77,6 +78,38 @@ def _validate(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in _CHOICES:
         raise ValueError(f"unknown lightllm backend {name!r}; choose one of {', '.join(_CHOICES)}")
     return name.lower()
+
+
+@dataclass
+class Dispatch:
+    """One op call as :func:`record_dispatches` saw it."""
+
+    op: str
+    chosen: str  # the backend asked for ("auto" for the per-op defaults)
+    ran: str  # the backend whose implementation executed
+    fallback: str | None = None  # why ``ran`` is not ``chosen``'s own kernel (None when it is, or for "auto")
+
+
+@contextlib.contextmanager
+def record_dispatches() -> Iterator[list[Dispatch]]:
+    """Record every op call made inside the block: which backend was asked for and which
+    implementation ran, including an implementation that hands a call on (the CUDA LoRA kernel for
+    more than 16 rows, say). Tests use it to prove that the kernel they claim is the one that ran."""
+    calls: list[Dispatch] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def note_handover(op: str, backend: str, ran: str, reason: str) -> None:
+    """Called by ``backend``'s implementation of ``op`` when it hands this call to ``ran``'s."""
+    for calls in _recorders:
+        for call in reversed(calls):
+            if call.op == op and call.ran == backend:
+                call.ran, call.fallback = ran, reason
+                break
 
 
 def register(op: str, backend: str, devices: tuple[str, ...]) -> Callable[[Callable], Callable]:
@@ -264,17 +297,22 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
     impl = impls.get(backend)
+    fallback = None
     if impl is None:
-        fallback = default_backend(op, device.type, device.index)
+        default = default_backend(op, device.type, device.index)
+        fallback = f"{op} has no {backend!r} kernel"
         if (op, backend) not in _fallbacks_logged:
             _fallbacks_logged.add((op, backend))
-            logger.info("%s has no %r kernel; running its default %r instead", op, backend, fallback)
-        backend, impl = fallback, impls[fallback]
+            logger.info("%s; running its default %r instead", fallback, default)
+        backend, impl = default, impls[default]
     if not _runs_on(backend, impl, device.type):
         raise BackendUnavailableError(
             f"{op}: backend {backend!r} cannot run on {device.type} tensors"
             + (" (Triton runs on the CPU only with TRITON_INTERPRET=1)" if backend == "triton" else "")
         )
+    if _recorders:
+        for calls in _recorders:
+            calls.append(Dispatch(op, choice, backend, fallback))
     return backend, impl.fn
 
 

@@ -21,6 +21,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when == "call":
+        item.call_report = report  # read by _claimed_kernel_ran after the test
+
+
 def cpu_backends() -> list[str]:
     """Backends that this process can run on CPU tensors (triton only under the interpreter)."""
     return [b for b in lightllm.available_backends() if b != "cuda" and (b != "triton" or backends.triton_interpreted())]
@@ -35,6 +42,31 @@ def _reset_backend_choice():
     lightllm.set_backend(None)
     yield
     lightllm.set_backend(None)
+
+
+@pytest.fixture(autouse=True)
+def _claimed_kernel_ran(request):
+    """A test parametrized by ``backend`` claims that backend's kernels: every op call it makes with
+    that backend chosen must run that backend's own implementation, not a fallback to another one
+    (a fallback is fine in the product, never in a test that claims a kernel), and at least one call
+    must be made. ``@pytest.mark.handover(op, ...)`` names ops whose fallback the test expects and
+    checks itself; ``@pytest.mark.no_dispatch`` a test that only checks refusals."""
+    callspec = getattr(request.node, "callspec", None)
+    claimed = callspec.params.get("backend") if callspec is not None else None
+    if claimed not in backends.BACKENDS:
+        yield
+        return
+    with backends.record_dispatches() as calls:
+        yield
+    outcome = getattr(request.node, "call_report", None)
+    if outcome is None or not outcome.passed or request.node.get_closest_marker("no_dispatch"):
+        return  # a failure or skip says so itself
+    expected = {op for marker in request.node.iter_markers("handover") for op in marker.args}
+    mine = [call for call in calls if call.chosen == claimed]
+    assert mine, f"the test claims the {claimed!r} backend but made no op call with it chosen"
+    wrong = sorted({(call.op, call.ran, call.fallback) for call in mine if call.ran != claimed
+                    and call.op not in expected})
+    assert not wrong, f"ops that did not run the claimed {claimed!r} kernel (op, ran, why): {wrong}"
 
 
 def save_tiny_llama(path, hidden_size: int = 32, intermediate_size: int = 64):

@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from .. import _native
+from .. import _native, backends
 from ..backends import register, resolve
 from ._dispatch import op_boundary_needed
 
@@ -134,6 +134,7 @@ def _lora_linear_cuda(x, w, bias, a, b, scale):
     if why not in _cuda_fallbacks_logged:
         _cuda_fallbacks_logged.add(why)
         logger.info("lora_linear (cuda): %s, so this call runs the reference (cuBLAS)", why)
+    backends.note_handover(LINEAR, "cuda", "torch", why)
     return lora_linear_reference(x, w, bias, a, b, scale)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _native, backends
 from ..backends import register, resolve
 from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 
@@ -299,6 +299,8 @@ def _optimizer_step_cuda(algo, params, grads, state1, state2, absmax1, absmax2, 
         # float16 parameter's dtype would overflow or underflow it. Mixed dtypes take the Triton
         # kernel (or the reference).
         fallback = _optimizer_step_triton if _triton_available() else optimizer_step_reference
+        backends.note_handover(OPTIMIZER_STEP, "cuda", "triton" if _triton_available() else "torch",
+                               "gradients in another dtype than their parameters")
         return fallback(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr, beta1,
                         beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf)
     native = _native.native_module()
