@@ -55,6 +55,67 @@ def split_plan(tiles: int, length: int, block: int, device: torch.device, waves:
     return triton.cdiv(max(length, 1), per_split), per_split
 
 
+# Shared memory a block may opt in to, in bytes, by compute capability: for a torch whose device
+# properties lack ``shared_memory_per_block_optin`` (CUDA C Programming Guide, compute capabilities).
+SHARED_MEMORY_BY_CAPABILITY = {
+    (7, 0): 98304, (7, 2): 98304, (7, 5): 65536,
+    (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376,
+    (9, 0): 232448, (10, 0): 232448, (10, 3): 232448, (12, 0): 101376, (12, 1): 101376,
+}
+UNKNOWN_CAPABILITY_SHARED_MEMORY = 101376  # the smallest of the Ampere and later generations
+# The interpreter runs on the CPU with no shared memory to run out of (and its own small configs).
+INTERPRETER_SHARED_MEMORY = 1 << 40
+
+_SHARED_MEMORY: dict[int, int] = {}
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Shared memory in bytes one program of a kernel may use on ``device`` (the opt-in maximum per
+    block); unbounded (INTERPRETER_SHARED_MEMORY) for the CPU interpreter."""
+    if device.type != "cuda":
+        return INTERPRETER_SHARED_MEMORY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_MEMORY:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", None)
+        if not limit:
+            limit = SHARED_MEMORY_BY_CAPABILITY.get((props.major, props.minor), UNKNOWN_CAPABILITY_SHARED_MEMORY)
+        _SHARED_MEMORY[index] = limit
+    return _SHARED_MEMORY[index]
+
+
+def first_fitting(candidates, shared_bytes, limit: int):
+    """The first of ``candidates`` (in order of preference) whose estimated shared memory
+    ``shared_bytes(candidate)`` is within ``limit``; the last one if none is (the smallest, which
+    Triton then compiles or refuses with OutOfResources)."""
+    for candidate in candidates:
+        if shared_bytes(candidate) <= limit:
+            return candidate
+    return candidates[-1]
+
+
+def fitting_configs(configs: list, shared_bytes, limit: int, k_name: str = "BLOCK_K") -> list:
+    """An autotuner's ``configs`` for a device with ``limit`` bytes of shared memory: each config
+    that fits (``shared_bytes(config)``, an estimate), or else its first variant that does with
+    2 stages, then with ``k_name`` halved (down to 16); order kept, duplicates and configs without a
+    fitting variant dropped (at least one config is kept: the smallest variant of the last one)."""
+    fitted, seen, variant = [], set(), None
+    for config in configs:
+        stages = min(config.num_stages, 2)
+        variants = [config] + [triton.Config({**config.kwargs, k_name: config.kwargs[k_name] >> halved},
+                                             num_warps=config.num_warps, num_stages=stages)
+                               for halved in range(config.kwargs[k_name].bit_length())
+                               if config.kwargs[k_name] >> halved >= 16]
+        for variant in variants:
+            if shared_bytes(variant) <= limit:
+                key = (tuple(sorted(variant.kwargs.items())), variant.num_warps, variant.num_stages)
+                if key not in seen:
+                    seen.add(key)
+                    fitted.append(variant)
+                break
+    return fitted or [variant]
+
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -123,9 +184,11 @@ def add_rank_r(acc, s_ptr, stride_sm, stride_sr, s_split_stride, s_splits, b_ptr
     """``acc + scale * S[offs_m, :] @ B[offs_n, :]^T`` in float32, r in chunks of BLOCK_R.
 
     S may be given as ``s_splits`` partials (``s_split_stride`` apart) that are summed first. The
-    scale multiplies the small S tile, not the output tile.
+    scale multiplies the small S tile, not the output tile. The loop is not pipelined: it runs
+    once or twice (r <= 64 is one chunk), and buffering its tiles in shared memory would cost more
+    than the GEMM's own pipeline.
     """
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         s_mask = m_ok[:, None] & r_ok[None, :]

@@ -27,11 +27,14 @@ Activations (``ACT``): the ones below, by transformers' ACT2FN names.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import arrive, device_guard, grouped_tile, interpreted, launch_tiled, split_counters, sum_partials
+from ._common import (arrive, device_guard, fitting_configs, grouped_tile, interpreted, launch_tiled,
+                      shared_memory_limit, split_counters, sum_partials)
 from .lora import _precisions
 
 DECODE_ROWS = 16
@@ -256,17 +259,36 @@ def _adapter_up_kernel(
 
 def _up_configs() -> list:
     # The inner dimension is the bottleneck (16..1024): few K steps, so the tile shape is what
-    # matters. A small Hopper/Ampere list; tuned per (M bucket, N, B). Both operands are float32:
-    # every config stays within the 99 KB of shared memory of sm_86/sm_89 (compiled ahead of time;
-    # a 128x128x64 tile in 3 stages needs 160 KB).
+    # matters. A small Hopper/Ampere list; tuned per (M bucket, N, B). On a device with less
+    # shared memory the configs that do not fit give way to smaller variants (_prune_up_configs).
     shapes = [(128, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 2),
               (128, 128, 32, 8, 3), (64, 256, 32, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": bb, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bb, w, s in shapes]
 
 
-_adapter_up_tuned = triton.autotune(configs=_up_configs(), key=["M_BUCKET", "N", "B", "ACT", "HAS_RES"])(
-    _adapter_up_kernel)
+def _up_shared_bytes(config, w_bytes: int) -> int:
+    """An upper estimate of _adapter_up_kernel's shared memory: ``num_stages`` copies of the a
+    (float32) and W tiles, h = act(a) as a float32 operand, and W's tile too when it is converted."""
+    block_m, block_n, block_b = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_B"))
+    tiles = config.num_stages * (block_m * block_b * 4 + block_b * block_n * w_bytes)
+    return tiles + block_m * block_b * 4 + (block_b * block_n * 4 if w_bytes < 4 else 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _fitting_up_configs(w_bytes: int, shared_memory: int) -> list:
+    """The autotuner's configs for a device with ``shared_memory`` bytes per block."""
+    return fitting_configs(_up_configs(), lambda config: _up_shared_bytes(config, w_bytes), shared_memory, "BLOCK_B")
+
+
+def _prune_up_configs(configs, named_args, **kwargs) -> list:
+    # triton.autotune's early_config_prune: no config that does not fit the device is compiled.
+    w = named_args["w_ptr"]
+    return _fitting_up_configs(w.element_size(), shared_memory_limit(w.device))
+
+
+_adapter_up_tuned = triton.autotune(configs=_up_configs(), key=["M_BUCKET", "N", "B", "ACT", "HAS_RES"],
+                                    prune_configs_by={"early_config_prune": _prune_up_configs})(_adapter_up_kernel)
 
 
 def adapter_up(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, res: torch.Tensor | None,

@@ -18,14 +18,15 @@ stream, value j of a run at bit ``BITS * j``; only 3-bit values can straddle two
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (add_rank_r, arrive, device_guard, interpreted, sm_count, split_counters, store_s_part,
-                      sum_partials)
+from ._common import (add_rank_r, arrive, device_guard, first_fitting, interpreted, shared_memory_limit, sm_count,
+                      split_counters, store_s_part, sum_partials)
 from .lora import _block_r, _precisions, lora_shrink
 
 
@@ -192,18 +193,50 @@ def _split_k(device: torch.device, tiles: int, k_blocks: int) -> int:
     return max(1, min(wanted, k_blocks // 4))
 
 
-def _blocks(m: int, in_kernel_lora: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). One config per M bucket; tuned on a GPU later.
+def _candidates(m: int, in_kernel_lora: bool) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an M bucket, preferred first (the first
+    is what an H100 runs; tuned on a GPU later), then shorter along K for smaller shared memory.
     With S computed in the kernel every column tile reads A's slice, so the tiles are wider; and
     shorter along K, since the pipeliner buffers the S part's tiles too (at 16 x 256 x 64 a 3-bit
     layer needed 330-363 KB of shared memory, more than an H100 has; 16 x 128 x 32 fits an A100)."""
-    if interpreted():
-        return 16, 32, 32, 4
     if m <= 16:
-        return (16, 128, 32, 4) if in_kernel_lora else (16, 64, 128, 4)
+        if in_kernel_lora:
+            return [(16, 128, 32, 4, 3), (16, 64, 32, 4, 3), (16, 64, 16, 4, 3)]
+        return [(16, 64, 128, 4, 3), (16, 64, 64, 4, 3), (16, 64, 32, 4, 3)]
     if m <= 64:
-        return 64, 64, 64, 4
-    return 128, 128, 32, 8
+        return [(64, 64, 64, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+    return [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]
+
+
+def _shared_bytes(blocks: tuple[int, int, int, int, int], bits: int, x_bytes: int, scale_bytes: int, lora: int,
+                  block_r: int, adapter_bytes: int) -> int:
+    """An upper estimate of _gptq_matmul_kernel's shared memory (its phases reuse one another's).
+
+    Main loop: the x tile, the packed weight and zero words (two of each at 3 bits, where a value
+    may straddle two words), the scales and the group indices are buffered; the zeros and scales
+    wait on the group indices, which takes a stage, so ``num_stages - 2`` copies; plus the x tile
+    and the dequantized tile as dot operands. S part (LORA 2): its x and A tiles, ``num_stages``
+    copies, and both as float32 operands. Epilogue (not pipelined): S and B tiles as float32."""
+    block_m, block_n, block_k, _, stages = blocks
+    words = 2 if bits == 3 else 1
+    loop = block_m * block_k * x_bytes + block_k * block_n * (8 * words + scale_bytes) + block_k * 4
+    main = max(1, stages - 2) * loop + (block_m * block_k + block_k * block_n) * x_bytes
+    s_part = 0
+    if lora == 2:
+        s_part = (stages * (block_m * block_k * x_bytes + block_k * block_r * adapter_bytes)
+                  + (block_m * block_k + block_k * block_r) * 4)
+    epilogue = (block_m * block_r + block_r * block_n) * 4 if lora else 0
+    return max(main, s_part, epilogue)
+
+
+@functools.lru_cache(maxsize=1024)
+def _blocks(m: int, bits: int, x_bytes: int, scale_bytes: int, lora: int, block_r: int, adapter_bytes: int,
+            shared_memory: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows: the first candidate that fits
+    ``shared_memory`` bytes (a device's :func:`~._common.shared_memory_limit`)."""
+    return first_fitting(_candidates(m, lora == 2),
+                         lambda blocks: _shared_bytes(blocks, bits, x_bytes, scale_bytes, lora, block_r, adapter_bytes),
+                         shared_memory)
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -227,7 +260,13 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     lora = 2 if lora_s is None and lora_a is not None else 1 if lora_s is not None else 0
     rank = 0 if lora == 0 else (lora_a.shape[0] if lora == 2 else lora_s.shape[1])
     chunk_values = 32 // math.gcd(32, bits)
-    block_m, block_n, block_k, warps = _blocks(m, in_kernel_lora=lora == 2)
+    block_r = _block_r(rank)
+    if interpreted():
+        block_m, block_n, block_k, warps, stages = 16, 32, 32, 4, 3
+    else:
+        adapter_bytes = lora_a.element_size() if lora == 2 else 4  # A's tiles are buffered, B's are not
+        block_m, block_n, block_k, warps, stages = _blocks(m, bits, x.element_size(), scales.element_size(), lora,
+                                                           block_r, adapter_bytes, shared_memory_limit(x.device))
     tiles_m, tiles_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     if split_k is None:
         split_k = _split_k(x.device, tiles_m * tiles_n, triton.cdiv(k, block_k))
@@ -248,7 +287,7 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             lora_b.stride(0) if lora else 0, lora_b.stride(1) if lora else 0, float(lora_scale),
             BITS=bits, CHUNK_VALUES=chunk_values, CHUNK_WORDS=chunk_values * bits // 32,
             ZERO_OFFSET=1 if zeros_v1 else 0, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-            LORA=lora, EPI_PRECISION=epi, S_PRECISION=s_precision, BLOCK_R=_block_r(rank),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
+            LORA=lora, EPI_PRECISION=epi, S_PRECISION=s_precision, BLOCK_R=block_r,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages,
         )
     return out

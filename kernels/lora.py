@@ -23,12 +23,14 @@ the rank-r term, is below the output's own rounding) and IEEE float32 for float3
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (add_rank_r, arrive, device_guard, grouped_tile, interpreted, launch_tiled, split_counters,
-                      split_plan, store_s_part, sum_partials)
+from ._common import (add_rank_r, arrive, device_guard, first_fitting, fitting_configs, grouped_tile, interpreted,
+                      launch_tiled, shared_memory_limit, split_counters, split_plan, store_s_part, sum_partials)
 
 DECODE_ROWS = 16  # tokens up to which lora_decode serves (one launch)
 
@@ -87,12 +89,22 @@ def _skinny_kernel(
             tl.store(counter_ptr + tile, 0)
 
 
-def _skinny_blocks(m: int, r: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps); placeholders until tuned on a GPU."""
-    block_r = _block_r(r)
-    if interpreted():
-        return 16, block_r, 32, 4
-    return (64 if m <= 64 else 128), block_r, 64, 4
+def _skinny_shared_bytes(blocks: tuple[int, int, int, int, int], x_bytes: int, y_bytes: int) -> int:
+    """An upper estimate of _skinny_kernel's shared memory: ``num_stages`` copies of the x and y
+    tiles, and both as float32 operands when either is converted to float32."""
+    block_m, block_r, block_k, _, stages = blocks
+    tiles = stages * (block_m * block_k * x_bytes + block_k * block_r * y_bytes)
+    return tiles + ((block_m * block_k + block_k * block_r) * 4 if min(x_bytes, y_bytes) < 4 else 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _skinny_blocks(m: int, r: int, x_bytes: int, y_bytes: int, shared_memory: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages): the first that fits ``shared_memory``
+    bytes, fewer stages then shorter K tiles after the preferred one; placeholders until tuned."""
+    block_m, block_r = (64 if m <= 64 else 128), _block_r(r)
+    candidates = [(block_m, block_r, 64, 4, 3), (block_m, block_r, 64, 4, 2), (block_m, block_r, 32, 4, 2),
+                  (64, block_r, 32, 4, 2)]
+    return first_fitting(candidates, lambda blocks: _skinny_shared_bytes(blocks, x_bytes, y_bytes), shared_memory)
 
 
 def skinny_matmul(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,7 +119,11 @@ def skinny_matmul(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, out: tor
         return out
     if k == 0:
         return out.zero_()
-    block_m, block_r, block_k, warps = _skinny_blocks(m, r)
+    if interpreted():
+        block_m, block_r, block_k, warps, stages = 16, _block_r(r), 32, 4, 3
+    else:
+        block_m, block_r, block_k, warps, stages = _skinny_blocks(m, r, x.element_size(), y.element_size(),
+                                                                  shared_memory_limit(x.device))
     tiles_m, tiles_r = triton.cdiv(m, block_m), triton.cdiv(r, block_r)
     splits, k_per_split = split_plan(tiles_m * tiles_r, k, block_k, x.device)
     ws = torch.empty((splits, m, r), dtype=torch.float32, device=x.device) if splits > 1 else out
@@ -117,7 +133,7 @@ def skinny_matmul(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, out: tor
             x, y, out, ws, counters, m, r, k, k_per_split, splits, float(scale),
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
             PRECISION=_precisions(x.dtype)[2],
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )
     return out
 
@@ -173,13 +189,43 @@ def _lora_matmul_kernel(
 
 def _matmul_configs() -> list:
     # A small Hopper/Ampere list (fp16/bf16 GEMMs, fp32 accumulate); tuned per (M bucket, N, K).
+    # On a device with less shared memory the configs that do not fit give way to smaller variants
+    # (_prune_matmul_configs).
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
               (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
 
-_lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "HAS_LORA", "FP32_DOT"])(
+def _matmul_shared_bytes(config, x_bytes: int, block_r: int) -> int:
+    """An upper estimate of _lora_matmul_kernel's shared memory: copies of the x and W tiles,
+    ``num_stages`` of them in half precision (sm_90's wgmma keeps one more than sm_8x) and
+    ``num_stages - 1`` in float32 (mma.sync everywhere); the epilogue (not pipelined; ``block_r`` 0
+    without an adapter) reuses them for its S and B tiles as float32."""
+    block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    copies = config.num_stages if x_bytes < 4 else max(1, config.num_stages - 1)
+    main = copies * (block_m * block_k + block_k * block_n) * x_bytes
+    return max(main, (block_m * block_r + block_r * block_n) * 4)
+
+
+@functools.lru_cache(maxsize=64)
+def _fitting_matmul_configs(x_bytes: int, block_r: int, shared_memory: int) -> list:
+    """The autotuner's configs for a device with ``shared_memory`` bytes per block."""
+    return fitting_configs(_matmul_configs(), lambda config: _matmul_shared_bytes(config, x_bytes, block_r),
+                           shared_memory)
+
+
+def _prune_matmul_configs(configs, named_args, **kwargs) -> list:
+    # triton.autotune's early_config_prune: no config that does not fit the device is compiled.
+    x = named_args["x_ptr"]
+    block_r = kwargs["BLOCK_R"] if kwargs["HAS_LORA"] else 0
+    return _fitting_matmul_configs(x.element_size(), block_r, shared_memory_limit(x.device))
+
+
+# BLOCK_R keys the tuning too: it changes the shared memory, so what fits.
+_lora_matmul_tuned = triton.autotune(configs=_matmul_configs(),
+                                     key=["M_BUCKET", "N", "K", "HAS_LORA", "FP32_DOT", "BLOCK_R"],
+                                     prune_configs_by={"early_config_prune": _prune_matmul_configs})(
     _lora_matmul_kernel)
 
 
@@ -264,12 +310,35 @@ def _lora_decode_kernel(
         tl.store(counter_ptr + pid_n, 0)
 
 
-def _decode_blocks() -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Wide column tiles: every tile reads A's slice,
-    so A's bytes are read N / BLOCK_N times (from L2). Placeholders until tuned on a GPU."""
+def _decode_shared_bytes(blocks: tuple[int, int, int, int], x_bytes: int, block_r: int, a_bytes: int) -> int:
+    """An upper estimate of _lora_decode_kernel's shared memory (its phases reuse one another's):
+    ``num_stages`` copies of the x and W tiles; for S (``block_r`` 0 without an adapter) as many
+    of the x and A tiles, and both as float32 operands; the epilogue's S and B tiles as float32."""
+    block_n, block_k, _, stages = blocks
+    main = stages * (16 * block_k + block_k * block_n) * x_bytes
+    if not block_r:
+        return main
+    s_part = stages * (16 * block_k * x_bytes + block_k * block_r * a_bytes) + (16 * block_k + block_k * block_r) * 4
+    return max(main, s_part, (16 * block_r + block_r * block_n) * 4)
+
+
+@functools.lru_cache(maxsize=64)
+def _fitting_decode_blocks(x_bytes: int, block_r: int, a_bytes: int, shared_memory: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the first that fits ``shared_memory`` bytes.
+    Wide column tiles: every tile reads A's slice, so A's bytes are read N / BLOCK_N times (from
+    L2); so shorter K tiles and fewer stages come before narrower tiles. Placeholders until tuned."""
+    candidates = [(256, 64, 8, 3), (256, 32, 8, 3), (256, 32, 8, 2), (128, 32, 4, 2)]
+    return first_fitting(candidates, lambda blocks: _decode_shared_bytes(blocks, x_bytes, block_r, a_bytes),
+                         shared_memory)
+
+
+def _decode_blocks(x: torch.Tensor, a: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for lora_decode on x's device."""
     if interpreted():
         return 32, 32, 4, 1
-    return 256, 64, 8, 3
+    rank = a.shape[0] if a is not None else 0
+    return _fitting_decode_blocks(x.element_size(), _block_r(rank) if rank else 0,
+                                  a.element_size() if a is not None else 4, shared_memory_limit(x.device))
 
 
 def lora_decode(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor | None,
@@ -287,7 +356,7 @@ def lora_decode(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: 
         if has_lora and m > 0:
             s = skinny_matmul(x, a)
         return y, s
-    block_n, block_k, warps, stages = _decode_blocks()
+    block_n, block_k, warps, stages = _decode_blocks(x, a)
     tiles = triton.cdiv(n, block_n)
     splits, k_per_split = split_plan(tiles, k, block_k, x.device)
     ws_y = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)

@@ -132,8 +132,8 @@ def test_triton_decode_split_reduction_is_deterministic_and_leaves_counters_zero
     from lightllm.kernels import lora as k
 
     x, w, b_, a, b = make_case(3, 320, 70, 5, torch.float16, seed=9)
-    tiles = -(-70 // k._decode_blocks()[0])
-    splits, _ = _common.split_plan(tiles, 320, k._decode_blocks()[1], x.device)
+    tiles = -(-70 // k._decode_blocks(x, a)[0])
+    splits, _ = _common.split_plan(tiles, 320, k._decode_blocks(x, a)[1], x.device)
     assert splits > 1, "the case must exercise the split reduction"
     y1, s1 = k.lora_decode(x, w, b_, a, b, 0.5)
     y2, s2 = k.lora_decode(x, w, b_, a, b, 0.5)
