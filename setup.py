@@ -1,9 +1,10 @@
-"""Build script: setuptools drives CMake, which is the one build definition of lightllm._C.
+"""Build script: setuptools drives CMake, the one build definition of the native extensions:
+lightllm._C (C++ CPU kernels) and lightllm._C_cuda (CUDA kernels), each loaded on its own.
 
 Environment switches (read at build time):
   LIGHTLLM_SKIP_NATIVE_BUILD=1  pure-Python install (reference and Triton backends only)
-  LIGHTLLM_SKIP_CUDA_BUILD=1    build the C++ CPU kernels only (also chosen, with a message, when
-                                nvcc's CUDA major version differs from torch's)
+  LIGHTLLM_SKIP_CUDA_BUILD=1    build the C++ CPU kernels only, no lightllm._C_cuda (also chosen, with
+                                a message, when nvcc's CUDA major version differs from torch's)
   CUDA_HOME                     CUDA toolkit root (default: the toolkit of `nvcc` on PATH, then
                                 /usr/local/cuda); torch's own guess can name the wrong root
   TORCH_CUDA_ARCH_LIST          e.g. "8.0;9.0a" or "9.0a+PTX" (default: 8.0, 9.0a, PTX of 9.0)
@@ -105,21 +106,37 @@ def cuda_version_mismatch(nvcc: "str | None", torch_cuda: str) -> "str | None":
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str):
-        super().__init__(name, sources=[])
+    def __init__(self, name: str, optional: bool = False):
+        super().__init__(name, sources=[], optional=optional)
+
+
+# The two modules CMake builds; each loads on its own (lightllm/_native.py).
+CPP_MODULE = "lightllm._C"  # C++ CPU kernels
+CUDA_MODULE = "lightllm._C_cuda"  # CUDA kernels, not built without a matching toolkit
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext: Extension) -> None:
+    """Configures CMake once, then builds each extension as its own CMake target."""
+
+    def run(self) -> None:
+        # setuptools builds into build_lib and copies to the source tree afterwards (--inplace,
+        # editable installs): a CUDA module skipped by this build must not be left there from an
+        # earlier one.
+        self._into_source = bool(self.inplace or getattr(self, "editable_mode", False))
+        self._configured = False
+        super().run()
+
+    def _configure(self, ext: Extension) -> "tuple[str, Path, bool] | None":
+        """(cmake, build folder, whether the CUDA kernels are built); None when nothing can be built."""
         try:
-            import torch  # noqa: F401  (the extension links against this torch)
+            import torch  # noqa: F401  (the extensions link against this torch)
         except ImportError:
             _say(
-                "torch is not importable in the build environment, so the native extension is "
+                "torch is not importable in the build environment, so the native extensions are "
                 "skipped (pure-Python install). Install torch first and build with "
                 "`pip install --no-build-isolation`."
             )
-            return
+            return None
 
         cmake = shutil.which("cmake")
         if cmake is None:
@@ -164,17 +181,40 @@ class CMakeBuild(build_ext):
             ]
         else:
             args.append("-DLIGHTLLM_WITH_CUDA=OFF")
-
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_dir), *args])
-        subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs])
+        return cmake, build_dir, cuda_home is not None
+
+    def build_extension(self, ext: Extension) -> None:
+        if not self._configured:  # once for both extensions
+            self._configured = True
+            self._cmake = self._configure(ext)
+        if self._cmake is None:
+            return
+        cmake, build_dir, with_cuda = self._cmake
+        if ext.name == CUDA_MODULE and not with_cuda:
+            self._remove_stale(ext)
+            return
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        target = ext.name.rsplit(".", 1)[1]
+        subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs, "--target", target])
+
+    def _remove_stale(self, ext: Extension) -> None:
+        stale = [Path(self.get_ext_fullpath(ext.name))]
+        if self._into_source:
+            stale.append(Path(self._get_inplace_equivalent(self.get_finalized_command("build_py"), ext)[0]))
+        for path in stale:
+            if path.is_file():
+                path.unlink()
+                _say(f"removed {path}, left by an earlier build with CUDA kernels")
 
 
 def native_extensions():
     if _env_flag("LIGHTLLM_SKIP_NATIVE_BUILD"):
         _say("LIGHTLLM_SKIP_NATIVE_BUILD=1: pure-Python install (reference and Triton backends).")
         return []
-    return [CMakeExtension("lightllm._C")]
+    # Optional: a build that skips the CUDA kernels leaves no _C_cuda, and setuptools must not
+    # look for one.
+    return [CMakeExtension(CPP_MODULE), CMakeExtension(CUDA_MODULE, optional=True)]
 
 
 setup(

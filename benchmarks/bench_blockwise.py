@@ -140,7 +140,7 @@ def _lightllm_impl(backend: str, device: torch.device) -> Impl:
 def _direct_kernels(backend: str, code: torch.Tensor) -> tuple[QuantizeFn, DequantizeFn] | None:
     """The backend's kernel entry points, called with everything prepared (no checks, no dispatch)."""
     if backend in ("cpp", "cuda"):
-        native = _native.native_module()
+        native = _native.cpp_module() if backend == "cpp" else _native.cuda_module()
         return (lambda x, bs: native.quantize_blockwise(x, code, bs),
                 lambda c, a, bs, dt: native.dequantize_blockwise(c, a, code, bs, dt))
     if backend == "torch":

@@ -1,5 +1,5 @@
 // Block-wise 8-bit quantization kernels (bitsandbytes semantics): host launchers only.
-// No torch headers here: bindings.cpp is the only file that sees at::Tensor.
+// No torch headers here: the bindings files (bindings.cpp, bindings_cuda.cpp) alone see at::Tensor.
 //
 // Semantics shared by every backend (the Python reference in lightllm/ops/blockwise.py is the
 // definition):

@@ -1,4 +1,4 @@
-// GPTQ dequant-matmul kernels: host launchers only (no torch headers; see bindings.cpp).
+// GPTQ dequant-matmul kernels: host launchers only (no torch headers; see bindings_cuda.cpp).
 // Layout and formula: lightllm/quantization/gptq_format.py. W[n, k] = s[g[k], n] * (q[k, n] - z[g[k], n]).
 #pragma once
 
@@ -40,7 +40,7 @@ struct GptqGemvParams {
   void* y;        // [m, n], x_type
   float* ws_y;    // [splits, m, n]
   float* ws_s;    // [tiles, splits, m, r] (with lora_a)
-  int* counters;  // [tiles], zero on entry and on exit
+  int* counters;  // [tiles], zero on entry and on exit (bindings_cuda.cpp: split_counters)
 };
 
 // (column tiles, K slices) of a launch.

@@ -1,5 +1,5 @@
 // LoRA on a dense base layer, decode sizes (up to 16 tokens): host launchers only (no torch
-// headers; see bindings.cpp). Semantics: lightllm/ops/lora.py,
+// headers; see bindings_cuda.cpp). Semantics: lightllm/ops/lora.py,
 //   y = x W^T + bias + scale * (x A^T) B^T,  S = x A^T in float32, one rounding to x's dtype.
 #pragma once
 
@@ -28,7 +28,7 @@ struct LoraDecodeParams {
   float* s_out;        // [m, r]
   float* ws_y;         // [splits, m, n]
   float* ws_s;         // [tiles, splits, m, r]
-  int* counters;       // [tiles], zero on entry, zero again on exit
+  int* counters;       // [tiles], zero on entry, zero again on exit (bindings_cuda.cpp: split_counters)
   int64_t m, n, k;
   int r;
   float scale;

@@ -1,5 +1,5 @@
 // Fused optimizer step (Adam, AdamW, Lion, SGD with momentum) with 8-bit block-wise or 32-bit state:
-// host launchers only. No torch headers here: bindings.cpp is the only file that sees at::Tensor.
+// host launchers only. No torch headers here: the bindings files alone see at::Tensor.
 // The semantics are those of lightllm/ops/optim.py (the Python reference defines them).
 #pragma once
 

@@ -6,7 +6,9 @@
 // workspace and counts itself in on its tile's counter; the CTA that arrives last sums the
 // partials in slice order (the same bits whatever the scheduling), runs the epilogue (rank-r term,
 // bias, one rounding to the output dtype), stores y and resets the counter to zero for the next
-// launch. One launch: no memset of an accumulator, no cast pass, no float atomics.
+// launch. One launch: no memset of an accumulator, no cast pass, no float atomics. Where the
+// counters come from (a per-stream buffer, or one of its own per launch under CUDA graph capture)
+// is bindings_cuda.cpp's split_counters.
 #pragma once
 
 #include <cuda_bf16.h>

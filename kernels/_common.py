@@ -10,7 +10,9 @@ next launch. One launch, and the same bits whatever the scheduling.
 
 The counters live in one int32 buffer per (device, stream), zeroed once and left zeroed by every
 launch that uses it. Launches on one stream run one after another, so they can share it; launches
-that may run at the same time must be on different streams.
+that may run at the same time must be on different streams. Under CUDA graph capture a launch gets
+a zeroed buffer of its own instead, from the graph's memory pool (see :func:`split_counters`), and
+a launch that raises drops its stream's buffer (see :func:`split_launch`).
 """
 
 from __future__ import annotations
@@ -119,23 +121,53 @@ def fitting_configs(configs: list, shared_bytes, limit: int, k_name: str = "BLOC
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def split_counters(device: torch.device, count: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``count`` counters for launches on the current stream.
-
-    Grown when too small (a new zeroed buffer). Allocated during CUDA graph capture, it comes from
-    the graph's memory pool and the cache keeps it alive; the graph's replays re-zero it, which
-    changes nothing since every launch leaves its counters at zero.
-    """
+def _counter_key(device: torch.device) -> tuple:
     if device.type == "cuda":
-        key = (device.index if device.index is not None else torch.cuda.current_device(),
-               torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type,)
+        return (device.index if device.index is not None else torch.cuda.current_device(),
+                torch.cuda.current_stream(device).cuda_stream)
+    return (device.type,)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` (the current device: see split_launch) is capturing
+    a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``count`` counters for one launch on the current stream;
+    call it inside :func:`split_launch`.
+
+    Outside graph capture: the stream's cached buffer, grown when too small (a new zeroed buffer;
+    the old one is freed to the caching allocator, which reuses it only after the stream's pending
+    launches). While the current stream is capturing a CUDA graph: a new buffer from the graph's
+    memory pool, never cached. Its zeroing is captured with the launch, so each graph owns its
+    counters and every replay starts from zero, whatever the cache does later and whichever graphs
+    replay at the same time on other streams (graphs captured one after another on the same capture
+    stream would otherwise share the cached buffer).
+    """
+    if _capturing(device):
+        return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
+    key = _counter_key(device)
     buffer = _COUNTERS.get(key)
     if buffer is None or buffer.numel() < count:
         buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = buffer
     return buffer
+
+
+@contextlib.contextmanager
+def split_launch(device: torch.device):
+    """:func:`device_guard` for a launch that counts on :func:`split_counters`. If the launch raises,
+    some programs may already have counted in (the interpreter runs them one by one, and an error
+    in one leaves the earlier ones' counts), so the stream's cached buffer is dropped: the next
+    launch starts from a fresh zeroed one instead of counters left part-way."""
+    with device_guard(device):
+        try:
+            yield
+        except BaseException:
+            _COUNTERS.pop(_counter_key(device), None)
+            raise
 
 
 @triton.jit

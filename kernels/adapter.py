@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import (arrive, device_guard, fitting_configs, grouped_tile, interpreted, launch_tiled,
-                      shared_memory_limit, split_counters, sum_partials)
+                      shared_memory_limit, split_counters, split_launch, sum_partials)
 from .lora import _precisions
 
 DECODE_ROWS = 16
@@ -204,8 +204,8 @@ def adapter_decode(z, res, wd, bd, wu, bu, scale: torch.Tensor, act: int) -> tup
     tiles = triton.cdiv(n, block_n)
     b_splits = triton.cdiv(b, block_b)
     ws = torch.empty((b_splits, m, n), dtype=torch.float32, device=res.device) if b_splits > 1 else y
-    counters = split_counters(res.device, tiles) if b_splits > 1 else y
-    with device_guard(res.device):
+    with split_launch(res.device):
+        counters = split_counters(res.device, tiles) if b_splits > 1 else y
         _adapter_decode_kernel[(tiles, b_splits)](
             z, res, wd, bd if bd is not None else wd, wu, bu if bu is not None else wu, scale, y, a, ws, counters,
             m, n, k, b, b_splits,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (add_rank_r, arrive, device_guard, first_fitting, interpreted, shared_memory_limit, sm_count,
-                      split_counters, store_s_part, sum_partials)
+                      split_counters, split_launch, store_s_part, sum_partials)
 from .lora import _block_r, _precisions, lora_shrink
 
 
@@ -274,10 +274,10 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws_y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if reduce else out
     ws_s = torch.empty((tiles_n, split_k, m, rank), dtype=torch.float32, device=x.device) if lora == 2 else out
-    counters = split_counters(x.device, tiles_m * tiles_n) if reduce else out
     lora_s = lora_s.float().contiguous() if lora == 1 else None
     _, epi, s_precision = _precisions(x.dtype)
-    with device_guard(x.device):
+    with split_launch(x.device):
+        counters = split_counters(x.device, tiles_m * tiles_n) if reduce else out
         _gptq_matmul_kernel[(tiles_m, tiles_n, split_k)](
             x, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(),
             bias.contiguous() if bias is not None else x, lora_a if lora == 2 else x,

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (add_rank_r, arrive, device_guard, first_fitting, fitting_configs, grouped_tile, interpreted,
-                      launch_tiled, shared_memory_limit, split_counters, split_plan, store_s_part, sum_partials)
+                      launch_tiled, shared_memory_limit, split_counters, split_launch, split_plan, store_s_part,
+                      sum_partials)
 
 DECODE_ROWS = 16  # tokens up to which lora_decode serves (one launch)
 
@@ -127,8 +128,8 @@ def skinny_matmul(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, out: tor
     tiles_m, tiles_r = triton.cdiv(m, block_m), triton.cdiv(r, block_r)
     splits, k_per_split = split_plan(tiles_m * tiles_r, k, block_k, x.device)
     ws = torch.empty((splits, m, r), dtype=torch.float32, device=x.device) if splits > 1 else out
-    counters = split_counters(x.device, tiles_m * tiles_r) if splits > 1 else out
-    with device_guard(x.device):
+    with split_launch(x.device):
+        counters = split_counters(x.device, tiles_m * tiles_r) if splits > 1 else out
         _skinny_kernel[(tiles_m, tiles_r, splits)](
             x, y, out, ws, counters, m, r, k, k_per_split, splits, float(scale),
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
@@ -362,7 +363,7 @@ def lora_decode(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: 
     ws_y = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     ws_s = torch.empty((tiles, splits, m, rank), dtype=torch.float32, device=x.device) if has_lora else ws_y
     main, epi, s_precision = _precisions(x.dtype)
-    with device_guard(x.device):
+    with split_launch(x.device):
         _lora_decode_kernel[(tiles, splits)](
             x, w, bias if bias is not None else x, a if has_lora else x, b if has_lora else x, y, s, ws_y, ws_s,
             split_counters(x.device, tiles), m, n, k, rank, k_per_split, splits, float(scale),

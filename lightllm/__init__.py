@@ -1,6 +1,6 @@
 """lightllm: quantized matmul, 8-bit optimizers and parameter-efficient tuning for LLMs.
 
-Layers: kernels (``csrc/`` as lightllm._C, ``kernels/`` as lightllm.kernels) -> ops
+Layers: kernels (``csrc/`` as lightllm._C and lightllm._C_cuda, ``kernels/`` as lightllm.kernels) -> ops
 (``torch.ops.lightllm.*``, lightllm.ops) -> functional API (lightllm.functional) -> modules.
 """
 

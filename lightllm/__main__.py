@@ -34,11 +34,16 @@ def _info(args: argparse.Namespace) -> int:
         print("GPU      none visible (torch.cuda.is_available() is False)")
 
     build = _native.build_summary()
-    if build["native"]:
-        cuda = f"CUDA kernels for {build['cuda_gencode']}" if build["cuda_kernels"] else "no CUDA kernels"
-        print(f"native   lightllm._C loaded: C++ CPU kernels, {cuda}; built against torch {build['built_against_torch']}")
+    cpp, cuda = build["cpp"], build["cuda"]
+    if cpp["loaded"]:
+        print(f"native   lightllm._C loaded: C++ CPU kernels; built against torch {cpp['built_against_torch']}")
     else:
-        print(f"native   lightllm._C not loaded: {build['reason']}")
+        print(f"native   lightllm._C not loaded: {cpp['reason']}")
+    if cuda["loaded"]:
+        print(f"native   lightllm._C_cuda loaded: CUDA kernels for {cuda['cuda_gencode']}; built against torch "
+              f"{cuda['built_against_torch']}")
+    else:
+        print(f"native   lightllm._C_cuda not loaded: {cuda['reason']}")
 
     print("backends " + ", ".join(
         f"{b} ({'available' if backends.why_unavailable(b) is None else 'unavailable: ' + backends.why_unavailable(b)})"

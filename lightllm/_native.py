@@ -1,32 +1,54 @@
-"""Loads the optional native extension lightllm._C (C++ CPU kernels, CUDA kernels when built).
+"""Loads the optional native extensions, each on its own: lightllm._C (the C++ CPU kernels) and
+lightllm._C_cuda (the CUDA kernels).
 
-A missing or unloadable extension is not an error: the Triton and reference backends serve.
-The reason is kept for `python -m lightllm info` and logged once at debug level.
+A missing or unloadable extension is not an error: the Triton and reference backends serve. The
+two load independently, so a CUDA module that fails to load (built against another CUDA runtime,
+say) leaves the C++ CPU kernels working. Each keeps its own reason for `python -m lightllm info`
+and ``why_unavailable``, logged once at debug level.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
+from types import ModuleType
 
 logger = logging.getLogger("lightllm")
 
-_C = None
-load_error: str | None = None
-if importlib.util.find_spec(f"{__package__}._C") is None:
-    load_error = "not built (a pure-Python install, LIGHTLLM_SKIP_NATIVE_BUILD=1, or no torch at build time)"
-else:
-    try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError as exc:  # typically built against another torch: rebuild
-        load_error = f"{type(exc).__name__}: {exc} (rebuild with pip install --no-build-isolation -e .)"
-if load_error is not None:
-    logger.debug("lightllm._C not loaded (%s); native backends unavailable", load_error)
+_REBUILD = "rebuild with pip install --no-build-isolation -e ."
 
 
-def native_module():
-    """The extension module, or None."""
+def _load(name: str, not_built: str) -> tuple[ModuleType | None, str | None]:
+    """(module, None) or (None, why it is not loaded)."""
+    full = f"{__package__}.{name}"
+    if importlib.util.find_spec(full) is None:
+        reason = f"not built ({not_built})"
+    else:
+        try:
+            return importlib.import_module(full), None
+        except ImportError as exc:  # typically built against another torch or CUDA runtime
+            reason = f"{type(exc).__name__}: {exc} ({_REBUILD})"
+    logger.debug("%s not loaded (%s)", full, reason)
+    return None, reason
+
+
+_C, load_error = _load("_C", "a pure-Python install, LIGHTLLM_SKIP_NATIVE_BUILD=1, or no torch at build time")
+_C_cuda, cuda_load_error = _load(
+    "_C_cuda",
+    "no CUDA toolkit at build time, nvcc's CUDA major version not torch's, LIGHTLLM_SKIP_CUDA_BUILD=1, or a "
+    "pure-Python install",
+)
+
+
+def cpp_module() -> ModuleType | None:
+    """lightllm._C (the C++ CPU kernels), or None."""
     return _C
+
+
+def cuda_module() -> ModuleType | None:
+    """lightllm._C_cuda (the CUDA kernels), or None."""
+    return _C_cuda
 
 
 def has_cpp() -> bool:
@@ -34,15 +56,13 @@ def has_cpp() -> bool:
 
 
 def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.built_with_cuda())
+    return _C_cuda is not None
 
 
 def build_summary() -> dict:
-    if _C is None:
-        return {"native": False, "reason": load_error}
-    return {
-        "native": True,
-        "cuda_kernels": bool(_C.built_with_cuda()),
-        "cuda_gencode": _C.cuda_gencode,
-        "built_against_torch": _C.torch_version,
-    }
+    """Per module: whether it is loaded, and what it was built for or why it is not loaded."""
+    cpp = ({"loaded": True, "built_against_torch": _C.torch_version} if _C is not None
+           else {"loaded": False, "reason": load_error})
+    cuda = ({"loaded": True, "built_against_torch": _C_cuda.torch_version, "cuda_gencode": _C_cuda.cuda_gencode}
+            if _C_cuda is not None else {"loaded": False, "reason": cuda_load_error})
+    return {"cpp": cpp, "cuda": cuda}

@@ -1,8 +1,9 @@
 """Backend selection for lightllm's ops.
 
 Every op has a pure-PyTorch reference ("torch") and device kernels: "triton" (CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1), "cuda" (the extension's CUDA kernels) and "cpp" (the
-extension's C++ CPU kernels). The backend that runs is, in order of precedence:
+tensors under TRITON_INTERPRET=1), "cuda" (the CUDA kernels, extension lightllm._C_cuda) and "cpp"
+(the C++ CPU kernels, extension lightllm._C; each extension loads on its own). The backend that
+runs is, in order of precedence:
 
 1. the innermost ``with lightllm.use_backend(name):``
 2. ``lightllm.set_backend(name)``
@@ -180,18 +181,15 @@ def why_unavailable(backend: str) -> str | None:
     if backend == "cpp":
         return None if _native.has_cpp() else f"lightllm._C is not loaded ({_native.load_error})"
     if backend == "cuda":
-        if not _native.has_cpp():
-            return f"lightllm._C is not loaded ({_native.load_error})"
         if not _native.has_cuda_kernels():
-            return ("lightllm._C was built without CUDA kernels (no CUDA toolkit at build time, nvcc's CUDA major "
-                    "version not torch's, or LIGHTLLM_SKIP_CUDA_BUILD=1)")
+            return f"lightllm._C_cuda is not loaded ({_native.cuda_load_error})"
         if not torch.cuda.is_available():
             return "no CUDA device is visible"
         if not torch.cuda.is_initialized():
             # reading the card would start CUDA in this process (and break fork-based workers later):
             # the check runs once CUDA is up, as it is when an op sees a CUDA tensor
             return None
-        return cuda_image_problem(_device_capability(None), _native.native_module().cuda_gencode)
+        return cuda_image_problem(_device_capability(None), _native.cuda_module().cuda_gencode)
     if backend == "triton":
         if not _triton_importable():
             return "triton is not installed"
@@ -252,7 +250,7 @@ def cuda_image_problem(capability: tuple[int, int], gencode: str) -> str | None:
     if any(runs(code, False) for code in sass) or any(runs(code, True) for code in ptx):
         return None
     images = ", ".join(sass + [f"PTX {c}" for c in ptx]) or "no architecture"
-    return (f"lightllm._C's CUDA kernels are built for {images}; this card is sm_{card}, which none of them runs on "
+    return (f"lightllm._C_cuda's kernels are built for {images}; this card is sm_{card}, which none of them runs on "
             f"(rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]} where the CUDA toolkit and torch "
             "still support that architecture)")
 

@@ -17,7 +17,63 @@ def test_reference_is_always_available():
 
 
 def test_cpp_backend_present_when_extension_is_built():
-    assert ("cpp" in lightllm.available_backends()) == (lightllm._native.native_module() is not None)
+    assert ("cpp" in lightllm.available_backends()) == (lightllm._native.cpp_module() is not None)
+    if lightllm._native.cuda_module() is None:
+        assert "lightllm._C_cuda is not loaded" in backends.why_unavailable("cuda")
+
+
+# A CUDA module that cannot load (built against another CUDA runtime, a driver too old for it...):
+# the import fails with the loader's message, which this stand-in raises in a child process.
+_BROKEN_CUDA_MODULE = """
+import importlib.abc, importlib.machinery, sys
+
+class BrokenCudaModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == "lightllm._C_cuda" else None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ImportError("libcudart.so.99: cannot open shared object file (stand-in)")
+
+sys.meta_path.insert(0, BrokenCudaModule())
+"""
+
+
+def test_a_cuda_module_that_fails_to_load_leaves_the_cpp_kernels(tmp_path):
+    if lightllm._native.cpp_module() is None:
+        pytest.skip("lightllm._C is not built in this install")
+    check = _BROKEN_CUDA_MODULE + """
+import torch
+import lightllm
+from lightllm import _native, backends
+from lightllm import functional as F
+from lightllm.__main__ import main
+from lightllm.ops.blockwise import quantize_blockwise_reference
+
+print(_native.has_cpp(), _native.has_cuda_kernels())
+print(backends.why_unavailable("cuda"))
+print(backends.why_unavailable("cpp"))
+x = torch.randn(3000, generator=torch.Generator().manual_seed(0))
+code = F.create_dynamic_map(True)
+ref_codes, ref_absmax = quantize_blockwise_reference(x, code, 256)
+direct = _native.cpp_module().quantize_blockwise(x, code, 256)
+with lightllm.use_backend("cpp"):
+    codes, absmax = torch.ops.lightllm.quantize_blockwise(x, code, 256)
+print(all(torch.equal(a, b) for a, b in zip((*direct, codes, absmax), (ref_codes, ref_absmax) * 2)),
+      backends.resolve("quantize_blockwise", x.device)[0])
+main(["info"])
+"""
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[0] == "True False"
+    assert lines[1].startswith("lightllm._C_cuda is not loaded (ImportError: libcudart.so.99")
+    assert lines[2] == "None"
+    assert lines[3] == "True cpp"
+    info = proc.stdout
+    assert "lightllm._C loaded: C++ CPU kernels" in info
+    assert "lightllm._C_cuda not loaded: ImportError: libcudart.so.99: cannot open shared object file" in info
+    assert "cpp (available)" in info and "cuda (unavailable: lightllm._C_cuda is not loaded (ImportError" in info
 
 
 def test_unknown_backend_names_are_rejected():
@@ -141,10 +197,8 @@ def test_which_cards_the_compiled_cuda_images_run_on(capability, runs):
 def test_the_cuda_backend_names_a_card_it_has_no_image_for(monkeypatch):
     """A T4 with the default build: `info` and a by-name choice say why, instead of the first call
     failing with 'no kernel image is available'."""
-    monkeypatch.setattr(backends._native, "has_cpp", lambda: True)
     monkeypatch.setattr(backends._native, "has_cuda_kernels", lambda: True)
-    monkeypatch.setattr(backends._native, "build_summary", lambda: {"native": True, "cuda_gencode": DEFAULT_GENCODE})
-    monkeypatch.setattr(backends._native, "native_module", lambda: type("Built", (), {"cuda_gencode": DEFAULT_GENCODE}))
+    monkeypatch.setattr(backends._native, "cuda_module", lambda: type("Built", (), {"cuda_gencode": DEFAULT_GENCODE}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as once an op has seen a CUDA tensor
     monkeypatch.setattr(backends, "_device_capability", lambda index: (7, 5))

@@ -314,7 +314,7 @@ def test_in_place_change_of_a_map_is_seen():
 
 
 def test_native_kernels_check_arguments_themselves():
-    native = lightllm._native.native_module()
+    native = lightllm._native.cpp_module()
     if native is None:
         pytest.skip("lightllm._C is not built in this install")
     code = F.create_dynamic_map(True)
@@ -324,6 +324,14 @@ def test_native_kernels_check_arguments_themselves():
         native.quantize_blockwise(torch.ones(10, dtype=torch.int64), code, 64)
     with pytest.raises(RuntimeError, match="absmax must hold"):
         native.dequantize_blockwise(torch.zeros(100, dtype=torch.uint8), torch.ones(1), code, 64, torch.float32)
+    cuda = lightllm._native.cuda_module()
+    if cuda is not None:  # each module refuses the other's device, saying which one takes it
+        with pytest.raises(RuntimeError, match="lightllm._C_cuda takes CUDA tensors, got one on cpu"):
+            cuda.quantize_blockwise(torch.randn(10), code, 64)
+        with pytest.raises(RuntimeError, match="absmax must hold"):
+            cuda.dequantize_blockwise(torch.zeros(100, dtype=torch.uint8), torch.ones(1), code, 64, torch.float32)
+        with pytest.raises(RuntimeError, match="lightllm._C_cuda takes CUDA tensors"):
+            cuda.dequantize_blockwise(torch.zeros(100, dtype=torch.uint8), torch.ones(2), code, 64, torch.float32)
 
 
 # ---- GPU ------------------------------------------------------------------------------------

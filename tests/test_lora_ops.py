@@ -199,9 +199,9 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_native_decode_checks_its_arguments():
-    native = lightllm._native.native_module()
-    if native is None or not hasattr(native, "lora_decode"):
-        pytest.skip("lightllm._C is not built in this install")
+    native = lightllm._native.cuda_module()
+    if native is None:
+        pytest.skip(f"lightllm._C_cuda is not loaded: {lightllm._native.cuda_load_error}")
     x, w, b_, a, b = make_case(3, 24, 16, 2, torch.float16)
     with pytest.raises(RuntimeError, match="the CUDA kernel takes CUDA tensors"):
         native.lora_decode(x, w, b_, a, b, 1.0)

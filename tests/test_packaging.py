@@ -175,13 +175,14 @@ def test_transformers_and_hugging_face_kernels_import_from_the_checkout_root():
 
 
 def _setup_helpers() -> dict:
-    """setup.py's helper functions, without running setup() (which the module does when executed)."""
+    """setup.py's helper functions, classes and constants, without running setup() (which the
+    module does when executed)."""
     import ast
 
     source = (ROOT / "setup.py").read_text()
     tree = ast.parse(source)
-    tree.body = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
-                 or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ROOT" for t in node.targets))]
+    tree.body = [node for node in tree.body
+                 if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign))]
     namespace = {"__file__": str(ROOT / "setup.py")}
     exec(compile(tree, "setup.py", "exec"), namespace)
     return namespace
@@ -203,3 +204,28 @@ def test_cuda_kernels_need_nvcc_and_torch_of_the_same_cuda_major(tmp_path):
     nvcc.chmod(0o755)
     assert helpers["nvcc_release"](tmp_path) == "12.4"
     assert helpers["nvcc_release"](tmp_path / "absent") is None
+
+
+def test_the_cpu_and_cuda_kernels_are_two_extensions(monkeypatch):
+    """lightllm._C (C++ CPU kernels) and lightllm._C_cuda (CUDA kernels) are separate modules, so
+    one failing to load leaves the other; the CUDA one is optional: a build without a matching CUDA
+    toolkit leaves it out, and setuptools must not expect it."""
+    helpers = _setup_helpers()
+    for name in ("LIGHTLLM_SKIP_NATIVE_BUILD", "LIGHTLLM_SKIP_CUDA_BUILD"):
+        monkeypatch.delenv(name, raising=False)
+    extensions = {ext.name: ext for ext in helpers["native_extensions"]()}
+    assert sorted(extensions) == ["lightllm._C", "lightllm._C_cuda"]
+    assert extensions["lightllm._C_cuda"].optional and not extensions["lightllm._C"].optional
+    monkeypatch.setenv("LIGHTLLM_SKIP_NATIVE_BUILD", "1")
+    assert helpers["native_extensions"]() == []
+
+
+def test_the_cpu_extension_needs_no_cuda_library():
+    """lightllm._C must load where CUDA cannot: it names no CUDA library to the dynamic loader."""
+    import lightllm._native as native
+
+    if native.cpp_module() is None:
+        pytest.skip(f"lightllm._C is not loaded: {native.load_error}")
+    image = Path(native.cpp_module().__file__).read_bytes()
+    for library in (b"libcudart.so", b"libc10_cuda.so", b"libtorch_cuda.so", b"libcuda.so"):
+        assert library not in image, library

@@ -395,9 +395,9 @@ def test_lora_epilogue_gpu(backend, m):
 
 
 def test_native_gptq_kernels_check_their_arguments():
-    native = lightllm._native.native_module()
+    native = lightllm._native.cuda_module()
     if native is None:
-        pytest.skip("lightllm._C is not built in this install")
+        pytest.skip(f"lightllm._C_cuda is not loaded: {lightllm._native.cuda_load_error}")
     q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
     with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8, got 5"):
         native.gptq_dequantize(q.qweight, q.qzeros, q.scales, q.g_idx, 5, True, torch.float16)

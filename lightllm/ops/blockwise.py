@@ -90,15 +90,23 @@ register(DEQUANTIZE, "torch", ("cpu", "cuda"))(dequantize_blockwise_reference)
 
 
 @register(QUANTIZE, "cpp", ("cpu",))
+def _quantize_cpp(x, code, blocksize):
+    return _native.cpp_module().quantize_blockwise(x, code, blocksize)
+
+
 @register(QUANTIZE, "cuda", ("cuda",))
-def _quantize_native(x, code, blocksize):
-    return _native.native_module().quantize_blockwise(x, code, blocksize)
+def _quantize_cuda(x, code, blocksize):
+    return _native.cuda_module().quantize_blockwise(x, code, blocksize)
 
 
 @register(DEQUANTIZE, "cpp", ("cpu",))
+def _dequantize_cpp(codes, absmax, code, blocksize, dtype):
+    return _native.cpp_module().dequantize_blockwise(codes, absmax, code, blocksize, dtype)
+
+
 @register(DEQUANTIZE, "cuda", ("cuda",))
-def _dequantize_native(codes, absmax, code, blocksize, dtype):
-    return _native.native_module().dequantize_blockwise(codes, absmax, code, blocksize, dtype)
+def _dequantize_cuda(codes, absmax, code, blocksize, dtype):
+    return _native.cuda_module().dequantize_blockwise(codes, absmax, code, blocksize, dtype)
 
 
 class _PerMapCache:

@@ -55,13 +55,13 @@ register(MATMUL, "torch", ("cpu", "cuda"))(gptq_matmul_reference)
 
 @register(DEQUANTIZE, "cuda", ("cuda",))
 def _gptq_dequantize_cuda(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype):
-    return _native.native_module().gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
+    return _native.cuda_module().gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
 
 
 @register(MATMUL, "cuda", ("cuda",))
 def _gptq_matmul_cuda(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b, lora_scale, bits, zeros_v1):
-    return _native.native_module().gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b,
-                                               lora_scale, bits, zeros_v1)
+    return _native.cuda_module().gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b,
+                                             lora_scale, bits, zeros_v1)
 
 
 @register(DEQUANTIZE, "triton", ("cuda", "cpu"))

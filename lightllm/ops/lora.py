@@ -130,7 +130,7 @@ def cuda_decode_fits(x: torch.Tensor, w: torch.Tensor, lora_rank: int = 0) -> st
 def _lora_linear_cuda(x, w, bias, a, b, scale):
     why = cuda_decode_fits(x, w, a.shape[0])
     if why is None:
-        return _native.native_module().lora_decode(x, w, bias, a, b, scale)
+        return _native.cuda_module().lora_decode(x, w, bias, a, b, scale)
     if why not in _cuda_fallbacks_logged:
         _cuda_fallbacks_logged.add(why)
         logger.info("lora_linear (cuda): %s, so this call runs the reference (cuBLAS)", why)

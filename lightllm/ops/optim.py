@@ -188,7 +188,7 @@ def _optimizer_step_cpp(algo, params, grads, state1, state2, absmax1, absmax2, s
                         beta1, beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf):
     two = algo in TWO_STATE
     empty = params[0].new_empty(0, dtype=torch.float32)
-    _native.native_module().optimizer_step_cpu(
+    _native.cpp_module().optimizer_step_cpu(
         _ALGO_IDS[algo], params, grads, state1, state2 if two else [empty] * len(params),
         absmax1, absmax2 if two else [empty] * len(params), steps, qmap1, qmap2, lr, beta1, beta2, eps,
         weight_decay, maximize, nesterov, grad_scale, found_inf)
@@ -303,7 +303,7 @@ def _optimizer_step_cuda(algo, params, grads, state1, state2, absmax1, absmax2, 
                                "gradients in another dtype than their parameters")
         return fallback(algo, params, grads, state1, state2, absmax1, absmax2, steps, qmap1, qmap2, lr, beta1,
                         beta2, eps, weight_decay, maximize, nesterov, grad_scale, found_inf)
-    native = _native.native_module()
+    native = _native.cuda_module()
     lr = _device_lr(lr, params[0].device)
 
     def launch(tables, skip, subset):
