@@ -52,14 +52,44 @@ def _info(args: argparse.Namespace) -> int:
     chosen = backends.get_backend()
     print(f"choice   {chosen}" + ("  (per-op defaults below)" if chosen == "auto" else "  (forced for every op)"))
     print()
-    header = f"{'op':24s} {'implemented':28s} {'default cpu':12s} {'default gpu':12s} verified on a GPU"
+    from lightllm import selftest
+
+    for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        path = selftest.record_path(device_type)
+        record = selftest.local_record(device_type)  # warns once if the file is stale or corrupt
+        print(f"selftest {device_type}: " + (f"{path} (run {record['created']}, applies to this build)" if record
+                                             else f"no applicable record at {path}"))
+    print()
+    header = (f"{'op':28s} {'implemented':24s} {'default cpu':12s} {'default gpu':12s} {'gpu default from':18s} "
+              "verified on a GPU (built-in)")
     print(header)
     print("-" * len(header))
     for row in backends.op_table():
         verified = "; ".join(f"{key}: {rec['card']} @ {rec['commit']}" for key, rec in row["gpu_verified"].items())
-        print(f"{row['op']:24s} {', '.join(row['implemented']):28s} {row['default_cpu']:12s} "
-              f"{row['default_cuda']:12s} {verified or 'none yet (GPU default stays on the reference)'}")
+        print(f"{row['op']:28s} {', '.join(row['implemented']):24s} {row['default_cpu']:12s} "
+              f"{row['default_cuda']:12s} {row['default_cuda_source']:18s} {verified or 'none yet'}")
     return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightllm import selftest
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = selftest.run_selftest(device, ops=args.ops, backend_names=args.backends, timeout=args.timeout,
+                                   small=True if args.small else None, save=not args.no_save)
+    print(selftest.format_table(record))
+    if record.get("path"):
+        print(f"\nrecord written to {record['path']}: kernels that passed are this card's defaults for this build")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(record, indent=1, sort_keys=True))
+    failed = [f"{op}/{b}" for op, results in record["ops"].items() for b, r in results.items() if not r["passed"]]
+    if not record["ops"]:
+        print("no kernel can run on this device here (see `python -m lightllm info`)")
+    return 1 if failed else 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -204,6 +234,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Show versions, the native build, available backends, per-op defaults and GPU verification.",
     )
     info.set_defaults(func=_info)
+
+    check = sub.add_parser(
+        "selftest", help="check every kernel against the reference on this card; passing kernels become its defaults",
+        description="Run each kernel that can run on the device against the reference over a fixed sweep of shapes "
+                    "and dtypes (awkward sizes, bf16, CUDA-graph replay where supported), each (op, backend) in its "
+                    "own process. The record goes to $LIGHTLLM_CACHE (default ~/.cache/lightllm); on this card and "
+                    "this build, kernels that passed become the automatic defaults. Run it once after installing "
+                    "on a GPU machine, and again after an upgrade. Exit code 1 if any kernel failed.",
+    )
+    check.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: the GPU if there is one)")
+    check.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (names as `info` lists them)")
+    check.add_argument("--backends", nargs="+", choices=["cuda", "triton", "cpp"], help="only these backends")
+    check.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="per (op, backend) child process (default 600)")
+    check.add_argument("--small", action="store_true", help="CPU-sized shapes on a GPU too (a quick look)")
+    check.add_argument("--no-save", action="store_true", help="print the results without writing the record")
+    check.add_argument("--json", metavar="PATH", help="also write the record to PATH")
+    check.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    check.set_defaults(func=_selftest)
 
     quantize = sub.add_parser(
         "quantize", help="quantize a model with GPTQ or round-to-nearest and save a GPTQ checkpoint",

@@ -17,12 +17,15 @@ kernel in it, able to run on the tensor's device; otherwise the call raises
 so once in the log, so that a whole workflow (a layer's forward and backward, say) can run with one
 backend chosen while its kernels are still being written.
 
-The automatic default on a GPU is a kernel only if it appears in :data:`GPU_VERIFIED` for the
-card's architecture (``sm_90``...), i.e. it passed the GPU tests on a card of that architecture
-(the card and commit are recorded there and in benchmarks/RESULTS.md): a pass on an H100 says
-nothing about the shared memory or instructions of an RTX 4090. Otherwise the reference runs. On
-the CPU it is the fastest CPU path. The ``cuda`` backend is unavailable, with the reason, on a card
-that none of the extension's compiled images (SASS, or PTX the driver can JIT) runs on.
+The automatic default on a GPU is a kernel only where it passed on the card's architecture
+(``sm_90``...): in :data:`GPU_VERIFIED`, the built-in record of our own GPU runs (card and commit
+there and in benchmarks/RESULTS.md), or in this card's own self-test record
+(``python -m lightllm selftest``, see :mod:`lightllm.selftest`) for this very build. A pass on an
+H100 says nothing about the shared memory or instructions of an RTX 4090. Otherwise the reference
+runs. On the CPU it is the C++ kernel (unless this machine's self-test failed it), else the
+reference. ``python -m lightllm info`` shows each default and where it comes from. The ``cuda``
+backend is unavailable, with the reason, on a card that none of the extension's compiled images
+(SASS, or PTX the driver can JIT) runs on.
 """
 
 from __future__ import annotations
@@ -270,18 +273,34 @@ def _runs_on(backend: str, impl: Implementation, device_type: str) -> bool:
 
 def default_backend(op: str, device_type: str, device_index: int | None = None) -> str:
     """The automatic choice for ``op`` on ``device_type`` (see the module docstring)."""
+    return default_choice(op, device_type, device_index)[0]
+
+
+def default_choice(op: str, device_type: str, device_index: int | None = None) -> tuple[str, str]:
+    """(the automatic backend for ``op`` on ``device_type``, where that choice comes from): on a GPU a
+    kernel is the default only with a pass on this architecture, from the built-in GPU_VERIFIED or
+    from this card's own self-test (lightllm.selftest); on the CPU the C++ kernel unless this
+    machine's self-test failed it."""
+    from . import selftest  # imports this module
+
     impls = _REGISTRY.get(op, {})
     if device_type == "cuda":
-        if not GPU_VERIFIED:  # nothing verified yet: no need to ask the card
-            return "torch"
+        if not torch.cuda.is_available():
+            return "torch", "reference"
         arch = device_arch(device_index)
         for backend in _GPU_PREFERENCE:
-            if (op, backend, arch) in GPU_VERIFIED and backend in impls and why_unavailable(backend) is None:
-                return backend
-        return "torch"
+            if backend not in impls or why_unavailable(backend) is not None:
+                continue
+            if (op, backend, arch) in GPU_VERIFIED:
+                return backend, "built-in record"
+            if selftest.local_result(op, backend, "cuda", device_index):
+                return backend, "local self-test"
+        return "torch", "reference"
     if device_type == "cpu" and "cpp" in impls and why_unavailable("cpp") is None:
-        return "cpp"
-    return "torch"
+        if selftest.local_result(op, "cpp", "cpu") is False:
+            return "torch", "reference (C++ kernel failed the local self-test)"
+        return "cpp", "C++ kernel"
+    return "torch", "reference"
 
 
 def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
@@ -330,7 +349,9 @@ def op_table() -> list[dict]:
                 "op": op,
                 "implemented": [b for b in BACKENDS if b in impls],
                 "default_cpu": default_backend(op, "cpu"),
+                "default_cpu_source": default_choice(op, "cpu")[1],
                 "default_cuda": default_backend(op, "cuda"),
+                "default_cuda_source": default_choice(op, "cuda")[1],
                 "gpu_verified": {f"{b} {arch}": record for (o, b, arch), record in sorted(GPU_VERIFIED.items())
                                  if o == op},
             }

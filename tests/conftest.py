@@ -5,6 +5,12 @@ import os
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["TRITON_INTERPRET"] = "1"
 
+# A self-test record in the user's cache changes the automatic defaults (lightllm.selftest): the
+# tests start from none, in a folder of their own.
+import tempfile  # noqa: E402
+
+os.environ["LIGHTLLM_CACHE"] = tempfile.mkdtemp(prefix="lightllm-test-cache-")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,8 +54,8 @@ def _reset_backend_choice():
 def _claimed_kernel_ran(request):
     """A test parametrized by ``backend`` claims that backend's kernels: every op call it makes with
     that backend chosen must run that backend's own implementation, not a fallback to another one
-    (a fallback is fine in the product, never in a test that claims a kernel). ``@pytest.mark.handover(op, ...)`` names ops whose fallback the test expects and
-    checks itself; ``@pytest.mark.no_dispatch`` a test that only checks refusals."""
+    (a fallback is fine in the product, never in a test that claims a kernel).
+    ``@pytest.mark.handover(op, ...)`` names ops whose fallback the test expects and checks itself; ``@pytest.mark.no_dispatch`` a test that only checks refusals."""
     callspec = getattr(request.node, "callspec", None)
     claimed = callspec.params.get("backend") if callspec is not None else None
     if claimed not in backends.BACKENDS:

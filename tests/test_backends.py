@@ -143,6 +143,8 @@ def test_cpu_default_is_the_native_kernel_when_built():
 
 
 def test_gpu_default_names_only_verified_kernels(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the card is a stand-in
+    monkeypatch.setattr(backends, "device_arch", lambda index=None: "sm_90")
     # Nothing verified: the reference, whatever is built.
     monkeypatch.setattr(backends, "GPU_VERIFIED", {})
     assert backends.default_backend("quantize_blockwise", "cuda") == "torch"
@@ -213,6 +215,43 @@ def test_the_cuda_backend_names_a_card_it_has_no_image_for(monkeypatch):
     monkeypatch.setattr(backends, "_device_capability", lambda index: (7, 5))
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert backends.why_unavailable("cuda") is None
+
+
+def test_record_dispatches_says_what_was_asked_for_and_what_ran(monkeypatch):
+    x = torch.randn(300)
+    with backends.record_dispatches() as outer:
+        F.quantize_blockwise(x, blocksize=256)  # the automatic default
+        with lightllm.use_backend("cuda" if backends.why_unavailable("cuda") is None else "torch"), \
+                backends.record_dispatches() as inner:
+            torch.ops.lightllm.lora_shrink(torch.randn(2, 8), torch.randn(3, 8))  # lora_shrink has no cuda kernel
+    assert outer[0] == backends.Dispatch("quantize_blockwise", "auto", backends.default_backend("quantize_blockwise",
+                                                                                                "cpu"))
+    assert outer[1:] == inner and len(inner) == 1
+    if inner[0].chosen == "cuda":
+        assert inner[0].ran == "torch" and inner[0].fallback == "lora_shrink has no 'cuda' kernel"
+    with backends.record_dispatches() as after:
+        pass
+    F.quantize_blockwise(x, blocksize=256)  # outside every block: nothing recorded
+    assert after == [] and backends._recorders == []
+
+
+def test_an_implementation_that_hands_a_call_on_is_recorded_as_such(monkeypatch):
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+
+    def kernel(x):
+        if x.numel() > 4:
+            backends.note_handover("demo_op", "cpp", "torch", "more than 4 values")
+            return x * 2
+        return x + x
+
+    backends.register("demo_op", "torch", ("cpu",))(lambda x: x * 2)
+    backends.register("demo_op", "cpp", ("cpu",))(kernel)
+    with lightllm.use_backend("cpp" if backends.why_unavailable("cpp") is None else "torch"), \
+            backends.record_dispatches() as calls:
+        for n in (3, 5):
+            backends.resolve("demo_op", torch.device("cpu"))[1](torch.ones(n))
+    if calls[0].chosen == "cpp":
+        assert [(c.ran, c.fallback) for c in calls] == [("cpp", None), ("torch", "more than 4 values")]
 
 
 def test_every_registered_op_has_a_reference():

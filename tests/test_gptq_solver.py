@@ -173,6 +173,7 @@ def test_the_solver_follows_the_backend_choice_like_every_op(monkeypatch):
 
     assert backends.default_backend(gptq.SOLVE_BLOCK, "cuda") == "torch"  # not verified on a card yet
     monkeypatch.setattr(backends, "why_unavailable", lambda backend: None)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends, "device_arch", lambda index=None: "sm_90")
     monkeypatch.setitem(backends.GPU_VERIFIED, (gptq.SOLVE_BLOCK, "triton", "sm_90"), {"card": "a test's"})
     assert backends.default_backend(gptq.SOLVE_BLOCK, "cuda") == "triton"
