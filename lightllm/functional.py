@@ -1,7 +1,9 @@
 """What users call directly: argument checks, then the ``lightllm::`` ops.
 
 Block-wise quantization follows bitsandbytes (``bitsandbytes.functional``): the same dynamic map,
-the same block layout and absmax, so codes and absmax move between the two libraries.
+the same block layout and absmax, so codes and absmax move between the two libraries. So does its
+4-bit NF4 / FP4 quantization (``quantize_4bit``, ``dequantize_4bit``, ``QuantState``; see
+lightllm.quantization.nf4).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from .ops import adapter as _ops_adapter
 from .ops import lora as _ops_lora
 from .ops.blockwise import _PerMapCache
 from .quantization.gptq_format import dequantize_gptq, pack_gptq, unpack_gptq
+from .quantization.nf4 import QuantState, dequantize_4bit, get_4bit_type, quantize_4bit, quantize_fp4, quantize_nf4
 
 __all__ = [
     "create_dynamic_map",
@@ -22,6 +25,12 @@ __all__ = [
     "unpack_gptq",
     "dequantize_gptq",
     "lora_linear",
+    "QuantState",
+    "get_4bit_type",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_nf4",
+    "quantize_fp4",
 ]
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,14 +1,16 @@
-"""Drop-in modules: quantized Linear layers and the StableEmbedding for 8-bit optimizers.
+"""Drop-in modules: quantized Linear layers (GPTQ's QuantLinear, bitsandbytes' Linear4bit) and the StableEmbedding for 8-bit optimizers.
 
 The tuning methods' layers live with their methods (lightllm.tuning.lora, lightllm.tuning.adapter);
 ``lightllm.nn.LoraLinear`` and ``lightllm.nn.AdapterLayer`` still name them, resolved on first use
 (lightllm.tuning imports this package, so a plain import here would be circular).
 """
 
+from .linear4bit import Linear4bit, LinearFP4, LinearNF4, Params4bit
 from .quant_linear import QuantLinear
 from .stable_embedding import StableEmbedding
 
-__all__ = ["AdapterLayer", "LoraLinear", "QuantLinear", "StableEmbedding"]
+__all__ = ["AdapterLayer", "Linear4bit", "LinearFP4", "LinearNF4", "LoraLinear", "Params4bit", "QuantLinear",
+           "StableEmbedding"]
 
 
 def __getattr__(name):

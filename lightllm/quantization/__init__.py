@@ -10,7 +10,7 @@ from .gptq_format import (
     unpack_gptq,
     unpack_int,
 )
-from .replace import quantize_linears_rtn
+from .replace import quantize_linears_4bit, quantize_linears_rtn, replace_linears
 from .gptq import GPTQResult, HessianAccumulator, gptq_solve, gptq_solve_reference
 from .model import LayerListNotFoundError, QuantConfig, find_blocks, quantize_model
 from .checkpoint import CheckpointError, load_quantized, save_quantized
@@ -32,7 +32,9 @@ __all__ = [
     "dequantize_gptq",
     "pack_gptq",
     "pack_int",
+    "quantize_linears_4bit",
     "quantize_linears_rtn",
+    "replace_linears",
     "quantize_rtn",
     "unpack_gptq",
     "unpack_int",

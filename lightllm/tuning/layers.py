@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals  # where the global forward hooks live
 
+from ..nn.linear4bit import Linear4bit, LinearFP4, LinearNF4
 from ..nn.quant_linear import QuantLinear
 
 
@@ -144,6 +145,24 @@ register_base_layer(BaseLayerKind(
     logical_weight_numel=lambda m: m.in_features * m.out_features + (m.out_features if m.bias is not None else 0),
     add_to_weight=_add_to_quantized,
     lora_forward=_quant_lora_forward,
+))
+
+
+def _linear4bit_reference(layer: Linear4bit) -> torch.Tensor:
+    layer.quantize_()  # the dtype it dequantizes to is known once quantized
+    return torch.empty(0, device=layer.weight.device, dtype=layer.compute_dtype or layer.quant_state.dtype)
+
+
+register_base_layer(BaseLayerKind(
+    name="Linear4bit",
+    matches=lambda m: isinstance(m, Linear4bit),
+    features=lambda m: (m.in_features, m.out_features),
+    reference=_linear4bit_reference,
+    dense_weight=lambda m: None,
+    is_plain=lambda m: type(m) in (Linear4bit, LinearNF4, LinearFP4),
+    quantized=True,
+    logical_weight_numel=lambda m: m.in_features * m.out_features + (m.out_features if m.bias is not None else 0),
+    add_to_weight=lambda m, delta: m.requantize_(m.dequantize(torch.float32) + delta.to(m.weight.device)),
 ))
 
 
