@@ -15,6 +15,8 @@ from .ops import adapter as _ops_adapter
 from .ops import lora as _ops_lora
 from .ops.blockwise import _PerMapCache
 from .quantization.gptq_format import dequantize_gptq, pack_gptq, unpack_gptq
+from .quantization.int8 import (int8_linear_matmul, int8_mixed_scaled_mm, int8_mm_dequant, int8_scaled_mm,
+                                int8_vectorwise_dequant, int8_vectorwise_quant)
 from .quantization.nf4 import QuantState, dequantize_4bit, get_4bit_type, quantize_4bit, quantize_fp4, quantize_nf4
 
 __all__ = [
@@ -31,6 +33,12 @@ __all__ = [
     "dequantize_4bit",
     "quantize_nf4",
     "quantize_fp4",
+    "int8_vectorwise_quant",
+    "int8_vectorwise_dequant",
+    "int8_linear_matmul",
+    "int8_mm_dequant",
+    "int8_scaled_mm",
+    "int8_mixed_scaled_mm",
 ]
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals  # where the global forward hooks live
 
 from ..nn.linear4bit import Linear4bit, LinearFP4, LinearNF4
+from ..nn.linear8bit import Linear8bitLt
 from ..nn.quant_linear import QuantLinear
 
 
@@ -160,6 +161,18 @@ register_base_layer(BaseLayerKind(
     reference=_linear4bit_reference,
     dense_weight=lambda m: None,
     is_plain=lambda m: type(m) in (Linear4bit, LinearNF4, LinearFP4),
+    quantized=True,
+    logical_weight_numel=lambda m: m.in_features * m.out_features + (m.out_features if m.bias is not None else 0),
+    add_to_weight=lambda m, delta: m.requantize_(m.dequantize(torch.float32) + delta.to(m.weight.device)),
+))
+
+register_base_layer(BaseLayerKind(
+    name="Linear8bitLt",
+    matches=lambda m: isinstance(m, Linear8bitLt),
+    features=lambda m: (m.in_features, m.out_features),
+    reference=lambda m: m.bias if m.bias is not None else torch.empty(0, device=m.weight.device),
+    dense_weight=lambda m: None,
+    is_plain=lambda m: type(m) is Linear8bitLt,
     quantized=True,
     logical_weight_numel=lambda m: m.in_features * m.out_features + (m.out_features if m.bias is not None else 0),
     add_to_weight=lambda m, delta: m.requantize_(m.dequantize(torch.float32) + delta.to(m.weight.device)),

@@ -1,0 +1,68 @@
+"""Op ``lightllm::int8_linear``: an LLM.int8() layer's forward, ``y = x W^T + b`` with W stored as
+per-row int8 codes CB and absmax SCB (bitsandbytes' Linear8bitLt). The reference follows
+bitsandbytes 0.50 step by step: the activations are quantized per row from their float16 values
+(``threshold > 0``: columns with any |x| >= threshold stay out and are multiplied in x's dtype by
+the dequantized weight's same columns), the int8 product is exact in int32, scaled back by
+``row * col / 127^2``, plus the bias, in x's dtype. One op so that a kernel can fuse all of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import register, resolve
+from ..quantization import int8 as _int8
+
+LINEAR = "int8_linear"
+
+
+def int8_linear_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                          threshold: float) -> torch.Tensor:
+    a = x.reshape(-1, x.shape[-1])
+    ca, sca, outlier_cols = _int8.int8_vectorwise_quant(a.to(torch.float16), threshold)
+    bias = None if bias is None else bias.to(x.dtype)
+    if threshold > 0.0:
+        y, _ = _int8.int8_mixed_scaled_mm(a, ca, cb, sca, scb, outlier_cols, bias)
+    else:
+        y = _int8.int8_scaled_mm(ca, cb, sca, scb, bias=bias, dtype=x.dtype)
+    return y.view(*x.shape[:-1], cb.shape[0])
+
+
+def dequantized_weight(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W as the backward uses it: ``CB * (SCB / 127)`` rounded once to ``dtype``."""
+    return (cb.to(dtype) * (scb.float() * (1.0 / 127.0)).unsqueeze(1)).to(dtype)
+
+
+register(LINEAR, "torch", ("cpu", "cuda"))(int8_linear_reference)
+
+
+@torch.library.custom_op("lightllm::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                   threshold: float) -> torch.Tensor:
+    _, impl = resolve(LINEAR, x.device)
+    return impl(x, cb, scb, bias, threshold)
+
+
+@int8_linear_op.register_fake
+def _(x, cb, scb, bias, threshold):
+    return x.new_empty((*x.shape[:-1], cb.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, cb, scb, bias, threshold = inputs
+    ctx.save_for_backward(cb, scb)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+
+
+def _backward(ctx, grad_y):
+    """dX through the dequantized int8 weight (as bitsandbytes); the weight is frozen here."""
+    cb, scb = ctx.saved_tensors
+    grad_x = grad_y.to(ctx.x_dtype) @ dequantized_weight(cb, scb, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = None
+    if ctx.bias_dtype is not None:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+int8_linear_op.register_autograd(_backward, setup_context=_setup)
