@@ -107,8 +107,20 @@ def _quantize(args: argparse.Namespace) -> int:
     from lightllm import data
     from lightllm.eval import tokenize_stream
     from lightllm.models import load_model
-    from lightllm.quantization import QuantConfig, quantize_model, save_quantized
+    from lightllm.quantization import BnbConfig, QuantConfig, quantize_model, save_quantized
 
+    if args.method in ("nf4", "fp4", "int8"):  # bitsandbytes' formats: no calibration, no bits/group size
+        if args.bits is not None or args.group_size is not None:
+            raise ValueError(f"--method {args.method}: --bits and --group-size are GPTQ/RTN settings (bitsandbytes' "
+                             "formats fix them: 4-bit blocks of 64, or int8 per row)")
+        config = {"nf4": BnbConfig.nf4, "fp4": BnbConfig.fp4, "int8": BnbConfig.int8}[args.method]()
+        model, tokenizer = load_model(args.model, device=args.device)
+        quantize_model(model, None, config)
+        out = save_quantized(model, args.out, tokenizer=tokenizer)
+        print(f"wrote {out} ({args.method}, bitsandbytes format: transformers loads it with its bitsandbytes support)")
+        return 0
+    if args.bits is None or args.group_size is None:
+        raise ValueError(f"--method {args.method} needs --bits and --group-size")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.act_order,
                          static_groups=args.static_groups, damp_percent=args.damp, method=args.method,
                          checkpoint_format=args.format)
@@ -255,20 +267,25 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=_selftest)
 
     quantize = sub.add_parser(
-        "quantize", help="quantize a model with GPTQ or round-to-nearest and save a GPTQ checkpoint",
-        description="Quantize the Linear layers of a model's transformer blocks (GPTQ or round-to-nearest) and write "
-                    "a GPTQ checkpoint that AutoGPTQ, GPTQModel, transformers and `lightllm eval` read.")
+        "quantize", help="quantize a model (GPTQ, round-to-nearest, NF4/FP4, LLM.int8) and save a checkpoint",
+        description="Quantize the Linear layers of a model's transformer blocks and write a checkpoint: GPTQ or "
+                    "round-to-nearest (--bits, --group-size) as a GPTQ checkpoint that AutoGPTQ, GPTQModel, "
+                    "transformers and `lightllm eval` read; nf4, fp4 (4-bit, blocks of 64, NF4 with double "
+                    "quantization as QLoRA) or int8 (LLM.int8, outlier threshold 6.0) in the bitsandbytes format "
+                    "transformers reads.")
     _add_common(quantize)
-    quantize.add_argument("--bits", type=int, required=True, choices=(2, 3, 4, 8))
-    quantize.add_argument("--group-size", type=int, required=True, metavar="N",
-                          help="input columns per quantization group (128 is usual; -1: one group per output row)")
+    quantize.add_argument("--bits", type=int, choices=(2, 3, 4, 8), help="gptq and rtn: bits per weight")
+    quantize.add_argument("--group-size", type=int, metavar="N",
+                          help="gptq and rtn: input columns per quantization group (128 is usual; -1: one group per "
+                               "output row)")
     quantize.add_argument("--act-order", action="store_true",
                           help="GPTQ act-order (desc_act): quantize columns by decreasing activation energy")
     quantize.add_argument("--static-groups", action="store_true", help="fix every group's grid before solving")
     sym = quantize.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grids (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grids (a zero point per group)")
-    quantize.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="default: gptq")
+    quantize.add_argument("--method", choices=("gptq", "rtn", "nf4", "fp4", "int8"), default="gptq",
+                          help="default: gptq")
     quantize.add_argument("--calib", default="shakespeare", metavar="shakespeare|FILE",
                           help="calibration text: the built-in training plays (default) or a UTF-8 text file")
     quantize.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")

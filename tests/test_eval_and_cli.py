@@ -104,6 +104,29 @@ def test_cli_quantize_then_eval(tmp_path, capsys):
     assert float(printed.split()[1]) > 1
 
 
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_cli_quantizes_to_bitsandbytes_formats_and_eval_reads_them(method, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from lightllm.nn import Linear4bit, Linear8bitLt
+
+    out = tmp_path / method
+    assert main(["quantize", "--device", "cpu", "--method", method, "--out", str(out)]) == 0
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "bitsandbytes" and quant[f"load_in_{8 if method == 'int8' else 4}bit"]
+    model, _ = load_model(out, device="cpu")
+    assert any(isinstance(m, Linear8bitLt if method == "int8" else Linear4bit) for m in model.modules())
+    evaltext = tmp_path / "eval.txt"
+    evaltext.write_text(data.shakespeare_text("heldout")[:6000])
+    capsys.readouterr()
+    assert main(["eval", "--device", "cpu", "--model", str(out), "--data", str(evaltext), "--seqlen", "128"]) == 0
+    quantized = float(capsys.readouterr().out.split()[1])
+    assert main(["eval", "--device", "cpu", "--data", str(evaltext), "--seqlen", "128"]) == 0
+    dense = float(capsys.readouterr().out.split()[1])
+    assert dense <= quantized * 1.01 and quantized < 1.5 * dense  # 4-bit / int8 cost a little, not a lot
+    assert main(["quantize", "--device", "cpu", "--method", method, "--bits", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "--bits and --group-size are GPTQ/RTN settings" in capsys.readouterr().err
+
+
 def test_cli_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["quantize", "--help"])

@@ -57,8 +57,9 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 float32 values of a 4-bit type, indexed by code (bitsandbytes' ``get_4bit_type``)."""
-    return _code_cpu(quant_type).to(device)
+    """The 16 float32 values of a 4-bit type, indexed by code (bitsandbytes' ``get_4bit_type``); a new
+    tensor each call (each layer's quant state owns its table: checkpoints store one per layer)."""
+    return _code_cpu(quant_type).to(device, copy=True)
 
 
 @functools.lru_cache(maxsize=None)

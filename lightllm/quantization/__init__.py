@@ -14,8 +14,10 @@ from .replace import quantize_linears_4bit, quantize_linears_rtn, replace_linear
 from .gptq import GPTQResult, HessianAccumulator, gptq_solve, gptq_solve_reference
 from .model import LayerListNotFoundError, QuantConfig, find_blocks, quantize_model
 from .checkpoint import CheckpointError, load_quantized, save_quantized
+from .bnb import BnbConfig
 
 __all__ = [
+    "BnbConfig",
     "CheckpointError",
     "GPTQResult",
     "HessianAccumulator",

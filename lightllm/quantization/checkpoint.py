@@ -1,4 +1,5 @@
-"""GPTQ checkpoints on disk, as AutoGPTQ, GPTQModel and transformers write and read them.
+"""GPTQ checkpoints on disk, as AutoGPTQ, GPTQModel and transformers write and read them (and
+bitsandbytes-format ones, as transformers writes them with a BitsAndBytesConfig).
 
 A checkpoint directory holds ``config.json`` (with ``quantization_config``), ``quantize_config.json``
 (the same dict, for AutoGPTQ), the weights as safetensors (one file, or shards with an index), and
@@ -25,8 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Linear8bitLt
 from ..nn.quant_linear import QuantLinear
-from . import gptq_format
+from . import bnb, gptq_format
+from .bnb import BnbConfig
 from .model import QuantConfig
 
 logger = logging.getLogger("lightllm")
@@ -43,11 +47,14 @@ class CheckpointError(ValueError):
 # ---- saving ------------------------------------------------------------------------------------
 
 def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantConfig | None = None,
-                   max_shard_size: int = 4 * 1024**3, dtype: torch.dtype | None = torch.float16) -> pathlib.Path:
-    """Write ``model`` (quantized by :func:`quantize_model`) as a GPTQ checkpoint directory.
+                   max_shard_size: int = 4 * 1024**3, dtype: torch.dtype | None | str = "auto") -> pathlib.Path:
+    """Write ``model`` (quantized by :func:`quantize_model`) as a GPTQ checkpoint directory, or, for a
+    :class:`~lightllm.quantization.BnbConfig`, in the bitsandbytes format transformers writes.
 
-    Dense floating tensors (embeddings, norms, the output head) are stored as ``dtype``, float16 by
-    default as the GPTQ tools store them; ``dtype=None`` keeps each tensor's own dtype.
+    Dense floating tensors (embeddings, norms, the output head) are stored as ``dtype``: "auto" is
+    float16 for GPTQ, as the GPTQ tools store them, and each tensor's own dtype for bitsandbytes
+    (as transformers saves); ``dtype=None`` keeps each tensor's own dtype. Quantization state
+    (absmax, code maps, SCB) is never cast.
 
     The directory is written next to its destination and renamed into place, so a failure leaves
     any previous checkpoint there untouched; an existing destination is replaced only when it is
@@ -58,10 +65,14 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
     if config is None:
         raise ValueError("save_quantized: the model carries no QuantConfig (quantize it with quantize_model, "
                          "or pass config=)")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    bnb_format = isinstance(config, BnbConfig)
+    if dtype == "auto":
+        dtype = None if bnb_format else torch.float16
+    kind = (Linear4bit if config.load_in_4bit else Linear8bitLt) if bnb_format else QuantLinear
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, kind)}
     if not layers:
-        raise ValueError("save_quantized: the model has no QuantLinear layers")
-    for name, layer in layers.items():  # the config is written for every layer: it must describe them
+        raise ValueError(f"save_quantized: the model has no {kind.__name__} layers")
+    for name, layer in layers.items() if not bnb_format else ():  # the config is written for every layer: it must describe them
         if (layer.bits, layer.group_size, layer.checkpoint_format) != (config.bits, config.group_size,
                                                                        config.checkpoint_format):
             raise ValueError(f"save_quantized: layer {name} has bits={layer.bits}, group_size={layer.group_size}, "
@@ -76,7 +87,7 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = _unique_tensors(model, dtype)
+        state = _unique_tensors(model, dtype, keep=bnb.keeps_its_dtype if bnb_format else None)
         shards = _shard(state, max_shard_size)
         if len(shards) == 1:
             save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -92,7 +103,8 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
         model_config = model.config.to_dict() if hasattr(model, "config") else {}
         model_config["quantization_config"] = quant
         _write_json(tmp / "config.json", model_config)
-        _write_json(tmp / "quantize_config.json", quant)
+        if not bnb_format:  # AutoGPTQ's own file
+            _write_json(tmp / "quantize_config.json", quant)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             with contextlib.suppress(Exception):
@@ -104,7 +116,7 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %s-bit checkpoint to %s", config.bits, out)
+    logger.info("saved %s checkpoint to %s", config.method if bnb_format else f"{config.bits}-bit", out)
     return out
 
 
@@ -117,9 +129,9 @@ def _is_checkpoint_dir(path: pathlib.Path) -> bool:
                for p in path.iterdir())
 
 
-def _unique_tensors(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _unique_tensors(model: nn.Module, dtype: torch.dtype | None, keep=None) -> dict[str, torch.Tensor]:
     """The state dict without tied duplicates (safetensors refuses shared storage), contiguous,
-    floating tensors in ``dtype``."""
+    floating tensors in ``dtype`` (but those ``keep(key)`` names)."""
     state, seen = {}, {}
     for key, tensor in model.state_dict().items():
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
@@ -128,7 +140,7 @@ def _unique_tensors(model: nn.Module, dtype: torch.dtype | None) -> dict[str, to
         if ident is not None:
             seen[ident] = key
         tensor = tensor.detach().to("cpu")
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and not (keep and keep(key)):
             tensor = tensor.to(dtype)
         state[key] = tensor.contiguous()
     return state
@@ -185,11 +197,17 @@ def read_quant_config(directory) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not a quantized checkpoint: neither config.json's quantization_config "
                               "nor quantize_config.json is there")
     method = str(quant.get("quant_method", "gptq")).lower()
+    if method == "bitsandbytes":
+        try:
+            BnbConfig.from_dict(quant)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: an unusable bitsandbytes quantization_config: {exc}") from None
+        return dict(quant, quant_method=method)
     fmt = str(quant.get("checkpoint_format", "gptq")).lower()
     quant = dict(quant, quant_method=method, checkpoint_format=fmt)
     if method != "gptq":
         raise CheckpointError(f"{directory}: quant_method {method!r} is not supported; lightllm reads GPTQ checkpoints "
-                              "(quant_method 'gptq')")
+                              "(quant_method 'gptq') and bitsandbytes' 4-bit and 8-bit ones ('bitsandbytes')")
     if quant.get("is_marlin_format"):
         fmt = "marlin"
     if fmt not in gptq_format.CHECKPOINT_FORMATS:
@@ -262,7 +280,9 @@ def _parameters_on_meta():
 
 def load_quantized(directory, device=None, dtype: torch.dtype | None = None, model_class=None) -> nn.Module:
     """Load a GPTQ checkpoint directory as a transformers model whose quantized Linears are
-    :class:`~lightllm.nn.QuantLinear`.
+    :class:`~lightllm.nn.QuantLinear`, or a bitsandbytes one (``quant_method: "bitsandbytes"``, as
+    transformers writes with ``load_in_4bit`` / ``load_in_8bit``) with lightllm's
+    :class:`~lightllm.nn.Linear4bit` / :class:`~lightllm.nn.Linear8bitLt`.
 
     ``dtype``: of the dense parameters (embeddings, norms, output head); default float16 on a GPU,
     float32 on the CPU. ``model_class``: default ``AutoModelForCausalLM`` (falling back to
@@ -293,8 +313,12 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
         else:
             model = model_class(config)
     model.eval()
-    _install_quant_linears(model, state, quant)
-    _fix_zero_convention(model, state, quant)
+    bnb_config = BnbConfig.from_dict(quant) if quant["quant_method"] == "bitsandbytes" else None
+    if bnb_config is not None:
+        bnb.install_bnb_layers(model, state, bnb_config)
+    else:
+        _install_quant_linears(model, state, quant)
+        _fix_zero_convention(model, state, quant)
 
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
@@ -315,7 +339,7 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
         p.requires_grad_(False)
     model.to(device)
     _cast_dense(model, dtype)
-    model.lightllm_quant_config = QuantConfig.from_dict(quant)
+    model.lightllm_quant_config = bnb_config or QuantConfig.from_dict(quant)
     return model
 
 

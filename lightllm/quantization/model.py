@@ -219,8 +219,12 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig, progress:
     Hessians). Unused for ``method="rtn"``. The output head and the embeddings stay dense; so does
     a Linear whose shape the packed format cannot hold (logged).
     """
+    from .bnb import BnbConfig, quantize_model_bnb
+
+    if isinstance(config, BnbConfig):  # round-to-nearest per block: no calibration
+        return quantize_model_bnb(model, config, progress)
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a QuantConfig or a BnbConfig, got {type(config).__name__}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("quantize_model: the model is already quantized (it holds QuantLinear layers)")
     blocks_name, blocks = find_blocks(model)

@@ -1,0 +1,169 @@
+"""bitsandbytes-format models: the config transformers writes (``BitsAndBytesConfig``,
+``quant_method: "bitsandbytes"``), quantizing a model's Linear layers to NF4 / FP4 (Linear4bit) or
+LLM.int8 (Linear8bitLt), and finding those layers in a checkpoint's tensors. A checkpoint
+transformers + bitsandbytes write loads with :func:`lightllm.quantization.load_quantized`, and
+:func:`~lightllm.quantization.save_quantized` writes one that transformers loads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Linear8bitLt
+from .replace import replace_linears
+
+logger = logging.getLogger("lightllm")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class BnbConfig:
+    """transformers' ``BitsAndBytesConfig`` fields (the ones that change the stored model).
+
+    4-bit: ``load_in_4bit=True``, ``bnb_4bit_quant_type`` "nf4" or "fp4" (transformers' default is
+    fp4; QLoRA uses nf4 with double quantization), ``bnb_4bit_use_double_quant``,
+    ``bnb_4bit_compute_dtype`` (None: the input's dtype), ``bnb_4bit_quant_storage``; blocksize 64.
+    8-bit: ``load_in_8bit=True``, ``llm_int8_threshold`` (6.0, transformers' default).
+    ``llm_int8_skip_modules``: module names left dense besides the output head.
+    """
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_quant_storage: str = "uint8"
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: list[str] | None = None
+    llm_int8_has_fp16_weight: bool = False
+
+    def __post_init__(self):
+        if self.load_in_4bit == self.load_in_8bit:
+            raise ValueError("BnbConfig: exactly one of load_in_4bit and load_in_8bit must be True")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"BnbConfig: bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}")
+        if isinstance(self.bnb_4bit_compute_dtype, torch.dtype):
+            self.bnb_4bit_compute_dtype = str(self.bnb_4bit_compute_dtype).removeprefix("torch.")
+        for name in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            value = getattr(self, name)
+            if value is not None and value not in _DTYPES and not (name.endswith("storage") and value == "uint8"):
+                raise ValueError(f"BnbConfig: {name} must be one of float32, float16, bfloat16"
+                                 f"{', uint8' if name.endswith('storage') else ''}, got {value!r}")
+        if self.llm_int8_threshold < 0:
+            raise ValueError(f"BnbConfig: llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}")
+        if self.llm_int8_has_fp16_weight:
+            raise ValueError("BnbConfig: llm_int8_has_fp16_weight=True keeps dense weights; nothing to store quantized")
+
+    @property
+    def method(self) -> str:
+        return self.bnb_4bit_quant_type if self.load_in_4bit else "int8"
+
+    @classmethod
+    def nf4(cls, double_quant: bool = True, compute_dtype: str | None = None) -> "BnbConfig":
+        """QLoRA's base: NF4 with double quantization."""
+        return cls(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                   bnb_4bit_compute_dtype=compute_dtype)
+
+    @classmethod
+    def fp4(cls, double_quant: bool = False, compute_dtype: str | None = None) -> "BnbConfig":
+        return cls(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=double_quant,
+                   bnb_4bit_compute_dtype=compute_dtype)
+
+    @classmethod
+    def int8(cls, threshold: float = 6.0) -> "BnbConfig":
+        return cls(load_in_8bit=True, llm_int8_threshold=threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` transformers writes and reads."""
+        d = dataclasses.asdict(self)
+        d["bnb_4bit_compute_dtype"] = self.bnb_4bit_compute_dtype or "float32"
+        d.update(quant_method="bitsandbytes", _load_in_4bit=self.load_in_4bit, _load_in_8bit=self.load_in_8bit,
+                 llm_int8_enable_fp32_cpu_offload=False)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BnbConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.setdefault("load_in_4bit", bool(d.get("_load_in_4bit", False)))
+        kwargs.setdefault("load_in_8bit", bool(d.get("_load_in_8bit", False)))
+        return cls(**kwargs)
+
+    def compute_dtype(self) -> torch.dtype | None:
+        return _DTYPES.get(self.bnb_4bit_compute_dtype) if self.bnb_4bit_compute_dtype else None
+
+    def storage_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.bnb_4bit_quant_storage == "uint8" else _DTYPES[self.bnb_4bit_quant_storage]
+
+    def skip_pattern(self) -> str:
+        names = ["lm_head", *(self.llm_int8_skip_modules or [])]
+        return r"(^|\.)(" + "|".join(re.escape(n) for n in names) + r")$"
+
+    def make_layer(self, linear: nn.Module) -> nn.Module:
+        if self.load_in_4bit:
+            return Linear4bit.from_linear(linear, self.bnb_4bit_quant_type, self.bnb_4bit_use_double_quant,
+                                          self.compute_dtype(), 64, self.storage_dtype())
+        return Linear8bitLt.from_linear(linear, threshold=self.llm_int8_threshold)
+
+    def empty_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        """A layer on the meta device, for a checkpoint to fill."""
+        if self.load_in_4bit:
+            return Linear4bit(in_features, out_features, bias, self.compute_dtype(), self.bnb_4bit_use_double_quant,
+                              self.bnb_4bit_quant_type, self.storage_dtype(), device="meta")
+        return Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False,
+                            threshold=self.llm_int8_threshold, device="meta")
+
+
+def quantize_model_bnb(model: nn.Module, config: BnbConfig, progress: bool = True) -> nn.Module:
+    """Replace the model's Linear layers (not the output head or ``llm_int8_skip_modules``) by
+    bitsandbytes-format layers, in place, as transformers' ``load_in_4bit`` / ``load_in_8bit`` does."""
+    replaced, total = replace_linears(model, config.make_layer, config.skip_pattern(), config.method.upper(),
+                                      progress)
+    if not replaced:
+        raise ValueError("quantize_model: no Linear layer to quantize")
+    logger.info("quantized %d of %d linear layers to %s", replaced, total, config.method)
+    model.lightllm_quant_config = config
+    return model
+
+
+def install_bnb_layers(model: nn.Module, state: dict[str, torch.Tensor], config: BnbConfig) -> int:
+    """Replace every module the checkpoint stores in bitsandbytes' format (a packed 4-bit quant
+    state, or an int8 weight with SCB) by an empty layer of ours to load into; the count."""
+    marker = ".weight.quant_state.bitsandbytes__" if config.load_in_4bit else ".SCB"
+    prefixes = sorted({key.split(marker)[0] for key in state if marker in key})
+    from .checkpoint import CheckpointError
+
+    if not prefixes:
+        raise CheckpointError(f"the checkpoint has no {'4-bit' if config.load_in_4bit else 'int8'} layers "
+                              f"(no '*{marker}*' tensors)")
+    for prefix in prefixes:
+        try:
+            old = model.get_submodule(prefix)
+        except AttributeError as exc:
+            raise CheckpointError(f"the checkpoint quantizes {prefix!r}, which this model does not have") from exc
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{prefix}: a {type(old).__name__}, not a Linear, in this model")
+        has_bias = prefix + ".bias" in state
+        if old.bias is not None and not has_bias:
+            raise CheckpointError(f"the checkpoint lacks {prefix}.bias (the model's layer has a bias)")
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                config.empty_layer(old.in_features, old.out_features, has_bias))
+    return len(prefixes)
+
+
+QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "SCB")
+
+
+def keeps_its_dtype(key: str) -> bool:
+    """Tensors of the quantization state, stored as they are (never cast with the dense weights)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in QUANT_STATE_KEYS or ".quant_state." in key
