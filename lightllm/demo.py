@@ -1,5 +1,6 @@
-"""``python -m lightllm demo``: quantize the embedded model with RTN and GPTQ at 4 and 3 bits and
-compare held-out perplexity, size on disk and time (and, on a GPU, decoding speed against fp16)."""
+"""``python -m lightllm demo``: quantize the embedded model with RTN and GPTQ at 4 and 3 bits, and to
+bitsandbytes' NF4 and LLM.int8, and compare held-out perplexity, size on disk, time and batch-1
+decoding speed against full precision."""
 
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ import torch
 from . import data
 from .eval import eval_windows, perplexity, tokenize_stream
 from .models import load_model
+from .quantization.bnb import BnbConfig
 from .quantization.checkpoint import save_quantized, weight_files
 from .quantization.model import QuantConfig, quantize_model
 
 logger = logging.getLogger("lightllm")
 
-#: (label, method, bits) of the demo's rows after full precision; group size 128, symmetric.
-DEMO_CONFIGS = (("RTN 4-bit g128", "rtn", 4), ("GPTQ 4-bit g128", "gptq", 4),
-                ("RTN 3-bit g128", "rtn", 3), ("GPTQ 3-bit g128", "gptq", 3))
+#: (label, config) of the demo's rows after full precision: GPTQ/RTN with group size 128,
+#: symmetric; bitsandbytes' NF4 (double quantization, as QLoRA) and LLM.int8 (threshold 6.0).
+DEMO_CONFIGS = (("RTN 4-bit g128", lambda: QuantConfig(bits=4, group_size=128, method="rtn")),
+                ("GPTQ 4-bit g128", lambda: QuantConfig(bits=4, group_size=128, method="gptq")),
+                ("RTN 3-bit g128", lambda: QuantConfig(bits=3, group_size=128, method="rtn")),
+                ("GPTQ 3-bit g128", lambda: QuantConfig(bits=3, group_size=128, method="gptq")),
+                ("NF4 (bitsandbytes)", BnbConfig.nf4),
+                ("LLM.int8 (bitsandbytes)", BnbConfig.int8))
 
 
 @dataclasses.dataclass
@@ -41,14 +48,18 @@ def _weights_size(directory: pathlib.Path) -> int:
 
 
 @torch.no_grad()
-def _decode_speed(model, prompt: torch.Tensor, new_tokens: int = 64) -> float:
-    """Tokens per second of greedy batch-1 generation (GPU only; synchronized)."""
+def _decode_speed(model, prompt: torch.Tensor) -> float:
+    """Tokens per second of greedy batch-1 generation (64 new tokens on a GPU, 32 on the CPU)."""
+    cuda = prompt.device.type == "cuda"
+    new_tokens = 64 if cuda else 32
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     model.generate(prompt, **kwargs)  # warm-up
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(prompt, **kwargs)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return new_tokens / (time.perf_counter() - start)
 
 
@@ -69,12 +80,11 @@ def run_demo(model_dir=None, device=None, n_samples: int = 128, seqlen: int = 25
         fp_dir = pathlib.Path(tmp) / "fp16"
         copy.deepcopy(model).to(torch.float16).save_pretrained(fp_dir)
         rows.append(DemoRow(f"full precision ({str(model.dtype).removeprefix('torch.')})", ppl,
-                            _weights_size(fp_dir), 0.0, eval_s,
-                            _decode_speed(model, prompt) if device.type == "cuda" else None))
-        for label, method, bits in DEMO_CONFIGS:
+                            _weights_size(fp_dir), 0.0, eval_s, _decode_speed(model, prompt)))
+        for label, make_config in DEMO_CONFIGS:
             logger.info("demo: %s", label)
             quantized = copy.deepcopy(model)
-            config = QuantConfig(bits=bits, group_size=128, sym=True, method=method)
+            config = make_config()
             start = time.perf_counter()
             quantize_model(quantized, calib, config, progress=progress)
             if device.type == "cuda":
@@ -85,8 +95,7 @@ def run_demo(model_dir=None, device=None, n_samples: int = 128, seqlen: int = 25
             eval_s = time.perf_counter() - start
             out = pathlib.Path(tmp) / label.replace(" ", "_")
             save_quantized(quantized, out, tokenizer=None)
-            rows.append(DemoRow(label, ppl, _weights_size(out), quantize_s, eval_s,
-                                _decode_speed(quantized, prompt) if device.type == "cuda" else None))
+            rows.append(DemoRow(label, ppl, _weights_size(out), quantize_s, eval_s, _decode_speed(quantized, prompt)))
             del quantized
     return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -114,19 +123,19 @@ def goals(result: dict) -> list[tuple[str, bool, str]]:
 
 
 def format_table(result: dict) -> str:
-    gpu = result["rows"][0]["decode_tokens_per_s"] is not None
+    with_speed = result["rows"][0]["decode_tokens_per_s"] is not None
     lines = [f"device: {result['device']}",
              f"calibration: {result['calibration']} ({result['calibration_tokens']} tokens)",
              f"evaluation: {result['eval']}; {result['eval_tokens']} predicted tokens in {result['eval_windows']} windows",
              ""]
     header = f"{'model':26s} {'perplexity':>10s} {'weights on disk':>16s} {'quantize':>9s} {'eval':>7s}"
-    header += f" {'decode tok/s':>13s}" if gpu else ""
+    header += f" {'decode tok/s':>13s}" if with_speed else ""
     lines += [header, "-" * len(header)]
     for r in result["rows"]:
         line = (f"{r['label']:26s} {r['perplexity']:10.3f} {r['size_bytes'] / 2**20:13.2f} MiB "
                 f"{r['quantize_s']:8.1f}s {r['eval_s']:6.1f}s")
-        if gpu:
-            line += f" {r['decode_tokens_per_s']:13.0f}"
+        if with_speed:
+            line += f" {r['decode_tokens_per_s']:13.1f}"
         lines.append(line)
     lines.append("")
     for goal, met, measured in goals(result):

@@ -303,3 +303,56 @@ def test_lora_trains_on_a_4bit_base_and_merges_by_requantizing():
 def test_lightllm_imports_expose_the_bitsandbytes_names():
     assert lightllm.nn.Linear4bit is Linear4bit and callable(F.quantize_nf4) and callable(F.quantize_fp4)
     assert math.isclose(float(F.get_4bit_type("fp4").abs().max()), 1.0)
+
+
+def test_qlora_on_the_embedded_model_matches_peft_on_bitsandbytes():
+    """QLoRA (NF4 base with double quantization, LoRA r = 8 on the attention projections): lightllm's
+    layers and LoRA with AdamW8bit against transformers' bitsandbytes NF4 model with peft's LoRA and
+    torch's AdamW, the same steps on the same batches: held-out perplexity within 3%."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lightllm import data
+    from lightllm.eval import perplexity, tokenize_stream
+    from lightllm.models import load_model
+    from lightllm.optim import AdamW8bit
+    from lightllm.quantization import BnbConfig, quantize_model
+    from lightllm.tuning import LoraConfig, get_peft_model
+
+    text = data.shakespeare_text("heldout")
+    train_text, eval_text = text[: len(text) // 3], text[len(text) // 2:][:10000]
+    untuned = {}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    def train(ours: bool, tmp) -> float:
+        model, tokenizer = load_model(device="cpu")
+        if ours:
+            quantize_model(model, None, BnbConfig.nf4(), progress=False)
+            untuned["nf4"] = perplexity(model, tokenizer, eval_text, seqlen=256, progress=False)
+            torch.manual_seed(0)
+            wrapped = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+            opt = AdamW8bit([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+        else:
+            model.save_pretrained(tmp)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.float32))
+            torch.manual_seed(0)
+            wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+            opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+        ids = tokenize_stream(tokenizer, train_text)
+        wrapped.train()
+        for batch in data.calibration_samples(ids, 100, 128, seed=1).view(25, 4, 128):
+            wrapped(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        wrapped.eval()
+        return perplexity(wrapped, tokenizer, eval_text, seqlen=256, progress=False)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = train(False, tmp)
+    ours = train(True, None)
+    assert abs(ours - theirs) <= 0.03 * theirs, (ours, theirs)
+    assert ours < untuned["nf4"], (ours, untuned)  # it learned something
