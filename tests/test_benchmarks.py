@@ -3,6 +3,7 @@ These check that the scripts work and write their results, not how fast anything
 
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,59 @@ def test_bench_prefix_runs(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["plain", "prefix tuning (2)", "prompt tuning (2)", "P-tuning (2)"]
     assert all(float(r["ms_per_token"]) > 0 and r["commit"] for r in rows)
+
+
+def run_quick(*args: str, out: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(BENCH / "device_check_quick.py"), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_device_check_quick_cpu_areas(tmp_path):
+    from lightllm import _native
+
+    if not _native.has_cpp():
+        pytest.skip("the blockwise area needs a kernel to check on the CPU: lightllm._C is not built")
+    pytest.importorskip("triton.backends.nvidia", reason="the smem area compiles for sm_90 with Triton's backend")
+    proc = run_quick("--device", "cpu", "--area", "blockwise", "--size", "12291", "--area", "smem", "--arch", "sm_90",
+                     "--kernel", "_dequantize_blockwise", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "==> blockwise ok | 9/9 bit-exact (n=12291)" in proc.stdout
+    blockwise = json.loads((tmp_path / "blockwise.json").read_text())
+    assert {(r["dtype"], r["blocksize"]) for r in blockwise["rows"]} == {
+        (d, b) for d in ("float32", "float16", "bfloat16") for b in (64, 2048, 4096)}
+    assert all(r["check"] == "ok" and r["quantize_us"] > 0 for r in blockwise["rows"])
+    smem = json.loads((tmp_path / "smem.json").read_text())
+    assert smem["status"] == "ok" and smem["tags"]["limit"] == 232448
+    assert len(smem["rows"]) == 2 and all(0 < r["shared_bytes"] <= r["limit"] for r in smem["rows"])
+
+    refused = run_quick("--device", "cpu", "--area", "speed", out=tmp_path)
+    assert refused.returncode == 2 and "speed needs a CUDA device" in refused.stdout
+
+
+def test_device_check_candidates_and_script(tmp_path):
+    record = {"format": 1, "commit": "abc1234", "card": "NVIDIA H100 80GB HBM3", "arch": "sm_90",
+              "created": "2026-12-06T01:00:00+00:00",
+              "ops": {"gptq_matmul": {"cuda": {"passed": True, "max_error": 1.2e-3},
+                                      "triton": {"passed": False, "max_error": 0.5}},
+                      "quantize_blockwise": {"cuda": {"passed": True, "max_error": 0.0},
+                                             "torch": {"passed": True, "max_error": 0.0}}}}
+    (tmp_path / "selftest_record.json").write_text(json.dumps(record))
+    proc = run_quick("--area", "candidates", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    candidates = json.loads((tmp_path / "gpu_verified_candidates.json").read_text())
+    assert candidates == {
+        "gptq_matmul|cuda|sm_90": {"card": "NVIDIA H100 80GB HBM3", "commit": "abc1234", "date": "2026-12-06",
+                                   "max_error": 1.2e-3},
+        "quantize_blockwise|cuda|sm_90": {"card": "NVIDIA H100 80GB HBM3", "commit": "abc1234",
+                                          "date": "2026-12-06", "max_error": 0.0}}
+    assert '    ("gptq_matmul", "cuda", "sm_90"): {"card": "NVIDIA H100 80GB HBM3", "commit": "abc1234", ' \
+           '"date": "2026-12-06", "max_error": 0.0012},' in proc.stdout
+
+    script = BENCH / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "--quick fits 8 minutes" in usage.stdout
+    bad = subprocess.run(["bash", str(script), "--quick", "--only", "tests"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "not an area of this mode" in bad.stderr
