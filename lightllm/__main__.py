@@ -80,12 +80,10 @@ def _selftest(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     record = selftest.run_selftest(device, ops=args.ops, backend_names=args.backends, timeout=args.timeout,
-                                   small=True if args.small else None, save=not args.no_save)
+                                   small=True if args.small else None, save=not args.no_save, json_path=args.json)
     print(selftest.format_table(record))
     if record.get("path"):
         print(f"\nrecord written to {record['path']}: kernels that passed are this card's defaults for this build")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(record, indent=1, sort_keys=True))
     failed = [f"{op}/{b}" for op, results in record["ops"].items() for b, r in results.items() if not r["passed"]]
     if not record["ops"]:
         print("no kernel can run on this device here (see `python -m lightllm info`)")
@@ -262,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="per (op, backend) child process (default 600)")
     check.add_argument("--small", action="store_true", help="CPU-sized shapes on a GPU too (a quick look)")
     check.add_argument("--no-save", action="store_true", help="print the results without writing the record")
-    check.add_argument("--json", metavar="PATH", help="also write the record to PATH")
+    check.add_argument("--json", metavar="PATH", help="also write the record to PATH (rewritten after every kernel, "
+                                                     "so a stopped run leaves what it finished)")
     check.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     check.set_defaults(func=_selftest)
 

@@ -53,7 +53,7 @@ _CHOICES = BACKENDS + ("auto",)
 # may be a GPU default, and only on cards of that architecture. Nothing has run on a real card yet:
 # every GPU default is the reference until this is filled in from a device_check.sh run (see
 # benchmarks/RESULTS.md).
-GPU_VERIFIED: dict[tuple[str, str, str], dict[str, str]] = {}
+GPU_VERIFIED: dict[tuple[str, str, str], dict[str, object]] = {}
 
 # Preferred order among verified GPU kernels, fastest first.
 _GPU_PREFERENCE = ("cuda", "triton")

@@ -691,13 +691,16 @@ def _candidates(device: torch.device, ops: Iterable[str] | None, backend_names: 
 
 def run_selftest(device: str | torch.device = "cuda", ops: Iterable[str] | None = None,
                  backend_names: Iterable[str] | None = None, timeout: float = 600.0, small: bool | None = None,
-                 imports: Iterable[str] = (), save: bool = True, progress: bool = True) -> dict:
+                 imports: Iterable[str] = (), save: bool = True, progress: bool = True,
+                 json_path: str | os.PathLike | None = None) -> dict:
     """Self-test every (op, backend) kernel that can run on ``device`` against the reference, each in
     a child process; returns the record and (``save``) writes it where the dispatcher reads it.
 
     ``ops`` / ``backend_names`` narrow the sweep (a narrowed run still writes only what it ran);
     ``small`` uses CPU-sized shapes (default: on the CPU); ``imports`` are modules the child imports
     first (plugins that register ops and sweeps); ``timeout`` is per (op, backend), in seconds.
+    ``json_path``: a copy of the record, rewritten after every (op, backend) with ``"complete":
+    false`` until the end, so a run stopped from outside still leaves what it finished.
     """
     from tqdm.auto import tqdm
 
@@ -721,13 +724,18 @@ def run_selftest(device: str | torch.device = "cuda", ops: Iterable[str] | None 
     record = {"format": RECORD_FORMAT, "device_type": device.type, **ident, **_software(),
               "commit": source_commit(), "python": platform.python_version(),
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "small": small, "ops": {}}
+              "small": small, "complete": False, "ops": {}}
     for op, backend in tqdm(pairs, desc="selftest", unit="kernel", disable=not progress):
         result = _run_child(op, backend, str(device), small, timeout, imports)
         record["ops"].setdefault(op, {})[backend] = result
+        if json_path is not None:
+            _write_atomically(pathlib.Path(json_path), record)
         level = logging.INFO if result["passed"] else logging.WARNING
         logger.log(level, "%-28s %-7s %s  %s", op, backend, "passed" if result["passed"] else "FAILED",
                    result.get("detail", ""))
+    record["complete"] = True
+    if json_path is not None:
+        _write_atomically(pathlib.Path(json_path), record)
     if save and pairs:
         path = record_path(device.type, device.index)
         previous = _read_record(path)
