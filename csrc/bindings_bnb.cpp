@@ -183,7 +183,8 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   Gemv4Args a{};
   a.layout = gemv4_layout(x_type, k, blocksize);
   at::Tensor xf = at::empty({gemv4_x_bytes(a.layout, m, k)}, x.options().dtype(at::kByte));
-  gemv4_prepare_x(x2.data_ptr(), x_type, m, k, a.layout, xf.data_ptr());
+  a.tile = gemv4_tile(a.layout, m, k);
+  gemv4_prepare_x(x2.data_ptr(), x_type, m, k, a.layout, a.tile, xf.data_ptr());
   const at::Tensor pc = packed.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
   a.packed = pc.data_ptr<uint8_t>();
   a.absmax = ac.data_ptr<float>();

@@ -40,7 +40,11 @@ void dequantize_4bit_cpu(const uint8_t* packed, const float* absmax, const float
 enum class Gemv4Layout : int { kGeneral = 0, kFloat32 = 1, kBFloat16 = 2 };
 Gemv4Layout gemv4_layout(FloatType x_type, int64_t k, int64_t blocksize);
 int64_t gemv4_x_bytes(Gemv4Layout layout, int64_t m, int64_t k);
-void gemv4_prepare_x(const void* x, FloatType x_type, int64_t m, int64_t k, Gemv4Layout layout, void* out);
+// The K tile of the fused kernels (x is read per tile of K; k when one tile does).
+int64_t gemv4_tile(Gemv4Layout layout, int64_t m, int64_t k);
+// x as the kernel reads it: per K tile, that tile of every row, contiguous.
+void gemv4_prepare_x(const void* x, FloatType x_type, int64_t m, int64_t k, Gemv4Layout layout, int64_t tile,
+                     void* out);
 
 struct Gemv4Args {
   const uint8_t* packed;
@@ -51,6 +55,7 @@ struct Gemv4Args {
   int64_t blocksize;
   int64_t m;          // rows of x, 1..16
   Gemv4Layout layout;  // decided once per call (gemv4_layout)
+  int64_t tile;        // gemv4_tile(layout, m, k)
   const void* x;       // from gemv4_prepare_x
   const float* bias;   // float32 [N] (already rounded to x's dtype) or nullptr
   void* out;           // [M, N] in out_type
