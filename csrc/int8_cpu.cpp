@@ -60,13 +60,20 @@ inline void store_as(void* out, FloatType t, int64_t i, float v) {
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
+// Row stride of the activation codes: a multiple of 64, but not of 4096, so that the rows of x do not
+// all fall into the same L1 sets.
+inline int64_t padded_k(int64_t k) {
+  const int64_t kp = round_up(std::max<int64_t>(k, 1), 64);
+  return kp % 4096 == 0 ? kp + 64 : kp;
+}
+
 // Scratch layout (every part 64-byte aligned from a 64-byte aligned base).
 struct ScratchLayout {
   int64_t codes_u8, codes, row_stats, outlier_cols, outlier_x, x16, total;
 };
 
 ScratchLayout scratch_layout(int64_t m, int64_t k) {
-  const int64_t kp = round_up(std::max<int64_t>(k, 1), 64);
+  const int64_t kp = padded_k(k);
   ScratchLayout l{};
   int64_t at = 0;
   auto take = [&](int64_t bytes) {
@@ -128,11 +135,11 @@ inline __mmask64 first_bytes(int64_t count) {
   return count >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << count) - 1);
 }
 
-// Rows m0 .. m0 + MT - 1 of x against row n of W. Two accumulators per row of x when MT is 1 or 2
-// (vpdpbusd's latency would otherwise bound a single chain).
+// Rows m0 .. m0 + MT - 1 of x against row n of W, two accumulators per row of x (vpdpbusd's
+// latency would otherwise bound a single chain at small MT).
 template <int MT>
 LL_VNNI void dot_rows(const Int8LinearArgs& a, int64_t n, int64_t m0) {
-  constexpr int kSets = MT <= 2 ? 2 : 1;
+  constexpr int kSets = 2;
   const Int8Activations& x = *a.acts;
   const int64_t k = x.k, kp = x.k_padded;
   const int8_t* w = a.cb + n * k;
@@ -146,6 +153,10 @@ LL_VNNI void dot_rows(const Int8LinearArgs& a, int64_t n, int64_t m0) {
   int64_t i = 0;
   if constexpr (kSets == 2) {
     for (; i + 128 <= k; i += 128) {
+      // software prefetch 2 KB ahead (the next rows follow contiguously): the hardware prefetcher
+      // alone leaves the stream latency-bound once each 64 bytes carry a few rows' work
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + 2048, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + 2048 + 64, _MM_HINT_T0);
       const __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 64);
       wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, w0);
       wsum[1] = _mm512_dpbusd_epi32(wsum[1], ones, w1);
@@ -155,7 +166,13 @@ LL_VNNI void dot_rows(const Int8LinearArgs& a, int64_t n, int64_t m0) {
       }
     }
   }
-  for (; i < k; i += 64) {
+  for (; i + 64 <= k; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i) + 2048, _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(w + i);
+    wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, w0);
+    for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], _mm512_loadu_si512(xa + m * kp + i), w0);
+  }
+  if (i < k) {  // a masked load (slow on some CPUs) only for the row's last bytes
     const __m512i w0 = _mm512_maskz_loadu_epi8(first_bytes(k - i), w + i);  // zero past the row's end
     wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, w0);
     for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], _mm512_loadu_si512(xa + m * kp + i), w0);
@@ -171,25 +188,23 @@ LL_VNNI void dot_rows(const Int8LinearArgs& a, int64_t n, int64_t m0) {
 }
 
 using DotRows = void (*)(const Int8LinearArgs&, int64_t, int64_t);
-constexpr DotRows kDotRows[17] = {nullptr,        dot_rows<1>,  dot_rows<2>,  dot_rows<3>,  dot_rows<4>,
-                                  dot_rows<5>,    dot_rows<6>,  dot_rows<7>,  dot_rows<8>,  dot_rows<9>,
-                                  dot_rows<10>,   dot_rows<11>, dot_rows<12>, dot_rows<13>, dot_rows<14>,
-                                  dot_rows<15>,   dot_rows<16>};
+constexpr DotRows kDotRows[9] = {nullptr,     dot_rows<1>, dot_rows<2>, dot_rows<3>, dot_rows<4>,
+                                 dot_rows<5>, dot_rows<6>, dot_rows<7>, dot_rows<8>};
 
 void rows_vnni(const Int8LinearArgs& a, int64_t n0, int64_t n1) {
+  // Groups of at most 8 rows of x per row of W (two accumulators each, the W row stays in L1 for
+  // the next group); tiles of 32 rows of W stay in L2 while the groups pass over them.
   const int64_t m_total = a.acts->m;
-  if (m_total <= 16) {
-    const DotRows f = kDotRows[m_total];
-    for (int64_t n = n0; n < n1; ++n) f(a, n, 0);
-    return;
-  }
-  // More rows of x (prefill): tiles of 32 rows of W stay in L2 while each group of 16 rows of x
-  // passes over them.
   constexpr int64_t kTile = 32;
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t t1 = std::min(n1, t0 + kTile);
-    for (int64_t m0 = 0; m0 < m_total; m0 += 16) {
-      const DotRows f = kDotRows[std::min<int64_t>(16, m_total - m0)];
+    if (m_total <= 16) {
+      for (int64_t n = t0; n < t1; ++n)
+        for (int64_t m0 = 0; m0 < m_total; m0 += 8) kDotRows[std::min<int64_t>(8, m_total - m0)](a, n, m0);
+      continue;
+    }
+    for (int64_t m0 = 0; m0 < m_total; m0 += 8) {
+      const DotRows f = kDotRows[std::min<int64_t>(8, m_total - m0)];
       for (int64_t n = t0; n < t1; ++n) f(a, n, m0);
     }
   }
@@ -207,7 +222,7 @@ void int8_prepare_activations(const void* xv, FloatType x_type, int64_t m, int64
   Int8Activations& x = *acts;
   x.m = m;
   x.k = k;
-  x.k_padded = round_up(std::max<int64_t>(k, 1), 64);
+  x.k_padded = padded_k(k);
   x.codes_u8 = reinterpret_cast<uint8_t*>(base + l.codes_u8);
   x.codes = reinterpret_cast<int8_t*>(base + l.codes);
   x.row_stats = reinterpret_cast<float*>(base + l.row_stats);
