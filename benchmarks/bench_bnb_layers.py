@@ -362,6 +362,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=("nf4-matmul", "nf4-quantize", "int8-linear"), help="what to time (default: all)")
     p.add_argument("--reference-all-m", action="store_true",
                    help="time the reference matmul at every M (default M = 1: it dequantizes the whole weight each call)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed calls per case (overrides the schedule)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     p.add_argument("--seed", type=int, default=0)
@@ -399,6 +400,9 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sched = schedule_for(args.quick)
+    if args.iters is not None:
+        sched = Schedule(warmup=min(sched.warmup, args.iters), iters=args.iters, eager_iters=min(sched.eager_iters, args.iters),
+                         eager_repeats=min(sched.eager_repeats, args.iters), max_seconds=sched.max_seconds)
     shapes = args.shapes or SHAPES
     ms = sorted(dict.fromkeys(args.m or (QUICK_MS if args.quick else MS)))
     malloc = "retain" if device.type == "cpu" and retain_freed_cpu_memory() else "default"

@@ -112,3 +112,12 @@ def test_bench_prefix_runs(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["plain", "prefix tuning (2)", "prompt tuning (2)", "P-tuning (2)"]
     assert all(float(r["ms_per_token"]) > 0 and r["commit"] for r in rows)
+
+
+def test_bench_bnb_layers_runs(tmp_path):
+    rows = run_script("bench_bnb_layers.py", tmp_path / "bnb.csv", "--quick", "--shapes", "64x256", "--m", "1", "17",
+                      "--iters", "2")
+    impls = {(row["section"], row["impl"]) for row in rows}
+    assert {("nf4-matmul", "lightllm-cpp"), ("nf4-matmul", "f32-linear"), ("nf4-quantize", "lightllm-cpp"),
+            ("int8-linear", "lightllm-cpp")} <= impls
+    assert all(row["check"] == "ok" for row in rows), [(r["impl"], r["check"]) for r in rows if r["check"] != "ok"]
