@@ -339,9 +339,6 @@ LL_AVX512 void decode_values_avx512(const uint8_t* packed, const float* absmax, 
   }
 }
 
-// Software prefetch distance along the packed weight (absmax runs 8x slower). The hardware
-// prefetcher alone left the fused GEMV at ~12 GB/s of a ~29 GB/s read bandwidth on a 2-core EPYC;
-// 2 KB ahead brought it to ~19 GB/s (benchmarks/RESULTS.md).
 // Software prefetch along the packed weight (absmax runs 8x slower). Streaming a row after the other,
 // the hardware prefetcher alone left the fused GEMV at ~12 GB/s of a ~29 GB/s read bandwidth on a
 // 2-core EPYC; 2 KB ahead into L1 brought it to ~19 GB/s. With K tiles (gemv_avx512) the rows are
@@ -367,9 +364,10 @@ LL_AVX512 inline void prefetch_weights(const uint8_t* w, const float* am, const 
 // Groups of 128 values: one 64-byte load, and vector s = (q >> 4s) of its 16 dwords indexes, by its low
 // 4 bits, nibble s of each dword, i.e. value 8i + kNibbleValue[s] in lane i; x is laid out in that order
 // (gemv4_prepare_x). The table is the unscaled code values; each group's sum is scaled by a vector of
-// the absmax of each lane's block (lanes 8i.. of a group can belong to 1, 2 or 4 blocks). Per 32 values
-// that is ~6 vector operations against ~6.5 with byte-to-dword widening: the loop is bound by the FMA /
-// shuffle pipes at M = 1, so it matters. A K that is not a multiple of 128 ends with 32-value chunks
+// the absmax of each lane's block (lanes 8i.. of a group can belong to 1, 2 or 4 blocks). At M = 1 the
+// loop is bound by the FMA / shuffle pipes (Zen 4 runs one 512-bit FMA per cycle): 2.6 cycles per 32
+// weights in an L2-resident microbenchmark, against 3.1 with byte-to-dword widening per 16 bytes
+// (vpmovzxbd + shift + 2 vpermps + 2 FMA) and a table scaled per block. A K that is not a multiple of 128 ends with 32-value chunks
 // (high and low nibbles from one widened load, x de-interleaved, the table scaled per block).
 template <int MT>
 LL_AVX512 void rows_f32(const Gemv4Args& a, int64_t n, int64_t m0, int64_t k0, int64_t k1, const Prefetch& pf,
@@ -383,7 +381,7 @@ LL_AVX512 void rows_f32(const Gemv4Args& a, int64_t n, int64_t m0, int64_t k0, i
   const float* am = a.absmax + n * (k / bs);
   // x of this K tile: [M][ld] from value k0 on (gemv4_prepare_x)
   const int64_t ld = k1 - k0;
-  const float* x = static_cast<const float*>(a.x) + a.m * k0 + m0 * ld - k0;
+  const float* x = static_cast<const float*>(a.x) + a.m * k0 + m0 * ld;
   const __m512 table = _mm512_loadu_ps(a.code);
   const int log_bs = __builtin_ctzll(static_cast<uint64_t>(bs));  // no integer division in the loops
   // lane i of a group holds values 8i..8i+7: block (8i) / bs within the group when bs < 128
@@ -402,7 +400,7 @@ LL_AVX512 void rows_f32(const Gemv4Args& a, int64_t n, int64_t m0, int64_t k0, i
                           ? _mm512_permutexvar_ps(block_of_lane, _mm512_maskz_loadu_ps(group_blocks,
                                                                                         am + g * blocks_per_group))
                           : _mm512_set1_ps(am[(128 * g) >> log_bs]);
-    const float* xg = x + 128 * g;
+    const float* xg = x + (128 * g - k0);
     __m512 s0[MT], s1[MT];
     {
       const __m512 v0 = _mm512_permutexvar_ps(q, table);
@@ -439,7 +437,7 @@ LL_AVX512 void rows_f32(const Gemv4Args& a, int64_t n, int64_t m0, int64_t k0, i
     const __m512 e0 = _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), lut);
     const __m512 o0 = _mm512_permutexvar_ps(b0, lut);
     for (int m = 0; m < MT; ++m) {
-      const float* xc = x + m * ld + 32 * c;
+      const float* xc = x + m * ld + (32 * c - k0);
       tot[m] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xc), tot[m]);
       tot[m] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(xc + 16), tot[m]);
     }
@@ -462,7 +460,7 @@ LL_AVX512_BF16 void rows_bf16(const Gemv4Args& a, int64_t n, int64_t m0, int64_t
   const uint8_t* w = a.packed + n * (k / 2);
   const float* am = a.absmax + n * (k / bs);
   const int64_t ld = k1 - k0;  // x of this K tile: [M][ld] from value k0 on
-  const uint16_t* x = static_cast<const uint16_t*>(a.x) + a.m * k0 + m0 * ld - k0;
+  const uint16_t* x = static_cast<const uint16_t*>(a.x) + a.m * k0 + m0 * ld;
   const __m512 table = _mm512_loadu_ps(a.code);
   __m512 acc0[MT], acc1[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
@@ -479,7 +477,7 @@ LL_AVX512_BF16 void rows_bf16(const Gemv4Args& a, int64_t n, int64_t m0, int64_t
     const __m512bh even = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), lut));
     const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(q, lut));
     for (int m = 0; m < MT; ++m) {
-      const uint16_t* xc = x + m * ld + 64 * c;
+      const uint16_t* xc = x + m * ld + (64 * c - k0);
       acc0[m] = _mm512_dpbf16_ps(acc0[m], even, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xc)));
       if constexpr (kPair) acc1[m] = _mm512_dpbf16_ps(acc1[m], odd, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xc + 32)));
       else acc0[m] = _mm512_dpbf16_ps(acc0[m], odd, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xc + 32)));
