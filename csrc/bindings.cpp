@@ -161,6 +161,10 @@ void optimizer_step_cpu(int64_t algo, const std::vector<at::Tensor>& params, con
 
 }  // namespace
 
+namespace lightllm {
+void bind_bnb_cpu(pybind11::module_& m);  // bindings_bnb.cpp: 4-bit NF4/FP4 and LLM.int8 kernels
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lightllm C++ CPU kernels (the CUDA kernels are lightllm._C_cuda)";
   m.def("quantize_blockwise", &quantize_blockwise, "block-wise 8-bit quantization (CPU tensor)",
@@ -173,4 +177,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"),
         py::arg("nesterov"), py::arg("grad_scale"), py::arg("found_inf"));
   m.attr("torch_version") = LIGHTLLM_TORCH_VERSION;
+  lightllm::bind_bnb_cpu(m);
 }

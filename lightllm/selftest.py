@@ -409,6 +409,88 @@ def _blockwise(checker: Checker, small: bool) -> None:
                              lambda x, c: F.quantize_blockwise(x, c, 256))
 
 
+@sweep_for("quantize_4bit", "dequantize_4bit")
+def _fourbit(checker: Checker, small: bool) -> None:
+    """Codes and absmax, then the dequantized values, bit for bit: odd counts (a padded last byte),
+    short last blocks, an all-zero block."""
+    dev = checker.device
+    sizes = [1, 4095, 4096 * 3 + 5] + ([] if small else [(1 << 24) + 3])
+    for quant_type in ("nf4", "fp4"):
+        for blocksize in (32, 64, 4096):
+            for dtype in _float_dtypes(checker):
+                for n in sizes:
+                    x = (torch.randn(n, generator=_gen(n + blocksize)) * 3).to(dtype).to(dev)
+                    if n > 2 * blocksize + 700:
+                        x[blocksize:2 * blocksize].zero_()
+                    label = f"{quant_type} n={n} blocksize={blocksize} {str(dtype)[6:]}"
+                    q = torch.ops.lightllm.quantize_4bit
+                    ref_packed, ref_absmax = checker.reference(q, x, blocksize, quant_type)
+                    if checker.op == "quantize_4bit":
+                        packed, absmax = checker.run(q, x, blocksize, quant_type)
+                        checker.equal(label + " codes", packed, ref_packed)
+                        checker.equal(label + " absmax", absmax, ref_absmax)
+                    else:
+                        dq = torch.ops.lightllm.dequantize_4bit
+                        args = (ref_packed, ref_absmax, blocksize, quant_type, n, dtype)
+                        checker.equal(label, checker.run(dq, *args), checker.reference(dq, *args))
+
+
+@sweep_for("matmul_4bit")
+def _fourbit_matmul(checker: Checker, small: bool) -> None:
+    """Against float64 with the same 4-bit weight: K a multiple of the blocksize (the fused GEMV),
+    K where blocks straddle rows, and more rows of x than the GEMV takes (17: dequantize + matmul)."""
+    dev = checker.device
+    shapes = ((40, 96), (33, 256), (24, 200)) if small else ((4096, 4096), (1056, 4160), (777, 1000))
+    rows = (1, 3, 16, 17) if small else (1, 2, 8, 16, 17, 256)
+    for quant_type in ("nf4", "fp4"):
+        for blocksize in (32, 64, 128):
+            for n, k in shapes:
+                gen = _gen(n * k + blocksize)
+                w = torch.randn(n, k, generator=gen)
+                bias = torch.randn(n, generator=gen).to(dev)
+                packed, absmax = checker.reference(torch.ops.lightllm.quantize_4bit, w.to(dev), blocksize, quant_type)
+                w64 = checker.reference(torch.ops.lightllm.dequantize_4bit, packed, absmax, blocksize, quant_type,
+                                        n * k, torch.float64).view(n, k)
+                for dtype in _float_dtypes(checker):
+                    for m in rows:
+                        x = torch.randn(m, k, generator=_gen(m + k)).to(dtype).to(dev)
+                        args = (x, packed, absmax, blocksize, quant_type, n, bias)
+                        exact = x.double() @ w64.t() + bias.to(dtype).double()
+                        checker.close(f"{quant_type} {n}x{k} blocksize={blocksize} m={m} {str(dtype)[6:]}",
+                                      checker.run(torch.ops.lightllm.matmul_4bit, *args),
+                                      checker.reference(torch.ops.lightllm.matmul_4bit, *args), exact)
+
+
+@sweep_for("int8_linear")
+def _int8_linear(checker: Checker, small: bool) -> None:
+    """Threshold 0: the reference's bits. Threshold 2.5 (outlier columns in every case): against the
+    reference's own pipeline in float64 (same codes, exact product, the 16-bit outlier part)."""
+    from .quantization import int8 as int8_format
+
+    dev = checker.device
+    shapes = ((40, 96), (33, 200)) if small else ((4096, 4096), (1056, 4160))
+    rows = (1, 3, 16, 17) if small else (1, 2, 8, 16, 17, 256)
+    for n, k in shapes:
+        gen = _gen(n + k)
+        cb, scb, _ = int8_format.int8_vectorwise_quant(torch.randn(n, k, generator=gen).half())
+        cb, scb = cb.to(dev), scb.to(dev)
+        bias = torch.randn(n, generator=gen).to(dev)
+        for dtype in _float_dtypes(checker):
+            for m in rows:
+                x = (torch.randn(m, k, generator=_gen(m * k)) * 1.5).to(dtype).to(dev)
+                label = f"{n}x{k} m={m} {str(dtype)[6:]}"
+                op = torch.ops.lightllm.int8_linear
+                checker.equal(label + " threshold 0", checker.run(op, x, cb, scb, bias, 0.0),
+                              checker.reference(op, x, cb, scb, bias, 0.0))
+                ca, sca, cols = int8_format.int8_vectorwise_quant(x.half(), 2.5)
+                exact = (ca.double() @ cb.double().t()) * (sca.double()[:, None] * scb.double()[None, :]) / 127 ** 2
+                exact = exact + bias.to(dtype).double()
+                w_dq = int8_format.int8_vectorwise_dequant(cb[:, cols], scb).to(dtype)
+                exact = exact + x[:, cols].double() @ w_dq.double().t()
+                checker.close(label + " threshold 2.5", checker.run(op, x, cb, scb, bias, 2.5),
+                              checker.reference(op, x, cb, scb, bias, 2.5), exact)
+
+
 def _gptq_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, device, seed: int):
     from .nn import QuantLinear
 

@@ -169,3 +169,12 @@ def test_device_check_candidates_and_script(tmp_path):
     bad = subprocess.run(["bash", str(script), "--quick", "--only", "tests"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "not an area of this mode" in bad.stderr
+
+
+def test_bench_bnb_layers_runs(tmp_path):
+    rows = run_script("bench_bnb_layers.py", tmp_path / "bnb.csv", "--quick", "--shapes", "64x256", "--m", "1", "17",
+                      "--iters", "2")
+    impls = {(row["section"], row["impl"]) for row in rows}
+    assert {("nf4-matmul", "lightllm-cpp"), ("nf4-matmul", "f32-linear"), ("nf4-quantize", "lightllm-cpp"),
+            ("int8-linear", "lightllm-cpp")} <= impls
+    assert all(row["check"] == "ok" for row in rows), [(r["impl"], r["check"]) for r in rows if r["check"] != "ok"]

@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from .. import _native
 from ..backends import register, resolve
 
 QUANTIZE = "quantize_4bit"
@@ -117,6 +118,27 @@ def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.T
 register(QUANTIZE, "torch", ("cpu", "cuda"))(quantize_4bit_reference)
 register(DEQUANTIZE, "torch", ("cpu", "cuda"))(dequantize_4bit_reference)
 register(MATMUL, "torch", ("cpu", "cuda"))(matmul_4bit_reference)
+
+
+# ---- C++ CPU kernels (csrc/fourbit_cpu.cpp) ---------------------------------------------------
+# quantize / dequantize: the reference's bits. matmul: up to 16 rows of x a GEMV that reads the packed
+# weight once (float32 accumulation, one rounding to x's dtype: the reference's result up to summation
+# order); above 16 rows the C++ dequantization and torch's matmul, the reference's bits.
+
+@register(QUANTIZE, "cpp", ("cpu",))
+def _quantize_cpp(x, blocksize, quant_type):
+    return _native.cpp_module().quantize_4bit(x, _code_cpu(quant_type), blocksize)
+
+
+@register(DEQUANTIZE, "cpp", ("cpu",))
+def _dequantize_cpp(packed, absmax, blocksize, quant_type, n, dtype):
+    return _native.cpp_module().dequantize_4bit(packed.reshape(-1), absmax, _code_cpu(quant_type), blocksize, n, dtype)
+
+
+@register(MATMUL, "cpp", ("cpu",))
+def _matmul_cpp(x, packed, absmax, blocksize, quant_type, out_features, bias):
+    return _native.cpp_module().matmul_4bit(x, packed.reshape(-1), absmax, _code_cpu(quant_type), blocksize,
+                                            out_features, bias)
 
 
 # ---- the custom ops -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _native
 from ..backends import register, resolve
 from ..quantization import int8 as _int8
 
@@ -34,6 +35,13 @@ def dequantized_weight(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) 
 
 
 register(LINEAR, "torch", ("cpu", "cuda"))(int8_linear_reference)
+
+
+@register(LINEAR, "cpp", ("cpu",))
+def _int8_linear_cpp(x, cb, scb, bias, threshold):
+    """csrc/int8_cpu.cpp: the reference's bits at threshold 0 and wherever a call finds no outlier;
+    with outliers, their 16-bit product is summed in float32 (the reference's up to summation order)."""
+    return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold))
 
 
 @torch.library.custom_op("lightllm::int8_linear", mutates_args=())

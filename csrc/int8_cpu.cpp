@@ -1,0 +1,289 @@
+// LLM.int8 (bitsandbytes' Linear8bitLt) forward on the CPU, bit for bit the reference
+// (lightllm/ops/int8.py) where it is exact:
+//   1. activations quantized per row from their float16 values: stats = max |x16| (outliers left out),
+//      codes = round_half_even(x16 * ((1 / stats) * 127)), outlier columns' codes zeroed;
+//   2. C = codes . CB exactly in int32;
+//   3. y = ((float(C) * (row_stat * col_stat)) * 6.200124e-05) + bias, rounded to x's dtype, the same
+//      float32 operations in the same order as the reference (this file is built with
+//      -ffp-contract=off so that no multiply-add is fused);
+//   4. threshold > 0: plus the outlier columns of x times the dequantized int8 weight's same columns.
+//
+// AVX-512 VNNI's vpdpbusd multiplies unsigned by signed bytes: the activation codes are stored
+// offset by 128 (unsigned), and 128 * sum(CB row) - computed in the same pass with a vector of ones -
+// is subtracted again, so the int32 result is exact.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "bnb_cpu.h"
+#include "bnb_cpu_internal.h"
+
+namespace lightllm {
+namespace {
+
+// The reference's constants, as float32 (Python floats the tensors' float32 arithmetic rounds).
+const float kInv127Squared = static_cast<float>(6.200124e-05);
+const float kInv127 = static_cast<float>(7.874015718698502e-3);
+
+inline float load_as_float(const void* x, FloatType t, int64_t i) {
+  switch (t) {
+    case FloatType::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(x)[i]);
+    case FloatType::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(x)[i]);
+    default: return static_cast<const float*>(x)[i];
+  }
+}
+
+// v rounded to the output dtype, as float32 again.
+inline float round_to(FloatType t, float v) {
+  switch (t) {
+    case FloatType::kFloat16: return static_cast<float>(static_cast<c10::Half>(v));
+    case FloatType::kBFloat16: return static_cast<float>(static_cast<c10::BFloat16>(v));
+    default: return v;
+  }
+}
+
+inline void store_as(void* out, FloatType t, int64_t i, float v) {
+  switch (t) {
+    case FloatType::kFloat16: static_cast<c10::Half*>(out)[i] = static_cast<c10::Half>(v); break;
+    case FloatType::kBFloat16: static_cast<c10::BFloat16*>(out)[i] = static_cast<c10::BFloat16>(v); break;
+    default: static_cast<float*>(out)[i] = v;
+  }
+}
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Row stride of the activation codes: a multiple of 64, but not of 4096, so that the rows of x do not
+// all fall into the same L1 sets.
+inline int64_t padded_k(int64_t k) {
+  const int64_t kp = round_up(std::max<int64_t>(k, 1), 64);
+  return kp % 4096 == 0 ? kp + 64 : kp;
+}
+
+// Scratch layout (every part 64-byte aligned from a 64-byte aligned base).
+struct ScratchLayout {
+  int64_t codes_u8, codes, row_stats, outlier_cols, outlier_x, x16, total;
+};
+
+ScratchLayout scratch_layout(int64_t m, int64_t k) {
+  const int64_t kp = padded_k(k);
+  ScratchLayout l{};
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t here = at;
+    at += round_up(bytes, 64);
+    return here;
+  };
+  l.codes_u8 = take(m * kp);
+  l.codes = take(m * kp);
+  l.row_stats = take(m * 4);
+  l.outlier_cols = take(k * 8);
+  l.outlier_x = take(m * k * 4);
+  l.x16 = take(m * k * 4);
+  l.total = at + 64;  // room to align the base
+  return l;
+}
+
+// ---- the product and its epilogue --------------------------------------------------------------------
+
+// One output value from the exact int32 product C of row m of x and row n of W.
+inline void finish(const Int8LinearArgs& a, int64_t m, int64_t n, int32_t c) {
+  const Int8Activations& x = *a.acts;
+  const float scb = a.scb[n];
+  float y = static_cast<float>(c) * (x.row_stats[m] * scb);
+  y = y * kInv127Squared;
+  if (a.bias) y = y + a.bias[n];
+  if (x.n_outliers) {
+    // the reference rounds the int8 part to x's dtype, then adds the outlier product (addmm)
+    y = round_to(a.out_type, y);
+    const int8_t* w = a.cb + n * x.k;
+    const float* xo = x.outlier_x + m * x.n_outliers;
+    float extra = 0.0f;
+    for (int64_t j = 0; j < x.n_outliers; ++j) {
+      const float w_dq = round_to(a.out_type, (static_cast<float>(w[x.outlier_cols[j]]) * scb) * kInv127);
+      extra += xo[j] * w_dq;
+    }
+    y = y + extra;
+  }
+  store_as(a.out, a.out_type, m * a.n_rows + n, y);
+}
+
+void rows_portable(const Int8LinearArgs& a, int64_t n0, int64_t n1) {
+  const Int8Activations& x = *a.acts;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = a.cb + n * x.k;
+    for (int64_t m = 0; m < x.m; ++m) {
+      const int8_t* c = x.codes + m * x.k_padded;
+      int32_t acc = 0;
+      for (int64_t i = 0; i < x.k; ++i) acc += static_cast<int32_t>(c[i]) * static_cast<int32_t>(w[i]);
+      finish(a, m, n, acc);
+    }
+  }
+}
+
+#if defined(__x86_64__)
+#define LL_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+inline __mmask64 first_bytes(int64_t count) {
+  return count >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << count) - 1);
+}
+
+// Rows m0 .. m0 + MT - 1 of x against row n of W, two accumulators per row of x (vpdpbusd's
+// latency would otherwise bound a single chain at small MT).
+template <int MT>
+LL_VNNI void dot_rows(const Int8LinearArgs& a, int64_t n, int64_t m0) {
+  constexpr int kSets = 2;
+  const Int8Activations& x = *a.acts;
+  const int64_t k = x.k, kp = x.k_padded;
+  const int8_t* w = a.cb + n * k;
+  const uint8_t* xa = x.codes_u8 + m0 * kp;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[kSets][MT], wsum[kSets];
+  for (int s = 0; s < kSets; ++s) {
+    wsum[s] = _mm512_setzero_si512();
+    for (int m = 0; m < MT; ++m) acc[s][m] = _mm512_setzero_si512();
+  }
+  int64_t i = 0;
+  if constexpr (kSets == 2) {
+    for (; i + 128 <= k; i += 128) {
+      // software prefetch 2 KB ahead (the next rows follow contiguously): the hardware prefetcher
+      // alone leaves the stream latency-bound once each 64 bytes carry a few rows' work
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + 2048, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + 2048 + 64, _MM_HINT_T0);
+      const __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 64);
+      wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, w0);
+      wsum[1] = _mm512_dpbusd_epi32(wsum[1], ones, w1);
+      for (int m = 0; m < MT; ++m) {
+        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], _mm512_loadu_si512(xa + m * kp + i), w0);
+        acc[1][m] = _mm512_dpbusd_epi32(acc[1][m], _mm512_loadu_si512(xa + m * kp + i + 64), w1);
+      }
+    }
+  }
+  for (; i + 64 <= k; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i) + 2048, _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(w + i);
+    wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, w0);
+    for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], _mm512_loadu_si512(xa + m * kp + i), w0);
+  }
+  if (i < k) {  // a masked load (slow on some CPUs) only for the row's last bytes
+    const __m512i w0 = _mm512_maskz_loadu_epi8(first_bytes(k - i), w + i);  // zero past the row's end
+    wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, w0);
+    for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], _mm512_loadu_si512(xa + m * kp + i), w0);
+  }
+  __m512i ws = wsum[0];
+  if constexpr (kSets == 2) ws = _mm512_add_epi32(ws, wsum[1]);
+  const int32_t offset = 128 * _mm512_reduce_add_epi32(ws);
+  for (int m = 0; m < MT; ++m) {
+    __m512i t = acc[0][m];
+    if constexpr (kSets == 2) t = _mm512_add_epi32(t, acc[1][m]);
+    finish(a, m0 + m, n, _mm512_reduce_add_epi32(t) - offset);
+  }
+}
+
+using DotRows = void (*)(const Int8LinearArgs&, int64_t, int64_t);
+constexpr DotRows kDotRows[9] = {nullptr,     dot_rows<1>, dot_rows<2>, dot_rows<3>, dot_rows<4>,
+                                 dot_rows<5>, dot_rows<6>, dot_rows<7>, dot_rows<8>};
+
+void rows_vnni(const Int8LinearArgs& a, int64_t n0, int64_t n1) {
+  // Groups of at most 8 rows of x per row of W (two accumulators each, the W row stays in L1 for
+  // the next group); tiles of 32 rows of W stay in L2 while the groups pass over them.
+  const int64_t m_total = a.acts->m;
+  constexpr int64_t kTile = 32;
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t t1 = std::min(n1, t0 + kTile);
+    if (m_total <= 16) {
+      for (int64_t n = t0; n < t1; ++n)
+        for (int64_t m0 = 0; m0 < m_total; m0 += 8) kDotRows[std::min<int64_t>(8, m_total - m0)](a, n, m0);
+      continue;
+    }
+    for (int64_t m0 = 0; m0 < m_total; m0 += 8) {
+      const DotRows f = kDotRows[std::min<int64_t>(8, m_total - m0)];
+      for (int64_t n = t0; n < t1; ++n) f(a, n, m0);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+int64_t int8_scratch_bytes(int64_t m, int64_t k) { return scratch_layout(m, k).total; }
+
+void int8_prepare_activations(const void* xv, FloatType x_type, int64_t m, int64_t k, double threshold, void* scratch,
+                              Int8Activations* acts) {
+  const ScratchLayout l = scratch_layout(m, k);
+  char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<intptr_t>(scratch), 64));
+  Int8Activations& x = *acts;
+  x.m = m;
+  x.k = k;
+  x.k_padded = padded_k(k);
+  x.codes_u8 = reinterpret_cast<uint8_t*>(base + l.codes_u8);
+  x.codes = reinterpret_cast<int8_t*>(base + l.codes);
+  x.row_stats = reinterpret_cast<float*>(base + l.row_stats);
+  x.outlier_cols = reinterpret_cast<int64_t*>(base + l.outlier_cols);
+  x.outlier_x = reinterpret_cast<float*>(base + l.outlier_x);
+  float* x16 = reinterpret_cast<float*>(base + l.x16);
+  // float16 values (bitsandbytes casts the activations to float16 first)
+  for (int64_t i = 0; i < m * k; ++i) x16[i] = static_cast<float>(static_cast<c10::Half>(load_as_float(xv, x_type, i)));
+  // Outliers: |x16| >= threshold, compared in float16 as torch compares a float16 tensor with a
+  // Python float (the threshold rounded to float16).
+  const bool split = threshold > 0.0;
+  const float thr = split ? static_cast<float>(static_cast<c10::Half>(static_cast<float>(threshold)))
+                          : std::numeric_limits<float>::infinity();
+  x.n_outliers = 0;
+  if (split) {
+    for (int64_t c = 0; c < k; ++c) {
+      bool any = false;
+      for (int64_t r = 0; r < m; ++r) any |= std::fabs(x16[r * k + c]) >= thr;
+      if (any) x.outlier_cols[x.n_outliers++] = c;
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x16 + r * k;
+    // absmax of the values that are not outliers themselves (masked_fill before amax); NaN propagates
+    float stat = 0.0f;
+    bool nan = false;
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = std::fabs(row[c]);
+      if (std::isnan(v)) nan = true;
+      else if (!(v >= thr) && v > stat) stat = v;
+    }
+    if (nan) stat = std::numeric_limits<float>::quiet_NaN();
+    x.row_stats[r] = stat;
+    // 127 / stats is reciprocal(stats) * 127 in torch (Tensor.__rtruediv__): two roundings
+    const float scale = stat == 0.0f ? 0.0f : (1.0f / stat) * 127.0f;
+    int8_t* codes = x.codes + r * x.k_padded;
+    uint8_t* codes_u8 = x.codes_u8 + r * x.k_padded;
+    int64_t j = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = std::nearbyint(row[c] * scale);  // torch.round: half to even
+      int32_t q = std::isnan(v) ? 0 : static_cast<int32_t>(v);  // NaN: its row's outputs are NaN anyway
+      if (j < x.n_outliers && x.outlier_cols[j] == c) {  // outlier columns: code 0 in every row
+        q = 0;
+        ++j;
+      }
+      codes[c] = static_cast<int8_t>(q);
+      codes_u8[c] = static_cast<uint8_t>(q + 128);
+    }
+    std::memset(codes + k, 0, static_cast<size_t>(x.k_padded - k));
+    std::memset(codes_u8 + k, 128, static_cast<size_t>(x.k_padded - k));
+  }
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < x.n_outliers; ++j)
+      x.outlier_x[r * x.n_outliers + j] = load_as_float(xv, x_type, r * k + x.outlier_cols[j]);
+}
+
+void int8_linear_cpu(const Int8LinearArgs& a, int64_t n0, int64_t n1) {
+#if defined(__x86_64__)
+  if (bnb_use_vnni()) return rows_vnni(a, n0, n1);
+#endif
+  rows_portable(a, n0, n1);
+}
+
+}  // namespace lightllm
