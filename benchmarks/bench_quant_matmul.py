@@ -8,6 +8,8 @@ default; RTN is as good as GPTQ for timing). In the same run, on the same shapes
 
 * cublas-fp16, cublas-bf16: ``F.linear`` on the dense (dequantized 4-bit) weight; cublas-fp16 is
   the denominator of every speedup. On the CPU these rows are torch's CPU ``F.linear``.
+* dense-fp32 (the CPU's baseline): ``F.linear`` in float32 on the same dense weight; on the CPU the
+  speedups (table, plot) are over it, the number the CPU targets are stated in.
 * torch-int4: torch's own W4 kernel (``aten._weight_int4pack_mm``, "tinygemm", bf16) on the same
   4-bit codes, converted to its layout.
 * bnb-nf4: bitsandbytes ``matmul_4bit`` on its own NF4 quantization of the layer (blocksize 64).
@@ -27,8 +29,10 @@ Examples:
     python benchmarks/bench_quant_matmul.py --quick              # 2 shapes, 4 M, ~2 min on an H100
     python benchmarks/bench_quant_matmul.py                      # the full sweep on the GPU
     python benchmarks/bench_quant_matmul.py --shapes 8192x8192 --m 1 16 --bits 4 3
-    python benchmarks/bench_quant_matmul.py --device cpu         # tiny smoke run without a GPU
-    TRITON_INTERPRET=1 python benchmarks/bench_quant_matmul.py --device cpu --quick   # + Triton
+    python benchmarks/bench_quant_matmul.py --device cpu         # the CPU run: C++ GEMV, 2/3/4/8 bits,
+                                                                 # fp16 and bf16, M 1-16, 7B shapes (~3 min)
+    python benchmarks/bench_quant_matmul.py --device cpu --shapes 256x256 --m 1   # smoke run
+    TRITON_INTERPRET=1 python benchmarks/bench_quant_matmul.py --device cpu --shapes 256x256 --m 1  # + Triton
 
 Writes rows to benchmarks/results/bench_quant_matmul.csv (appending; every row tagged with card,
 date, commit), a plot of speedup over cublas-fp16 against M next to it (same name, .png), and
@@ -81,18 +85,22 @@ CUBLAS_FP16 = "cublas-fp16"
 CUBLAS_BF16 = "cublas-bf16"
 TORCH_INT4 = "torch-int4"
 BNB_NF4 = "bnb-nf4"
-BASELINES = (CUBLAS_FP16, CUBLAS_BF16, TORCH_INT4, BNB_NF4)
+DENSE_FP32 = "dense-fp32"
+BASELINES = (CUBLAS_FP16, CUBLAS_BF16, DENSE_FP32, TORCH_INT4, BNB_NF4)
 IMPL_CHOICES = tuple(OURS + b for b in BACKENDS) + BASELINES
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # LLaMA linears, (N out, K in): q/o 7B, gate/up 7B, down 7B, q/o 70B, gate/up 70B.
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
 GPU_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 QUICK_SHAPES = [(4096, 4096), (8192, 8192)]
 QUICK_M = [1, 16, 64, 1024]
-# The CPU run is a smoke test of the script (the Triton interpreter runs a few programs per second).
-CPU_SHAPES = [(256, 256), (512, 256)]
-CPU_M = [1, 16]
+# The CPU run: LLaMA-7B's q/o and gate/up shapes at decode sizes (the C++ GEMV's range). The
+# reference dequantizes the whole weight per call (hundreds of ms): by default it runs once per shape
+# (4 bits, the smallest M), as the "before" number.
+CPU_SHAPES = [(4096, 4096), (11008, 4096)]
+CPU_M = [1, 2, 4, 8, 16]
+CPU_QUICK_M = [1, 16]
 
 
 # ---- run settings ---------------------------------------------------------------------------
@@ -119,13 +127,18 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     # 256 MB per copy buffer is far beyond the last-level cache and spares the RAM.
     if quick:
         return Schedule(warmup=1, iters=3, eager_iters=1, eager_repeats=3, copy_bytes=1 << 28, max_seconds=3.0)
-    return Schedule(warmup=1, iters=7, eager_iters=2, eager_repeats=3, copy_bytes=1 << 28, max_seconds=6.0)
+    # The C++ GEMV takes well under a millisecond: enough timed calls for a steady median on a 2-core
+    # machine that other jobs share (the cap keeps the slow rows short).
+    return Schedule(warmup=2, iters=30, eager_iters=10, eager_repeats=3, copy_bytes=1 << 28, max_seconds=6.0)
 
 
-def bits_plan(bits_arg: list[int] | None, ms: list[int]) -> dict[int, list[int]]:
-    """Which M each bit width of ours runs at: by default the 4-bit sweep and 3 bits at M = 1
-    (or the smallest M asked for); with --bits, every listed width at every M."""
+def bits_plan(bits_arg: list[int] | None, ms: list[int], device: torch.device) -> dict[int, list[int]]:
+    """Which M each bit width of ours runs at: by default on a GPU the 4-bit sweep and 3 bits at M = 1
+    (or the smallest M asked for), on the CPU every width at every M; with --bits, every listed width
+    at every M."""
     if bits_arg is None:
+        if device.type == "cpu":
+            return {b: list(ms) for b in (4, 3, 2, 8)}
         return {4: list(ms), 3: [1 if 1 in ms else min(ms)]}
     return {b: list(ms) for b in dict.fromkeys(bits_arg)}
 
@@ -226,8 +239,8 @@ def _cublas(dtype: torch.dtype) -> Impl:
         weight = w64.to(dtype).contiguous()
         return Prepared(lambda x: F.linear(x, weight), w64, weight.nbytes)
 
-    name = CUBLAS_FP16 if dtype == torch.float16 else CUBLAS_BF16
-    return Impl(name, "aten F.linear", dtype, 16, prepare)
+    name = {torch.float16: CUBLAS_FP16, torch.bfloat16: CUBLAS_BF16, torch.float32: DENSE_FP32}[dtype]
+    return Impl(name, "aten F.linear", dtype, torch.finfo(dtype).bits, prepare)
 
 
 def _int4pack_ops(device: torch.device):
@@ -312,7 +325,7 @@ def _bnb_nf4(device: torch.device) -> Impl | None:
     return Impl(BNB_NF4, f"bitsandbytes {bnb.__version__}", torch.float16, 4, prepare)
 
 
-def discover_impls(device: torch.device, wanted: list[str] | None, dtype: torch.dtype,
+def discover_impls(device: torch.device, wanted: list[str] | None, dtypes: list[torch.dtype],
                    act_order: bool = False) -> list[Impl]:
     impls = []
     for backend in BACKENDS:
@@ -324,15 +337,22 @@ def discover_impls(device: torch.device, wanted: list[str] | None, dtype: torch.
             reason = why_unavailable(backend) or f"no {backend} kernel for {ops_gptq.MATMUL} on {device.type}"
             logger.info("skipping %s on %s: %s", name, device.type, reason)
             continue
-        impls.append(_ours(backend, dtype))
-        if act_order:
-            impls.append(_ours(backend, dtype, act_order=True))
+        for dtype in dtypes:
+            impls.append(_ours(backend, dtype))
+            if act_order:
+                impls.append(_ours(backend, dtype, act_order=True))
 
-    if wanted and CUBLAS_FP16 not in wanted:
-        logger.info("timing %s anyway: it is the denominator of every speedup", CUBLAS_FP16)
-    impls.append(_cublas(torch.float16))
+    denominator = DENSE_FP32 if device.type == "cpu" else CUBLAS_FP16
+    if wanted and denominator not in wanted:
+        logger.info("timing %s anyway: it is the denominator of every speedup", denominator)
+    if device.type == "cpu":
+        impls.append(_cublas(torch.float32))
+    if device.type != "cpu" or not wanted or CUBLAS_FP16 in wanted:
+        impls.append(_cublas(torch.float16))
     if not wanted or CUBLAS_BF16 in wanted:
         impls.append(_cublas(torch.bfloat16))
+    if device.type != "cpu" and wanted and DENSE_FP32 in wanted:
+        impls.append(_cublas(torch.float32))
     if not wanted or TORCH_INT4 in wanted:
         impls.append(_torch_int4(device))
     if not wanted or BNB_NF4 in wanted:
@@ -385,6 +405,10 @@ def run_shape(n: int, k: int, impls: list[Impl], plan: dict[int, list[int]], ms:
     rows = []
     for impl in impls:
         widths = [(b, plan[b]) for b in plan] if impl.bits is None else [(impl.bits, ms)]
+        if impl.backend == "torch" and device.type == "cpu" and not args.full_reference:
+            # The reference dequantizes the whole weight per call: once per shape is the "before" number.
+            first = 4 if 4 in plan else next(iter(plan))
+            widths = [(first, plan[first][:1])]
         for bits, bits_ms in widths:
             try:
                 prep = impl.prepare(layer, bits)
@@ -432,21 +456,29 @@ def run_shape(n: int, k: int, impls: list[Impl], plan: dict[int, list[int]], ms:
 
 def add_speedups(rows: list[dict]) -> None:
     """Speedup over cublas-fp16 at the same shape and M, device time and eager time; also over
-    cuBLAS in the row's own dtype (bf16 for torch-int4, as public tinygemm numbers are quoted)."""
-    base = {(r["impl"], r["shape"], r["m"]): r for r in rows if r["impl"] in (CUBLAS_FP16, CUBLAS_BF16)}
+    cuBLAS in the row's own dtype (bf16 for torch-int4, as public tinygemm numbers are quoted), and
+    over dense-fp32 where it ran (the CPU's baseline)."""
+    base = {(r["impl"], r["shape"], r["m"]): r for r in rows if r["impl"] in (CUBLAS_FP16, CUBLAS_BF16, DENSE_FP32)}
     for r in rows:
         b = base.get((CUBLAS_FP16, r["shape"], r["m"]))
         r["speedup_vs_cublas_fp16"] = b["device_us"] / r["device_us"] if b else None
         r["eager_speedup_vs_cublas_fp16"] = b["eager_us"] / r["eager_us"] if b else None
-        same = base.get((CUBLAS_BF16 if r["dtype"] == "bfloat16" else CUBLAS_FP16, r["shape"], r["m"]))
+        same = base.get(({"bfloat16": CUBLAS_BF16, "float32": DENSE_FP32}.get(r["dtype"], CUBLAS_FP16), r["shape"],
+                         r["m"]))
         r["speedup_vs_cublas_same_dtype"] = same["device_us"] / r["device_us"] if same else None
+        f32 = base.get((DENSE_FP32, r["shape"], r["m"]))
+        r["speedup_vs_fp32"] = f32["device_us"] / r["device_us"] if f32 else None
 
 
 # ---- plot -----------------------------------------------------------------------------------
 
-def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, subtitle: str) -> None:
-    """Speedup over cublas-fp16 against M (log-log), one panel per shape, one line per
-    implementation and bit width; points that fail the accuracy bar are circled in red."""
+def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, subtitle: str,
+                 baseline: str = CUBLAS_FP16) -> None:
+    """Speedup over ``baseline`` (cublas-fp16, or dense-fp32 on the CPU) against M (log-log), one
+    panel per shape, one line per implementation, dtype and bit width; points that fail the accuracy
+    bar are circled in red."""
+    key = "speedup_vs_fp32" if baseline == DENSE_FP32 else "speedup_vs_cublas_fp16"
+    several_dtypes = len({r["dtype"] for r in rows if r["impl"].startswith(OURS)}) > 1
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,22 +487,24 @@ def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, su
     from matplotlib.ticker import FuncFormatter
 
     def label(r):
-        return f"{r['impl']} w{r['bits']}" if r["impl"].startswith(OURS) else r["impl"]
+        if not r["impl"].startswith(OURS):
+            return r["impl"]
+        return f"{r['impl']} w{r['bits']}" + (f" {r['dtype']}" if several_dtypes else "")
 
-    # cublas-fp16 itself is the dashed line at 1x.
-    points = [r for r in rows if r.get("speedup_vs_cublas_fp16") and r["impl"] != CUBLAS_FP16]
+    # The baseline itself is the dashed line at 1x.
+    points = [r for r in rows if r.get(key) and r["impl"] != baseline]
     if not points:
-        logger.warning("no speedups to plot (no rows besides cublas-fp16, or no cublas-fp16 rows)")
+        logger.warning("no speedups to plot (no rows besides %s, or no %s rows)", baseline, baseline)
         return
     series = list(dict.fromkeys(label(r) for r in points))
-    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}
+    colours = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(series)}
     cols = min(3, len(shapes))
     nrows = -(-len(shapes) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols + 2.2, 4.0 * nrows), squeeze=False)
     any_failed = False
     for ax, shape in zip(axes.flat, shapes):
         for s in series:
-            pts = sorted((r["m"], r["speedup_vs_cublas_fp16"], r["accuracy"] != "ok")
+            pts = sorted((r["m"], r[key], r["accuracy"] != "ok")
                          for r in points if r["shape"] == shape and label(r) == s)
             if not pts:
                 continue
@@ -487,12 +521,12 @@ def plot_speedup(rows: list[dict], shapes: list[str], path: Path, tags: dict, su
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}x"))
         ax.set_title(f"N x K = {shape}", fontsize=10)
         ax.set_xlabel("M (rows of x)")
-        ax.set_ylabel("speedup over cublas-fp16 (device time)")
+        ax.set_ylabel(f"speedup over {baseline} (device time)")
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(shapes):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=colours[s], marker="o", markersize=4, label=s) for s in series]
-    handles.append(Line2D([], [], color="black", linestyle="--", label="cublas-fp16"))
+    handles.append(Line2D([], [], color="black", linestyle="--", label=baseline))
     if any_failed:
         handles.append(Line2D([], [], marker="o", markersize=9, linestyle="none", markerfacecolor="none",
                               markeredgecolor="red", label="fails the accuracy bar"))
@@ -514,15 +548,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                + " ".join(f"{n}x{k}" for n, k in GPU_SHAPES) + ", M " + " ".join(map(str, GPU_M))
                + "; 4 bits at every M and 3 bits at M=1. On the CPU: shapes "
                + " ".join(f"{n}x{k}" for n, k in CPU_SHAPES) + ", M " + " ".join(map(str, CPU_M))
-               + " (a smoke test; set TRITON_INTERPRET=1 before launching to include the Triton backend). "
+               + ", bits 4 3 2 8 at every M, ours in float16 and bfloat16, the reference once per shape, speedups over "
+               "dense-fp32 (float32 F.linear); set TRITON_INTERPRET=1 before launching to include the Triton "
+               "interpreter (small shapes only). "
                "Results are appended to the CSV (tagged with card, date and commit); the PNG plot of speedup over "
-               "cublas-fp16 against M goes next to it. Timing: CUDA events on a GPU, wall time on the CPU, caches "
+               "the baseline against M goes next to it. Timing: CUDA events on a GPU, wall time on the CPU, caches "
                "flushed before each timed call; eager time is host wall time per back-to-back call.",
     )
     p.add_argument("--quick", action="store_true",
                    help="GPU: shapes " + " ".join(f"{n}x{k}" for n, k in QUICK_SHAPES) + " and M "
                         + " ".join(map(str, QUICK_M)) + ", fewer iterations (about 2 minutes on an H100); "
-                        "CPU: the smoke shapes with fewer iterations")
+                        "CPU: M " + " ".join(map(str, CPU_QUICK_M)) + ", fewer iterations")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to run (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--shapes", type=size_pair, nargs="+", default=None, metavar="NxK",
@@ -538,8 +574,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--asym", action="store_true",
                    help="asymmetric RTN (a zero point per group) instead of the symmetric grid most GPTQ checkpoints "
                         "use; the kernels' work is the same, but it exercises the zero-point conversions")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
-                   help="activation dtype of ours (default float16, the dtype of GPTQ scales)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=None,
+                   help="activation dtypes of ours (default float16, the dtype of GPTQ scales; on the CPU float16 "
+                        "and bfloat16, torch-int4's dtype)")
+    p.add_argument("--full-reference", action="store_true",
+                   help="CPU: time the reference backend at every bit width and M (by default once per shape: it "
+                        "dequantizes the whole weight per call)")
     p.add_argument("--impl", nargs="+", default=None, choices=IMPL_CHOICES, metavar="IMPL",
                    help="only these implementations: " + ", ".join(IMPL_CHOICES)
                         + f" (default: all that run on the device; {CUBLAS_FP16} is always timed)")
@@ -588,9 +628,11 @@ def main(argv=None) -> int:
         shapes = args.shapes or (QUICK_SHAPES if args.quick else GPU_SHAPES)
         ms = args.m or (QUICK_M if args.quick else GPU_M)
     else:
-        shapes, ms = args.shapes or CPU_SHAPES, args.m or CPU_M
+        shapes, ms = args.shapes or CPU_SHAPES, args.m or (CPU_QUICK_M if args.quick else CPU_M)
     ms = sorted(dict.fromkeys(ms))
-    plan = bits_plan(args.bits, ms)
+    plan = bits_plan(args.bits, ms, device)
+    dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtype or (["float16", "bfloat16"] if device.type == "cpu"
+                                                              else ["float16"]))]
     for bits in plan:
         multiple = values_per_chunk(bits)[0]
         for n, k in shapes:
@@ -606,10 +648,13 @@ def main(argv=None) -> int:
                 " ".join(f"{n}x{k}" for n, k in shapes), ms, {b: len(v) for b, v in plan.items()}, tags["commit"])
     busy = warn_if_busy(device)
 
-    impls = discover_impls(device, args.impl, DTYPES[args.dtype], act_order=args.act_order)
-    logger.info("implementations: %s", ", ".join(i.name for i in impls))
+    impls = discover_impls(device, args.impl, dtypes, act_order=args.act_order)
+    logger.info("implementations: %s", ", ".join(f"{i.name} ({str(i.dtype).removeprefix('torch.')})" for i in impls))
     if device.type == "cpu":
         logger.info("on the CPU the cublas-* rows are torch's CPU F.linear; Triton (if any) runs in its interpreter")
+        native = lightllm._native.cpp_module()
+        if native is not None and hasattr(native, "gptq_cpu_isa"):
+            logger.info("C++ GEMV instruction set: %s", native.gptq_cpu_isa())
 
     copy_bw = measure_copy_bandwidth(device, sched.copy_bytes)
     logger.info("copy bandwidth (read + write): %.1f GB/s", copy_bw / 1e9)
@@ -627,19 +672,25 @@ def main(argv=None) -> int:
         r["others_busy"] = "" if busy is None else round(busy, 3)
     CsvWriter(args.out, tags).write(rows)
     shape_names = [f"{n}x{k}" for n, k in shapes]
+    baseline = DENSE_FP32 if device.type == "cpu" else CUBLAS_FP16
     plot_speedup(rows, shape_names, args.out.with_suffix(".png"), tags,
-                 f"group size {args.group_size}, {device.type} ({rows[0]['method']})")
+                 f"group size {args.group_size}, {device.type} ({rows[0]['method']})", baseline)
 
     # The table: by shape, then M, then implementation in discovery order.
-    order = {i.name: j for j, i in enumerate(impls)}
-    rows.sort(key=lambda r: (shape_names.index(r["shape"]), r["m"], order[r["impl"]], -r["bits"]))
+    order = {}
+    for j, i in enumerate(impls):
+        order.setdefault(i.name, j)
+    rows.sort(key=lambda r: (shape_names.index(r["shape"]), r["m"], order[r["impl"]], r["dtype"], -r["bits"]))
     for r in rows:
         r["p20_p80"] = f"{fmt_float(r['device_us_p20'])}-{fmt_float(r['device_us_p80'])}"
         r["pct_copy"] = 100 * r["frac_copy_bw"]
     print(f"\n{tags['card']} | {tags['date']} | commit {tags['commit']} | torch {tags['torch']} | "
           f"triton {tags['triton']} | timing: {rows[0]['method']} | copy bandwidth {copy_bw / 1e9:.1f} GB/s"
           + (f" | malloc {cpu_malloc}" if cpu_malloc else ""))
-    print(format_table(rows, COLUMNS))
+    columns = COLUMNS
+    if device.type == "cpu":  # the CPU's baseline is float32 F.linear
+        columns = [c if c[0] != "speedup_vs_cublas_fp16" else ("speedup_vs_fp32", "vs fp32 F.linear") for c in COLUMNS]
+    print(format_table(rows, columns))
     if device.type == "cpu":
         print("\nCPU run: cublas-* rows are torch's CPU F.linear; Triton rows (if any) are the interpreter, "
               "so their times mean nothing.")

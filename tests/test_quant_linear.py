@@ -113,7 +113,7 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.lightllm.gptq_lora_linear.default, (x, *args, q.bias, a, b, 0.5, 4, True))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("rank", [1, 3, 16, 40, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("given", ["s", "a"])  # S = x A^T given, or computed in the kernel from A
@@ -136,17 +136,22 @@ def test_lora_epilogue(backend, rank, dtype, given):
 
 
 def test_ops_without_a_kernel_in_the_chosen_backend_run_their_default(caplog, monkeypatch):
-    # The GPTQ ops have no C++ CPU kernel: under "cpp" they run their default, the reference.
+    # QLoRA under "cpp": S = x A^T (lora_shrink) has no C++ kernel and runs its default, the
+    # reference, saying so once; the GPTQ matmul and the backward's dequantization are C++ kernels.
     monkeypatch.setattr(lightllm.backends, "_fallbacks_logged", set())  # "once" per process
     q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
     if "cpp" not in lightllm.available_backends():
         pytest.skip("no native build")
     x = torch.randn(2, 64, requires_grad=True)
-    with caplog.at_level("INFO", logger="lightllm"), lightllm.use_backend("cpp"):
-        q(x).sum().backward()
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    with caplog.at_level("INFO", logger="lightllm"), lightllm.use_backend("cpp"), \
+            lightllm.backends.record_dispatches() as calls:
+        q.lora_linear(x, a, b, 0.5).sum().backward()
         w = q.dequantize()
-    assert "gptq_matmul has no 'cpp' kernel; running its default 'torch' instead" in caplog.text
-    assert torch.equal(w, q.dequantize()) and x.grad is not None
+    assert "lora_shrink has no 'cpp' kernel; running its default 'torch' instead" in caplog.text
+    ran = {(call.op, call.ran) for call in calls}
+    assert {("gptq_matmul", "cpp"), ("gptq_dequantize", "cpp"), ("lora_shrink", "torch")} <= ran, ran
+    assert torch.equal(w, q.dequantize()) and x.grad is not None and a.grad is not None
 
 
 def test_bad_input_raises_clear_errors():
@@ -453,3 +458,177 @@ def test_torch_compile_of_a_quant_linear():
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x), q(x))
+
+
+# ---- the C++ CPU kernels (lightllm._C: AVX-512, AVX2 or scalar, chosen at run time) ----------
+
+def _cpp():
+    native = lightllm._native.cpp_module()
+    if native is None:
+        pytest.skip(f"lightllm._C is not loaded: {lightllm._native.load_error}")
+    return native
+
+
+CPP_ISAS = ["avx512bf16", "avx512", "avx2", "scalar"]
+# (K, N) per bit width: K, N not multiples of the kernels' tiles (16 columns a vector, 16 to 64 a
+# tile), N not of 16 where the packing allows (2 bits needs 16 | N, 3 bits 32 | K and N); the
+# second shape has groups longer than the kernel's 128-value segments and several column tiles.
+CPP_SHAPES = {2: [(80, 48), (400, 112)], 3: [(96, 96), (288, 160)], 4: [(72, 40), (264, 104)],
+              8: [(68, 36), (260, 100)]}
+CPP_M = [1, 2, 3, 7, 16, 17, 33, 48]  # up to 3 row blocks (M = 257, dequantize + GEMM: through QuantLinear below)
+
+
+def _random_gptq(k, n, bits, group_size, layout, sym, v1, seed):
+    """Packed GPTQ tensors from random codes. layout: "seq" (sequential groups), "sorted" (groups
+    contiguous, as QuantLinear's kernel layout keeps them, but of random unequal lengths: segment
+    boundaries inside packed words) or "scattered" (act-order as stored: each group's rows spread
+    over K)."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = k if group_size == -1 else group_size
+    groups = -(-k // gs)
+    q = torch.randint(0, 2**bits, (k, n), generator=gen)
+    if sym:
+        zeros = torch.full((groups, n), 2 ** (bits - 1))
+    else:
+        zeros = torch.randint(1 if v1 else 0, 2**bits, (groups, n), generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) / 8 + 0.01).half()
+    g_idx = torch.arange(k) // gs
+    if layout == "sorted":
+        g_idx = torch.randint(0, groups, (k,), generator=gen).sort().values
+    elif layout == "scattered":
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    return pack_gptq(q, zeros, scales, g_idx.int(), bits, "gptq" if v1 else "gptq_v2")
+
+
+def _check_cpp_case(native, isa, bits, k, n, t, v1, m, dtype, bias, lora, seed):
+    from lightllm.ops import gptq as ops_gptq
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = (torch.randn(n, generator=gen) / 4).to(dtype if bias == "x" else torch.float16) if bias else None
+    a = s = lb = None
+    if lora:
+        r = 1 + seed % 5
+        lb = torch.randn(n, r, generator=gen).to(dtype)
+        if lora == "a":
+            a = torch.randn(r, k, generator=gen) / 8
+        else:
+            s = torch.randn(m, r, generator=gen)
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], b, a, s, lb, 0.5, bits, v1)
+    out = native.gptq_matmul(x, *args, isa=isa)
+    ref = ops_gptq.gptq_matmul_reference(x, *args)
+    w = ops_gptq.gptq_dequantize_reference(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, v1, torch.float64)
+    exact = x.double() @ w.t()
+    if b is not None:
+        exact += b.double()
+    if lora:
+        exact += 0.5 * ((x.double() @ a.double().t()) if s is None else s.double()) @ lb.double().t()
+    err_ref = (ref.double() - exact).abs().max().item()
+    err_out = (out.double() - exact).abs().max().item()
+    bar = max(2 * err_ref, 4 * torch.finfo(dtype).eps * exact.abs().max().item())
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert err_out <= bar, (isa, bits, k, n, v1, m, dtype, bias, lora, err_out, err_ref)
+
+
+@pytest.mark.parametrize("isa", CPP_ISAS)
+@pytest.mark.parametrize("bits", BITS)
+def test_cpp_gemv_matches_reference(isa, bits):
+    """Every group size x layout x shape, with the zero format, symmetry, scales' dtype, M, dtype, bias
+    and LoRA epilogue rotated over the cases (each value of each at least once per bit width and ISA)."""
+    native = _cpp()
+    if isa != "scalar" and CPP_ISAS.index(isa) < CPP_ISAS.index(native.gptq_cpu_isa()):
+        pytest.skip(f"this CPU has no {isa}")
+    case = 0
+    for k, n in CPP_SHAPES[bits]:
+        for group_size in [32, 64, 128, -1, 40]:
+            for layout in ["seq", "sorted", "scattered"]:
+                v1, sym = case % 2 == 0, case % 3 == 0
+                t = _random_gptq(k, n, bits, group_size, layout, sym, v1, seed=case)
+                t["scales"] = t["scales"].to(DTYPES[(case // 2) % 3])  # QuantLinear's scales follow .to()
+                for j in range(2):
+                    i = 2 * case + j
+                    _check_cpp_case(native, isa, bits, k, n, t, v1, m=CPP_M[i % len(CPP_M)], dtype=DTYPES[i % 3],
+                                    bias=[None, "x", "half"][(i // 3) % 3], lora=[None, "a", "s"][(i // 2) % 3],
+                                    seed=i)
+                case += 1
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("case", _grid(seed=5, count=2), ids=str)
+def test_cpp_backend_matches_reference_through_quant_linear(backend, case):
+    if backend not in lightllm.available_backends():
+        pytest.skip("no native build")
+    bits, group_size, sym, act_order, m, dtype = case
+    check_backend(backend, bits, group_size, sym, act_order, m, dtype, "cpu")
+    check_backend(backend, bits, group_size, sym, act_order, [17, 257][bits % 2], torch.bfloat16, "cpu")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_cpp_dequantize_is_the_reference_bit_for_bit(bits, act_order, dtype):
+    if "cpp" not in lightllm.available_backends():
+        pytest.skip("no native build")
+    check_triton_dequantize(bits, act_order, dtype, "cpu", backend="cpp")
+
+
+def test_cpp_gemv_is_the_default_on_the_cpu_and_takes_any_strides():
+    native = _cpp()
+    assert lightllm.backends.default_backend("gptq_matmul", "cpu") == "cpp"
+    q = QuantLinear.from_linear(make_linear(64, 48), 4, 32)
+    x = torch.randn(64, 3).t()  # non-contiguous
+    qweight = torch.stack([q.qweight, q.qweight], dim=2)[:, :, 0]  # non-contiguous, same values
+    assert not x.is_contiguous() and not qweight.is_contiguous()
+    y = native.gptq_matmul(x, qweight, q.qzeros, q.scales, q.g_idx, q.bias, None, None, None, 0.0, 4, True)
+    with lightllm.use_backend("torch"):
+        torch.testing.assert_close(y, q(x.contiguous()), rtol=1e-5, atol=1e-5)
+    empty = native.gptq_matmul(x[:0], q.qweight, q.qzeros, q.scales, q.g_idx, None, None, None, None, 0.0, 4, True)
+    assert empty.shape == (0, 48)
+
+
+def test_cpp_gptq_kernels_check_their_arguments():
+    native = _cpp()
+    q = QuantLinear.from_linear(make_linear(64, 32), 4, 32)
+    w = (q.qweight, q.qzeros, q.scales, q.g_idx)
+    x = torch.randn(2, 64)
+
+    def mm(x=x, qweight=q.qweight, qzeros=q.qzeros, scales=q.scales, g_idx=q.g_idx, bias=None, a=None, s=None,
+           b=None, bits=4, **kw):
+        return native.gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, a, s, b, 0.5, bits, True, **kw)
+
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4 or 8, got 5"):
+        mm(bits=5)
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4 or 8, got 5"):
+        native.gptq_dequantize(*w, 5, True, torch.float16)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got Long"):
+        mm(x=x.long())
+    with pytest.raises(TypeError, match="qweight, qzeros and g_idx must be int32, got Long"):
+        mm(qweight=q.qweight.long())
+    with pytest.raises(TypeError, match="scales must be float32, float16 or bfloat16, got Int"):
+        mm(scales=q.scales.int())
+    with pytest.raises(TypeError, match="dtype must be float32, float16, bfloat16 or float64, got Long"):
+        native.gptq_dequantize(*w, 4, True, torch.int64)
+    with pytest.raises(ValueError, match=r"x must be \[M, K\] with K = 64 \(g_idx's length\), got \[2, 65\]"):
+        mm(x=torch.randn(2, 65))
+    with pytest.raises(ValueError, match=r"qweight \[7, 32\] does not hold K = 64"):
+        mm(qweight=q.qweight[:7])
+    with pytest.raises(ValueError, match="do not match N = 32"):
+        mm(qzeros=q.qzeros[:, :3])
+    with pytest.raises(ValueError, match=r"g_idx\[5\] = 2 names no group \(scales and qzeros hold 2\)"):
+        g = q.g_idx.clone()
+        g[5] = 2
+        mm(g_idx=g)
+    with pytest.raises(ValueError, match=r"g_idx\[0\] = -1 names no group"):
+        native.gptq_dequantize(q.qweight, q.qzeros, q.scales, torch.full_like(q.g_idx, -1), 4, True, torch.float32)
+    with pytest.raises(ValueError, match=r"bias must be \[32\], got \[31\]"):
+        mm(bias=torch.zeros(31))
+    with pytest.raises(ValueError, match="lora_b goes with lora_a or lora_s"):
+        mm(a=torch.zeros(3, 64))
+    with pytest.raises(ValueError, match=r"lora_a must be \[r, K\] = \[3, 64\], got \[3, 63\]"):
+        mm(a=torch.zeros(3, 63), b=torch.zeros(32, 3))
+    with pytest.raises(ValueError, match=r"lora_s must be \[M, r\] = \[2, 3\], got \[1, 3\]"):
+        mm(s=torch.zeros(1, 3), b=torch.zeros(32, 3))
+    with pytest.raises(ValueError, match="isa must be 'auto', 'avx512bf16', 'avx512', 'avx2' or 'scalar', got 'sse'"):
+        mm(isa="sse")
+    with pytest.raises(ValueError, match="lightllm._C takes CPU tensors, got one on meta"):
+        mm(x=x.to("meta"))

@@ -11,7 +11,10 @@ the dequantized weight, the accuracy bar for the fused kernels.
 Backends: the reference; Triton (kernels/gptq.py: a dequant-matmul, and a dequantize kernel that
 serves the backward pass, ``QuantLinear.dequantize`` and the large-M dequantize + GEMM path); CUDA
 (csrc/gptq.cu: a small-M GEMV on the checkpoint layout, one launch with the rank-r term and the
-bias, dequantize + cuBLAS above 8 rows).
+bias, dequantize + cuBLAS above 8 rows); C++ on the CPU (csrc/gptq_cpu.cpp, the CPU default: a GEMV
+reading the packed weight once per 16 rows, AVX-512 (bf16 dot products where the CPU has them) or
+AVX2 chosen at run time, up to 256 rows;
+dequantize to float32 + torch's GEMM above; the rank-r term from torch, added before the rounding).
 
 ``gptq_lora_linear`` is QLoRA's training op: ``(y, S)`` with gradients for x, A and B; its backward
 dequantizes W only to form dX = dY W + s (dY B) A (ops/lora.py).
@@ -62,6 +65,20 @@ def _gptq_dequantize_cuda(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
 def _gptq_matmul_cuda(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b, lora_scale, bits, zeros_v1):
     return _native.cuda_module().gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b,
                                              lora_scale, bits, zeros_v1)
+
+
+@register(DEQUANTIZE, "cpp", ("cpu",))
+def _gptq_dequantize_cpp(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype):
+    return _native.cpp_module().gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zeros_v1, dtype)
+
+
+@register(MATMUL, "cpp", ("cpu",))
+def _gptq_matmul_cpp(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b, lora_scale, bits, zeros_v1):
+    # All in C++ (csrc/gptq_cpu.cpp): the GEMV up to 256 rows (one pass over the weight per 16 rows);
+    # above, its own dequantization to float32 and torch's GEMM. The rank-r term S B^T is computed by torch in float32 and added in the GEMV's
+    # epilogue, before the one rounding.
+    return _native.cpp_module().gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_s, lora_b,
+                                            lora_scale, bits, zeros_v1)
 
 
 @register(DEQUANTIZE, "triton", ("cuda", "cpu"))
