@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
 from lightllm.quantization import gptq_solve  # noqa: E402
-from lightllm.quantization.gptq import _triton_solver  # noqa: E402
+from lightllm.quantization.gptq.solver import _triton_solver  # noqa: E402
 
 logger = logging.getLogger("benchmarks.gptq_solver")
 

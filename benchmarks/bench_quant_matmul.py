@@ -76,7 +76,7 @@ import lightllm  # noqa: E402
 from lightllm.backends import BACKENDS, why_unavailable  # noqa: E402
 from lightllm.nn.quant_linear import QuantLinear  # noqa: E402
 from lightllm.ops import gptq as ops_gptq  # noqa: E402
-from lightllm.quantization.gptq_format import GPTQ_BITS, default_g_idx, unpack_gptq, values_per_chunk  # noqa: E402
+from lightllm.quantization.gptq.format import GPTQ_BITS, default_g_idx, unpack_gptq, values_per_chunk  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quant_matmul")
 

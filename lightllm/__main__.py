@@ -101,36 +101,38 @@ def _model_help() -> str:
     return f"Hugging Face model directory (default: the embedded model, {default_model_dir()})"
 
 
+# lightllm.quantization.methods(), listed here so that `--help` does not import torch
+QUANT_METHODS = ("gptq", "rtn", "nf4", "fp4", "int8")
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from lightllm import data
     from lightllm.eval import tokenize_stream
     from lightllm.models import load_model
-    from lightllm.quantization import BnbConfig, QuantConfig, quantize_model, save_quantized
+    from lightllm.quantization import GPTQConfig, RTNConfig, make_config, quantize_, save_quantized
 
-    if args.method in ("nf4", "fp4", "int8"):  # bitsandbytes' formats: no calibration, no bits/group size
+    if args.method in ("gptq", "rtn"):
+        if args.bits is None or args.group_size is None:
+            raise ValueError(f"--method {args.method} needs --bits and --group-size")
+        fields = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, checkpoint_format=args.format)
+        config = (GPTQConfig(**fields, desc_act=args.act_order, static_groups=args.static_groups,
+                             damp_percent=args.damp) if args.method == "gptq" else RTNConfig(**fields))
+        what = f"{args.method} {args.bits}-bit, group size {args.group_size}"
+    else:  # bitsandbytes' formats fix their own grids
         if args.bits is not None or args.group_size is not None:
             raise ValueError(f"--method {args.method}: --bits and --group-size are GPTQ/RTN settings (bitsandbytes' "
                              "formats fix them: 4-bit blocks of 64, or int8 per row)")
-        config = {"nf4": BnbConfig.nf4, "fp4": BnbConfig.fp4, "int8": BnbConfig.int8}[args.method]()
-        model, tokenizer = load_model(args.model, device=args.device)
-        quantize_model(model, None, config)
-        out = save_quantized(model, args.out, tokenizer=tokenizer)
-        print(f"wrote {out} ({args.method}, bitsandbytes format: transformers loads it with its bitsandbytes support)")
-        return 0
-    if args.bits is None or args.group_size is None:
-        raise ValueError(f"--method {args.method} needs --bits and --group-size")
-    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.act_order,
-                         static_groups=args.static_groups, damp_percent=args.damp, method=args.method,
-                         checkpoint_format=args.format)
-    text = data.load_text(args.calib, split="train") if config.method == "gptq" else None
+        config = make_config(args.method)
+        what = f"{args.method}, bitsandbytes format: transformers loads it with its bitsandbytes support"
+    text = data.load_text(args.calib, split="train") if config.needs_calibration else None
     model, tokenizer = load_model(args.model, device=args.device)
     calib = None
     if text is not None:
         ids = tokenize_stream(tokenizer, text)
         calib = data.calibration_samples(ids, args.nsamples, args.seqlen, seed=args.seed)
-    quantize_model(model, calib, config)
+    quantize_(model, config, calib)
     out = save_quantized(model, args.out, tokenizer=tokenizer)
-    print(f"wrote {out} ({args.method} {args.bits}-bit, group size {args.group_size})")
+    print(f"wrote {out} ({what})")
     return 0
 
 
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     sym = quantize.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grids (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grids (a zero point per group)")
-    quantize.add_argument("--method", choices=("gptq", "rtn", "nf4", "fp4", "int8"), default="gptq",
+    quantize.add_argument("--method", choices=QUANT_METHODS, default="gptq",
                           help="default: gptq")
     quantize.add_argument("--calib", default="shakespeare", metavar="shakespeare|FILE",
                           help="calibration text: the built-in training plays (default) or a UTF-8 text file")

@@ -17,20 +17,19 @@ import torch
 from . import data
 from .eval import eval_windows, perplexity, tokenize_stream
 from .models import load_model
-from .quantization.bnb import BnbConfig
-from .quantization.checkpoint import save_quantized, weight_files
-from .quantization.model import QuantConfig, quantize_model
+from .quantization import GPTQConfig, Int8Config, NF4Config, RTNConfig, quantize_, save_quantized
+from .quantization.checkpoint import weight_files
 
 logger = logging.getLogger("lightllm")
 
 #: (label, config) of the demo's rows after full precision: GPTQ/RTN with group size 128,
 #: symmetric; bitsandbytes' NF4 (double quantization, as QLoRA) and LLM.int8 (threshold 6.0).
-DEMO_CONFIGS = (("RTN 4-bit g128", lambda: QuantConfig(bits=4, group_size=128, method="rtn")),
-                ("GPTQ 4-bit g128", lambda: QuantConfig(bits=4, group_size=128, method="gptq")),
-                ("RTN 3-bit g128", lambda: QuantConfig(bits=3, group_size=128, method="rtn")),
-                ("GPTQ 3-bit g128", lambda: QuantConfig(bits=3, group_size=128, method="gptq")),
-                ("NF4 (bitsandbytes)", BnbConfig.nf4),
-                ("LLM.int8 (bitsandbytes)", BnbConfig.int8))
+DEMO_CONFIGS = (("RTN 4-bit g128", lambda: RTNConfig(bits=4, group_size=128)),
+                ("GPTQ 4-bit g128", lambda: GPTQConfig(bits=4, group_size=128)),
+                ("RTN 3-bit g128", lambda: RTNConfig(bits=3, group_size=128)),
+                ("GPTQ 3-bit g128", lambda: GPTQConfig(bits=3, group_size=128)),
+                ("NF4 (bitsandbytes)", NF4Config),
+                ("LLM.int8 (bitsandbytes)", Int8Config))
 
 
 @dataclasses.dataclass
@@ -86,7 +85,7 @@ def run_demo(model_dir=None, device=None, n_samples: int = 128, seqlen: int = 25
             quantized = copy.deepcopy(model)
             config = make_config()
             start = time.perf_counter()
-            quantize_model(quantized, calib, config, progress=progress)
+            quantize_(quantized, config, calib if config.needs_calibration else None, progress=progress)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             quantize_s = time.perf_counter() - start

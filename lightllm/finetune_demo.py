@@ -112,8 +112,8 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
 def _deploy(result, settings: FinetuneDemoSettings, progress: bool) -> list[dict[str, Any]]:
     """The trained LoRA merged into the base, then that model quantized with GPTQ (4-bit, group 128,
     calibrated on the task's training prompts): accuracy and weight size of each."""
-    from .quantization.checkpoint import save_quantized, weight_files
-    from .quantization.model import QuantConfig, quantize_model
+    from .quantization import GPTQConfig, quantize_, save_quantized
+    from .quantization.checkpoint import weight_files
     from .train.data import math_task, tokenize_record
     from .train.templates import get_template
 
@@ -130,7 +130,7 @@ def _deploy(result, settings: FinetuneDemoSettings, progress: bool) -> list[dict
         device = next(merged.parameters()).device
         calib = [{"input_ids": torch.tensor([tokenize_record(r, result.tokenizer, template).input_ids], device=device)}
                  for r in math_task("train", n=128, seed=settings.seed + 1)]
-        quantize_model(merged, calib, QuantConfig(bits=4, group_size=128, sym=True, method="gptq"), progress=progress)
+        quantize_(merged, GPTQConfig(bits=4, group_size=128, sym=True), calib, progress=progress)
         quant_dir = pathlib.Path(tmp) / "gptq"
         save_quantized(merged, quant_dir, tokenizer=None)
         rows.append({"label": "LoRA merged, GPTQ 4-bit g128", "size_bytes": sum(f.stat().st_size for f in

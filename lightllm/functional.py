@@ -14,10 +14,10 @@ from . import ops  # noqa: F401  (registers torch.ops.lightllm.*)
 from .ops import adapter as _ops_adapter
 from .ops import lora as _ops_lora
 from .ops.blockwise import _PerMapCache
-from .quantization.gptq_format import dequantize_gptq, pack_gptq, unpack_gptq
-from .quantization.int8 import (int8_linear_matmul, int8_mixed_scaled_mm, int8_mm_dequant, int8_scaled_mm,
+from .quantization.gptq.format import dequantize_gptq, pack_gptq, unpack_gptq
+from .quantization.bnb.int8 import (int8_linear_matmul, int8_mixed_scaled_mm, int8_mm_dequant, int8_scaled_mm,
                                 int8_vectorwise_dequant, int8_vectorwise_quant)
-from .quantization.nf4 import QuantState, dequantize_4bit, get_4bit_type, quantize_4bit, quantize_fp4, quantize_nf4
+from .quantization.bnb.nf4 import QuantState, dequantize_4bit, get_4bit_type, quantize_4bit, quantize_fp4, quantize_nf4
 
 __all__ = [
     "create_dynamic_map",

@@ -465,7 +465,7 @@ def _fourbit_matmul(checker: Checker, small: bool) -> None:
 def _int8_linear(checker: Checker, small: bool) -> None:
     """Threshold 0: the reference's bits. Threshold 2.5 (outlier columns in every case): against the
     reference's own pipeline in float64 (same codes, exact product, the 16-bit outlier part)."""
-    from .quantization import int8 as int8_format
+    from .quantization.bnb import int8 as int8_format
 
     dev = checker.device
     shapes = ((40, 96), (33, 200)) if small else ((4096, 4096), (1056, 4160))

@@ -136,7 +136,7 @@ def test_per_row_grid_is_taken_before_dead_columns_are_zeroed():
 
 
 def test_fused_without_triton_says_so(monkeypatch):
-    from lightllm.quantization import gptq
+    from lightllm.quantization.gptq import solver as gptq
     monkeypatch.setattr(gptq, "_triton_solver", lambda: None)
     with pytest.raises(RuntimeError, match="needs Triton"):
         gptq_solve(torch.randn(8, 32), torch.eye(32), 4, fused=True)
@@ -147,7 +147,7 @@ def test_the_solver_follows_the_backend_choice_like_every_op(monkeypatch):
     on the CPU, and on a GPU the kernel only once it is in GPU_VERIFIED; a backend chosen by name
     (use_backend) runs its kernel."""
     import lightllm
-    from lightllm.quantization import gptq
+    from lightllm.quantization.gptq import solver as gptq
 
     ran = []
 

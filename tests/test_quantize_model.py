@@ -23,7 +23,8 @@ from lightllm.quantization import (  # noqa: E402
     save_quantized,
 )
 from lightllm.quantization import checkpoint as ckpt  # noqa: E402
-from lightllm.quantization.model import _sequential_groups, _block_linears, _capture_block_inputs  # noqa: E402
+from lightllm.quantization.core import quantization_units  # noqa: E402
+from lightllm.quantization.gptq.calibrated import _sequential_groups, _capture_block_inputs  # noqa: E402
 
 from test_gptq_format import spec_unpack_column  # noqa: E402
 
@@ -94,7 +95,7 @@ def test_true_sequential_groups_follow_the_forward_pass():
     model = tiny("llama")
     name, blocks = find_blocks(model)
     assert name == "model.layers"
-    linears = _block_linears(blocks[0], QuantConfig(), name)
+    linears = quantization_units(model, QuantConfig())[1][0].linears
     inputs, block_args, _ = _capture_block_inputs(model, blocks, [{"input_ids": CALIB[:1]}])
     args, kwargs = block_args[0][0]
     with torch.no_grad():  # as in quantize_model: freed activations' ids get reused there
@@ -106,7 +107,7 @@ def test_true_sequential_groups_follow_the_forward_pass():
     inputs, block_args, _ = _capture_block_inputs(opt, blocks, [{"input_ids": CALIB[:1]}])
     args, kwargs = block_args[0][0]
     with torch.no_grad():
-        groups = _sequential_groups(blocks[0], _block_linears(blocks[0], QuantConfig(), ""),
+        groups = _sequential_groups(blocks[0], quantization_units(opt, QuantConfig())[1][0].linears,
                                     lambda first_only=False: [blocks[0](inputs[0], *args, **kwargs)])
     assert groups == [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.out_proj"],
                       ["fc1"], ["fc2"]] or groups[-2:] == [["fc1"], ["fc2"]]
@@ -165,7 +166,7 @@ def test_padding_stays_out_of_the_hessians(monkeypatch):
     # Compared on the first block's q/k/v (whose inputs are the embeddings): after a block is
     # quantized, float noise of 1e-8 between the padded and unpadded attention can flip rounding
     # decisions in GPTQ and the codes of later layers drift apart, so codes are not the thing to compare.
-    from lightllm.quantization import model as qmodel
+    from lightllm.quantization.gptq import calibrated as qmodel
 
     lengths = [24, 17, 9]
     padded = [{"input_ids": torch.cat([CALIB[i, :n], torch.zeros(24 - n, dtype=torch.long)])[None],
@@ -344,7 +345,7 @@ def test_bad_input():
         quantize_model(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)), CALIB, QuantConfig())
     with pytest.raises(ValueError, match="LongTensor of token ids"):
         quantize_model(tiny("llama"), torch.randn(4, 8), QuantConfig())
-    with pytest.raises(TypeError, match="QuantConfig"):
+    with pytest.raises(TypeError, match="must be a quantization config"):
         quantize_model(tiny("llama"), CALIB, {"bits": 4})
     model = tiny("llama")
     with pytest.raises(ValueError, match="no QuantLinear"):

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..quantization import nf4
+from ..quantization.bnb import nf4
 
 logger = logging.getLogger("lightllm")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import int8 as _ops
-from ..quantization import int8 as _int8
+from ..quantization.bnb import int8 as _int8
 
 
 class Int8Params(nn.Parameter):

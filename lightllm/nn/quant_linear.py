@@ -19,8 +19,8 @@ from torch import nn
 
 from ..ops import gptq as ops_gptq
 from ..ops import lora as ops_lora
-from ..quantization import gptq_format
-from ..quantization.gptq_format import GPTQ_BITS, values_per_chunk
+from ..quantization.gptq import format as gptq_format
+from ..quantization.gptq.format import GPTQ_BITS, values_per_chunk
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 

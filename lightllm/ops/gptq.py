@@ -26,7 +26,7 @@ import torch
 
 from .. import _native
 from ..backends import register, resolve
-from ..quantization.gptq_format import dequantize_gptq
+from ..quantization.gptq.format import dequantize_gptq
 from . import lora as ops_lora
 from ._dispatch import op_boundary_needed
 

@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
-from ..nn.linear8bit import Linear8bitLt
 from ..nn.quant_linear import QuantLinear
-from . import bnb, gptq_format
+from . import bnb
 from .bnb import BnbConfig
-from .model import QuantConfig
+from .core import QuantizationConfig, config_from_dict
+from .gptq import format as gptq_format
 
 logger = logging.getLogger("lightllm")
 
@@ -46,10 +45,11 @@ class CheckpointError(ValueError):
 
 # ---- saving ------------------------------------------------------------------------------------
 
-def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantConfig | None = None,
+def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantizationConfig | None = None,
                    max_shard_size: int = 4 * 1024**3, dtype: torch.dtype | None | str = "auto") -> pathlib.Path:
-    """Write ``model`` (quantized by :func:`quantize_model`) as a GPTQ checkpoint directory, or, for a
-    :class:`~lightllm.quantization.BnbConfig`, in the bitsandbytes format transformers writes.
+    """Write ``model`` (quantized by :func:`~lightllm.quantization.quantize_`) as a checkpoint
+    directory in its method's format: GPTQ's for gptq and rtn, the bitsandbytes format transformers
+    writes for nf4, fp4 and int8.
 
     Dense floating tensors (embeddings, norms, the output head) are stored as ``dtype``: "auto" is
     float16 for GPTQ, as the GPTQ tools store them, and each tensor's own dtype for bitsandbytes
@@ -63,12 +63,14 @@ def save_quantized(model: nn.Module, directory, tokenizer=None, config: QuantCon
     """
     config = config or getattr(model, "lightllm_quant_config", None)
     if config is None:
-        raise ValueError("save_quantized: the model carries no QuantConfig (quantize it with quantize_model, "
+        raise ValueError("save_quantized: the model carries no quantization config (quantize it with quantize_, "
                          "or pass config=)")
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"save_quantized: config must be a quantization config, got {type(config).__name__}")
     bnb_format = isinstance(config, BnbConfig)
     if dtype == "auto":
         dtype = None if bnb_format else torch.float16
-    kind = (Linear4bit if config.load_in_4bit else Linear8bitLt) if bnb_format else QuantLinear
+    kind = config.layer_type
     layers = {name: m for name, m in model.named_modules() if isinstance(m, kind)}
     if not layers:
         raise ValueError(f"save_quantized: the model has no {kind.__name__} layers")
@@ -313,9 +315,9 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
         else:
             model = model_class(config)
     model.eval()
-    bnb_config = BnbConfig.from_dict(quant) if quant["quant_method"] == "bitsandbytes" else None
-    if bnb_config is not None:
-        bnb.install_bnb_layers(model, state, bnb_config)
+    quant_config = config_from_dict(quant)
+    if isinstance(quant_config, BnbConfig):
+        bnb.install_bnb_layers(model, state, quant_config)
     else:
         _install_quant_linears(model, state, quant)
         _fix_zero_convention(model, state, quant)
@@ -339,7 +341,7 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
         p.requires_grad_(False)
     model.to(device)
     _cast_dense(model, dtype)
-    model.lightllm_quant_config = bnb_config or QuantConfig.from_dict(quant)
+    model.lightllm_quant_config = quant_config
     return model
 
 

@@ -446,7 +446,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
 
     if config.method == "qlora":
         from ..nn import QuantLinear
-        from ..quantization import QuantConfig, quantize_model
+        from ..quantization import make_config, quantize_
 
         if not any(isinstance(m, QuantLinear) for m in model.modules()):
             if sharded and config.merge:  # the merge reloads the base on one process: it must be a checkpoint
@@ -454,9 +454,9 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                                  "quantized during the run cannot be rebuilt for the merge; quantize it first "
                                  "(lightllm quantize) or merge later in one process")
             calib = [torch.tensor([t.input_ids], device=accelerator.device) for t in items[:64]]
-            quantize_model(model, [{"input_ids": c} for c in calib],
-                           QuantConfig(bits=config.quant_bits, group_size=config.quant_group_size,
-                                       method=config.quant_method), progress=False)
+            quant_config = make_config(config.quant_method, bits=config.quant_bits, group_size=config.quant_group_size)
+            quantize_(model, quant_config, [{"input_ids": c} for c in calib] if quant_config.needs_calibration else None,
+                      progress=False)
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends import register, resolve
-from .gptq_format import GPTQ_BITS, grid_params, quantize_to_grid
+from ...backends import register, resolve
+from .format import GPTQ_BITS, grid_params, quantize_to_grid
 
 logger = logging.getLogger("lightllm")
 
@@ -246,9 +246,11 @@ def gptq_solve_reference(weight, hessian, bits, group_size=128, sym=True, act_or
 
 def _triton_solver():
     try:
-        from ..kernels import gptq_solver
-    except ImportError:  # no Triton
+        import triton  # noqa: F401
+    except ImportError:  # no Triton: the plain loop only
         return None
+    from ...kernels import gptq_solver
+
     return gptq_solver
 
 

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
-from ..nn.linear8bit import Linear8bitLt
-from .replace import replace_linears
+from ..core import QuantizationConfig, register_format, register_method
 
 logger = logging.getLogger("lightllm")
 
@@ -25,7 +23,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 @dataclasses.dataclass
-class BnbConfig:
+class BnbConfig(QuantizationConfig):
     """transformers' ``BitsAndBytesConfig`` fields (the ones that change the stored model).
 
     4-bit: ``load_in_4bit=True``, ``bnb_4bit_quant_type`` "nf4" or "fp4" (transformers' default is
@@ -44,6 +42,9 @@ class BnbConfig:
     llm_int8_threshold: float = 6.0
     llm_int8_skip_modules: list[str] | None = None
     llm_int8_has_fp16_weight: bool = False
+
+    quant_method = "bitsandbytes"
+    blocks_only = False  # transformers' choice: every Linear but the output head and the skipped modules
 
     def __post_init__(self):
         if self.load_in_4bit == self.load_in_8bit:
@@ -69,17 +70,15 @@ class BnbConfig:
     @classmethod
     def nf4(cls, double_quant: bool = True, compute_dtype: str | None = None) -> "BnbConfig":
         """QLoRA's base: NF4 with double quantization."""
-        return cls(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                   bnb_4bit_compute_dtype=compute_dtype)
+        return NF4Config(double_quant, compute_dtype)
 
     @classmethod
     def fp4(cls, double_quant: bool = False, compute_dtype: str | None = None) -> "BnbConfig":
-        return cls(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=double_quant,
-                   bnb_4bit_compute_dtype=compute_dtype)
+        return FP4Config(double_quant, compute_dtype)
 
     @classmethod
     def int8(cls, threshold: float = 6.0) -> "BnbConfig":
-        return cls(load_in_8bit=True, llm_int8_threshold=threshold)
+        return Int8Config(threshold)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` transformers writes and reads."""
@@ -95,7 +94,7 @@ class BnbConfig:
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs.setdefault("load_in_4bit", bool(d.get("_load_in_4bit", False)))
         kwargs.setdefault("load_in_8bit", bool(d.get("_load_in_8bit", False)))
-        return cls(**kwargs)
+        return BnbConfig(**kwargs)
 
     def compute_dtype(self) -> torch.dtype | None:
         return _DTYPES.get(self.bnb_4bit_compute_dtype) if self.bnb_4bit_compute_dtype else None
@@ -103,11 +102,25 @@ class BnbConfig:
     def storage_dtype(self) -> torch.dtype:
         return torch.uint8 if self.bnb_4bit_quant_storage == "uint8" else _DTYPES[self.bnb_4bit_quant_storage]
 
+    # The layer classes import this package's formats: imported where used, not at the top.
+    @classmethod
+    def layer_types(cls) -> tuple[type, ...]:
+        from ...nn.linear4bit import Linear4bit
+        from ...nn.linear8bit import Linear8bitLt
+
+        return (Linear4bit, Linear8bitLt)
+
+    @property
+    def layer_type(self) -> type:
+        linear4bit, linear8bit = self.layer_types()
+        return linear4bit if self.load_in_4bit else linear8bit
+
     def skip_pattern(self) -> str:
         names = ["lm_head", *(self.llm_int8_skip_modules or [])]
         return r"(^|\.)(" + "|".join(re.escape(n) for n in names) + r")$"
 
     def make_layer(self, linear: nn.Module) -> nn.Module:
+        Linear4bit, Linear8bitLt = self.layer_types()
         if self.load_in_4bit:
             return Linear4bit.from_linear(linear, self.bnb_4bit_quant_type, self.bnb_4bit_use_double_quant,
                                           self.compute_dtype(), 64, self.storage_dtype())
@@ -115,6 +128,7 @@ class BnbConfig:
 
     def empty_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         """A layer on the meta device, for a checkpoint to fill."""
+        Linear4bit, Linear8bitLt = self.layer_types()
         if self.load_in_4bit:
             return Linear4bit(in_features, out_features, bias, self.compute_dtype(), self.bnb_4bit_use_double_quant,
                               self.bnb_4bit_quant_type, self.storage_dtype(), device="meta")
@@ -124,14 +138,45 @@ class BnbConfig:
 
 def quantize_model_bnb(model: nn.Module, config: BnbConfig, progress: bool = True) -> nn.Module:
     """Replace the model's Linear layers (not the output head or ``llm_int8_skip_modules``) by
-    bitsandbytes-format layers, in place, as transformers' ``load_in_4bit`` / ``load_in_8bit`` does."""
-    replaced, total = replace_linears(model, config.make_layer, config.skip_pattern(), config.method.upper(),
-                                      progress)
-    if not replaced:
-        raise ValueError("quantize_model: no Linear layer to quantize")
-    logger.info("quantized %d of %d linear layers to %s", replaced, total, config.method)
-    model.lightllm_quant_config = config
-    return model
+    bitsandbytes-format layers, in place, as transformers' ``load_in_4bit`` / ``load_in_8bit`` does
+    (``quantize_(model, config)``)."""
+    from ..core import quantize_
+
+    return quantize_(model, config, progress=progress)
+
+
+@register_method("nf4")
+class NF4Config(BnbConfig):
+    """NF4 (QLoRA's 4-bit NormalFloat), blocks of 64, double quantization of the absmax by default."""
+
+    def __init__(self, double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
+                 quant_storage: str = "uint8", skip_modules: list[str] | None = None):
+        super().__init__(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage,
+                         llm_int8_skip_modules=skip_modules)
+
+
+@register_method("fp4")
+class FP4Config(BnbConfig):
+    """bitsandbytes' 4-bit float (e2m1), blocks of 64."""
+
+    def __init__(self, double_quant: bool = False, compute_dtype: str | torch.dtype | None = None,
+                 quant_storage: str = "uint8", skip_modules: list[str] | None = None):
+        super().__init__(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=double_quant,
+                         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage,
+                         llm_int8_skip_modules=skip_modules)
+
+
+@register_method("int8")
+class Int8Config(BnbConfig):
+    """LLM.int8(): int8 weights per output row; activation columns with |x| >= threshold multiplied
+    in 16-bit (threshold 0: none)."""
+
+    def __init__(self, threshold: float = 6.0, skip_modules: list[str] | None = None):
+        super().__init__(load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules)
+
+
+register_format("bitsandbytes", BnbConfig.from_dict)
 
 
 def install_bnb_layers(model: nn.Module, state: dict[str, torch.Tensor], config: BnbConfig) -> int:
@@ -139,7 +184,7 @@ def install_bnb_layers(model: nn.Module, state: dict[str, torch.Tensor], config:
     state, or an int8 weight with SCB) by an empty layer of ours to load into; the count."""
     marker = ".weight.quant_state.bitsandbytes__" if config.load_in_4bit else ".SCB"
     prefixes = sorted({key.split(marker)[0] for key in state if marker in key})
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     if not prefixes:
         raise CheckpointError(f"the checkpoint has no {'4-bit' if config.load_in_4bit else 'int8'} layers "
