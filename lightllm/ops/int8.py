@@ -44,6 +44,17 @@ def _int8_linear_cpp(x, cb, scb, bias, threshold):
     return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold))
 
 
+@register(LINEAR, "triton", ("cuda", "cpu"))
+def _int8_linear_triton(x, cb, scb, bias, threshold):
+    """kernels/int8.py: outlier columns found and listed on the device (no host synchronization at
+    any threshold), the reference's codes, the int8 product (tl.dot, or torch._int_mm for many
+    rows) and a fused epilogue; the reference's bits at threshold 0 and wherever no outlier is
+    found, otherwise the outlier product summed in float32 and rounded once."""
+    from ..kernels import int8 as triton_int8
+
+    return triton_int8.int8_linear(x, cb, scb, bias, float(threshold))
+
+
 @torch.library.custom_op("lightllm::int8_linear", mutates_args=())
 def int8_linear_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                    threshold: float) -> torch.Tensor:
