@@ -26,6 +26,7 @@ Launches, all on the current stream, none reading anything back to the host:
 
 from __future__ import annotations
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +48,8 @@ INT_MM_MIN_ROWS = 64
 def threshold_as_float16(threshold: float) -> float:
     """The threshold as torch compares it with float16 activations: rounded to float32, then to
     float16 (inf above the float16 range). A host-side number: no device work."""
-    return float(torch.tensor(float(threshold), dtype=torch.float32).to(torch.float16).item())
+    with numpy.errstate(over="ignore"):
+        return float(numpy.float16(numpy.float32(threshold)))
 
 
 @triton.jit
