@@ -5,7 +5,8 @@ at any threshold.
 Launches, all on the current stream, none reading anything back to the host:
 
 1. ``threshold > 0``: :func:`_outlier_columns_kernel` marks the columns of x holding any
-   ``|fp16(x)| >= fp16(threshold)`` (int8 mask [K], one program per column block), and
+   ``|fp16(x)| >= fp16(threshold)`` (int32 mask [K], zeroed first; a program per column block and
+   slice of rows, flags raised with an atomic max, so the same mask whatever the order), and
    :func:`_compact_kernel` (one program) lists them in order: ``idx[0:count]``, count in a
    one-element device tensor. Shapes stay static: the list has room for K columns.
 2. :func:`_quantize_rows_kernel`, one program per row: the row absmax of the float16 values below
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, grouped_tile, interpreted
+from ._common import device_guard, grouped_tile, interpreted, sm_count
 
 #: No FMA contraction: ``C * s * (1/127^2) + bias`` must round each product and the sum as torch does.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -63,19 +64,23 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _outlier_columns_kernel(x_ptr, mask_ptr, M, K, stride_xm, threshold, BLOCK_M: tl.constexpr,
+def _outlier_columns_kernel(x_ptr, mask_ptr, M, K, stride_xm, rows_per_split, threshold, BLOCK_M: tl.constexpr,
                             BLOCK_K: tl.constexpr):
-    """mask[k] = 1 where any row has |fp16(x[m, k])| >= threshold (a float16 value), else 0."""
+    """mask[k] = 1 where any row has |fp16(x[m, k])| >= threshold (a float16 value); the int32 mask
+    starts zeroed. Program (i, j) reads column block i of the rows of slice j and raises the flags
+    it found with an atomic max: the result does not depend on the order the slices ran in."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
+    first = tl.program_id(1) * rows_per_split
+    end = tl.minimum(first + rows_per_split, M)
     hit = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(first, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        ok = (offs_m < M)[:, None] & k_ok[None, :]
+        ok = (offs_m < end)[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=ok, other=0.0)
         mag = tl.abs(x.to(tl.float16).to(tl.float32))
         hit = tl.maximum(hit, tl.max(tl.where(ok & (mag >= threshold), 1, 0), axis=0))
-    tl.store(mask_ptr + offs_k, hit.to(tl.int8), mask=k_ok)
+    tl.atomic_max(mask_ptr + offs_k, hit, mask=k_ok & (hit != 0))
 
 
 @triton.jit
@@ -227,12 +232,16 @@ def quantize_rows(x2: torch.Tensor, threshold: float):
     with device_guard(dev):
         mask = codes  # unused without a threshold
         if threshold > 0.0:
-            mask = torch.empty((k,), dtype=torch.int8, device=dev)
+            mask = torch.zeros((k,), dtype=torch.int32, device=dev)
             idx = torch.empty((k,), dtype=torch.int32, device=dev)
             count = torch.empty((1,), dtype=torch.int32, device=dev)
-            cols = 64 if interpreted() else 128
-            _outlier_columns_kernel[(triton.cdiv(k, cols),)](x2, mask, m, k, x2.stride(0), thr, BLOCK_M=16 if interpreted() else 32,
-                                                             BLOCK_K=cols, num_warps=4)
+            cols, rows = (64, 16) if interpreted() else (128, 32)
+            # slices of rows so that a prefill (thousands of rows, K / 128 column blocks) fills the GPU
+            col_blocks = triton.cdiv(k, cols)
+            splits = min(triton.cdiv(m, rows), triton.cdiv(2 * sm_count(dev), col_blocks))
+            rows_per_split = triton.cdiv(triton.cdiv(m, splits), rows) * rows
+            _outlier_columns_kernel[(col_blocks, triton.cdiv(m, rows_per_split))](
+                x2, mask, m, k, x2.stride(0), rows_per_split, thr, BLOCK_M=rows, BLOCK_K=cols, num_warps=4)
             _compact_kernel[(1,)](mask, idx, count, k, BLOCK=64 if interpreted() else 1024, num_warps=4)
         _quantize_rows_kernel[(m,)](x2, mask, codes, stats, k, x2.stride(0), thr, THRESHOLD=threshold > 0.0,
                                     BLOCK_K=block_k, num_warps=4, **LAUNCH_OPTIONS)

@@ -243,26 +243,28 @@ from triton.compiler import ASTSource
 from lightllm.kernels import int8 as k
 
 found = {}
-def compile(name, fn, signature, constants, warps):
+def compile(name, fn, signature, constants, warps, stages=3):
     source = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constants}}, constexprs=constants)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": warps, "num_stages": 3, **k.LAUNCH_OPTIONS}).asm["ptx"]
+                         options={"num_warps": warps, "num_stages": stages, **k.LAUNCH_OPTIONS}).asm["ptx"]
     found[name] = {"fma": ptx.count("fma.rn.f32"), "int8_mma": len(re.findall(r"(?:mma|wgmma)[\\w.]*s8", ptx)),
                    "rounded_mul": len(re.findall(r"\\bmul\\.rn\\.f32\\b", ptx))}
 
 ptrs = ["a_ptr", "b_ptr", "c_ptr", "row_ptr", "col_ptr", "bias_ptr", "x_ptr", "idx_ptr", "count_ptr", "out_ptr"]
-types = ["*i8", "*i8", "*i32", "*fp32", "*fp32", "*fp16", "*fp16", "*i32", "*i32", "*fp16"]
-sig = dict(zip(ptrs, types), M="i32", N="i32", K="i32", stride_xm="i32", stride_cm="i32")
-for given in (False, True):
-    consts = dict(HAS_BIAS=True, OUTLIERS=True, PRODUCT_GIVEN=given, IEEE_OUTLIERS=False, BLOCK_M=128, BLOCK_N=128,
-                  BLOCK_K=128, BLOCK_O=32, GROUP_M=8)
-    compile("matmul_int_mm" if given else "matmul_dot", k._int8_matmul_kernel, sig, consts, 8)
-sig = dict(x_ptr="*fp16", mask_ptr="*i8", codes_ptr="*i8", stats_ptr="*fp32", K="i32", stride_xm="i32",
+for m, given, dtype in ((1, False, "fp16"), (32, False, "fp16"), (1024, False, "fp16"), (1024, True, "fp16"),
+                        (1024, False, "bf16"), (1, False, "fp32")):
+    types = ["*i8", "*i8", "*i32", "*fp32", "*fp32", "*" + dtype, "*" + dtype, "*i32", "*i32", "*" + dtype]
+    sig = dict(zip(ptrs, types), M="i32", N="i32", K="i32", stride_xm="i32", stride_cm="i32")
+    config = k._matmul_config(m)
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    consts = dict(HAS_BIAS=True, OUTLIERS=True, PRODUCT_GIVEN=given, IEEE_OUTLIERS=dtype == "fp32", **config)
+    compile(f"matmul m={m} {'int_mm' if given else 'dot'} {dtype}", k._int8_matmul_kernel, sig, consts, warps, stages)
+sig = dict(x_ptr="*fp16", mask_ptr="*i32", codes_ptr="*i8", stats_ptr="*fp32", K="i32", stride_xm="i32",
            threshold="fp32")
 compile("quantize", k._quantize_rows_kernel, sig, dict(THRESHOLD=True, BLOCK_K=1024), 4)
-compile("columns", k._outlier_columns_kernel, dict(x_ptr="*fp16", mask_ptr="*i8", M="i32", K="i32", stride_xm="i32",
-        threshold="fp32"), dict(BLOCK_M=32, BLOCK_K=128), 4)
-compile("compact", k._compact_kernel, dict(mask_ptr="*i8", idx_ptr="*i32", count_ptr="*i32", K="i32"),
+compile("columns", k._outlier_columns_kernel, dict(x_ptr="*fp16", mask_ptr="*i32", M="i32", K="i32", stride_xm="i32",
+        rows_per_split="i32", threshold="fp32"), dict(BLOCK_M=32, BLOCK_K=128), 4)
+compile("compact", k._compact_kernel, dict(mask_ptr="*i32", idx_ptr="*i32", count_ptr="*i32", K="i32"),
         dict(BLOCK=1024), 4)
 print(json.dumps(found))
 """
@@ -278,7 +280,10 @@ def test_kernels_compile_for_sm90_with_int8_mma_and_no_fma():
         pytest.skip("no ptxas to compile with")
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["matmul_dot"]["int8_mma"] > 0, found
-    assert found["matmul_int_mm"]["int8_mma"] == 0, found
-    for name in ("matmul_dot", "matmul_int_mm", "quantize"):
-        assert found[name]["fma"] == 0 and found[name]["rounded_mul"] > 0, (name, found)
+    for name, kernel in found.items():
+        if name.startswith("matmul"):
+            assert (kernel["int8_mma"] > 0) == (" dot " in name), (name, kernel)
+        if "fp32" not in name:  # the float32 outlier product is an IEEE dot: FMAs by design
+            assert kernel["fma"] == 0, (name, kernel)
+        if name.startswith(("matmul", "quantize")):
+            assert kernel["rounded_mul"] > 0, (name, kernel)
