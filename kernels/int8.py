@@ -249,6 +249,8 @@ def quantize_rows(x2: torch.Tensor, threshold: float):
 
 
 def use_int_mm(m: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether the int8 product is torch._int_mm's: on CUDA, from INT_MM_MIN_ROWS rows, where
+    cuBLASLt takes the shape (more than 16 rows, K and N multiples of 8)."""
     return device.type == "cuda" and m >= max(INT_MM_MIN_ROWS, 17) and n % 8 == 0 and k % 8 == 0
 
 

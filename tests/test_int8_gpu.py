@@ -79,7 +79,8 @@ def product(request, monkeypatch):
     """The int8 product of the kernel's own tl.dot, or torch._int_mm's (cuBLASLt on a GPU, which
     takes more than 16 rows; the CPU's _int_mm here) read by the same epilogue."""
     if request.param == "int_mm":
-        monkeypatch.setattr(triton_int8, "use_int_mm", lambda m, n, k, device: device.type == "cpu" or m > 16)
+        monkeypatch.setattr(triton_int8, "use_int_mm", lambda m, n, k, device: device.type == "cpu" or (
+            m > 16 and n % 8 == 0 and k % 8 == 0))  # cuBLASLt's conditions
     else:
         monkeypatch.setattr(triton_int8, "use_int_mm", lambda m, n, k, device: False)
     return request.param
@@ -180,6 +181,37 @@ def test_forward_never_synchronizes_with_the_host(threshold, monkeypatch):
         _, reference = backends.resolve("int8_linear", torch.device(DEVICE))
     with pytest.raises(AssertionError, match="host synchronization"), _NoHostSync():
         reference(x, cb, scb, bias, 2.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 80])
+def test_cuda_graph_capture_with_changing_outlier_columns(m):
+    """On a GPU: the forward at threshold 6 is captured in a CUDA graph (impossible with a host
+    sync) and replayed on inputs whose outlier columns differ from the captured ones."""
+    cb, scb = int8_weight(40, 96, 0)
+    bias = torch.randn(40).to(DEVICE)
+
+    def inputs(seed):
+        x = activations(m, 96, torch.float16, seed)
+        x[::2, 5 + 11 * seed] = 20.0
+        return x
+
+    x = inputs(0)
+    with lightllm.use_backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.ops.lightllm.int8_linear(x, cb, scb, bias, 6.0)  # compiles outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                out = torch.ops.lightllm.int8_linear(x, cb, scb, bias, 6.0)
+        torch.cuda.current_stream().wait_stream(side)
+        x.copy_(inputs(1))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = torch.ops.lightllm.int8_linear(x, cb, scb, bias, 6.0)
+    assert torch.equal(out, eager)
+    within_reference_error(out, ops("torch", x, cb, scb, bias, 6.0), exact_int8(x, cb, scb, bias, 6.0))
 
 
 @pytest.mark.parametrize("backend", ["triton"])
