@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, grouped_tile, interpreted, sm_count
+from ._common import device_guard, first_fitting, grouped_tile, interpreted, shared_memory_limit, sm_count
 
 #: No FMA contraction: ``C * s * (1/127^2) + bias`` must round each product and the sum as torch does.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -180,16 +180,28 @@ def _int8_matmul_kernel(
              mask=out_mask)
 
 
-def _matmul_config(m: int) -> dict:
+def _matmul_config(m: int, device: torch.device | None = None) -> dict:
     """Tile sizes by M bucket (GPU; placeholders until tuned on a card). Small M reads the weight
-    once with narrow column tiles so that more programs share it; large M uses square tiles."""
+    once with narrow column tiles so that more programs share it; large M uses square tiles. On a
+    card with less shared memory than the first choice needs (consumer cards: ~100 KB), fewer
+    stages, then shorter K tiles."""
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_O=16, GROUP_M=4, num_warps=4)
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, BLOCK_O=16, GROUP_M=1, num_warps=4, num_stages=4)
-    if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, BLOCK_O=32, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_O=32, GROUP_M=8, num_warps=8, num_stages=3)
+        first = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, BLOCK_O=16, GROUP_M=1, num_warps=4, num_stages=4)
+    elif m <= 64:
+        first = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, BLOCK_O=32, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        first = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_O=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if device is None:
+        return first
+    candidates = [first, {**first, "num_stages": 2}] + [
+        {**first, "num_stages": 2, "BLOCK_K": first["BLOCK_K"] >> halved} for halved in (1, 2)]
+
+    def shared_bytes(c):  # int8 A and B tiles per stage, and the float32 tile the epilogue may stage
+        return c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] + 4 * c["BLOCK_M"] * c["BLOCK_N"]
+
+    return first_fitting(candidates, shared_bytes, shared_memory_limit(device))
 
 
 def check_inputs(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -280,7 +292,7 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
         c = torch._int_mm(codes, cb.t())
     elif product != "triton":
         raise ValueError(f"int8_linear: product must be 'auto', 'triton' or 'int_mm', got {product!r}")
-    blocks = _matmul_config(m)
+    blocks = _matmul_config(m, x.device)
     outliers = idx is not None
     grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
     with device_guard(x.device):
