@@ -4,6 +4,8 @@ bitsandbytes 0.50 step by step: the activations are quantized per row from their
 (``threshold > 0``: columns with any |x| >= threshold stay out and are multiplied in x's dtype by
 the dequantized weight's same columns), the int8 product is exact in int32, scaled back by
 ``row * col / 127^2``, plus the bias, in x's dtype. One op so that a kernel can fuse all of it.
+Backends: the reference ("torch"), the C++ CPU kernel ("cpp") and the Triton kernels ("triton",
+kernels/int8.py: GPU, or CPU under TRITON_INTERPRET=1; no host synchronization at any threshold).
 """
 
 from __future__ import annotations
