@@ -16,8 +16,11 @@ Sections (rows of the CSV, column ``section``):
 * ``nf4-quantize``: NF4 quantization of the dense weight (blocksize 64), lightllm's
   ``functional.quantize_4bit`` (cpp op) against ``bitsandbytes.functional.quantize_4bit``.
 * ``int8-linear``: LLM.int8 forward at thresholds 0 and 6 (x with three outlier feature columns):
-  ``torch.ops.lightllm.int8_linear`` (cpp), bitsandbytes' ``Linear8bitLt`` (eval, has_fp16_weights
-  False), and f32-linear.
+  ``torch.ops.lightllm.int8_linear`` (cpp on the CPU; on a GPU ``lightllm-triton``, kernels/int8.py
+  as the op runs it, and for M > 16 also ``lightllm-triton-dot``, its own tl.dot product instead
+  of torch._int_mm, to place ``INT_MM_MIN_ROWS``), bitsandbytes' ``Linear8bitLt`` (eval,
+  has_fp16_weights False), and a dense ``F.linear``: float32 on the CPU (f32-linear), float16 on a
+  GPU (f16-linear, the denominator of the GPU speedups). On a GPU M defaults to 1 16 1024 4096.
 
 Every output is checked before timing against float64 with the weight that implementation uses
 (``max_rel_err`` = max|y - y64| / max|y64|), next to a dense ``F.linear`` in the row's dtype on that
@@ -33,6 +36,7 @@ Examples:
     python benchmarks/bench_bnb_layers.py --device cpu             # the full CPU run (~5 minutes, 2 cores)
     python benchmarks/bench_bnb_layers.py --device cpu --quick     # M 1 and 16, fewer iterations
     python benchmarks/bench_bnb_layers.py --device cpu --shapes 4096x4096 --m 1 --threads 1
+    python benchmarks/bench_bnb_layers.py --device cuda --sections int8-linear   # Triton LLM.int8 vs fp16
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ logger = logging.getLogger("benchmarks.bnb_layers")
 SHAPES = [(4096, 4096), (11008, 4096)]  # LLaMA-7B q/o and gate/up projections, N x K
 MS = [1, 2, 4, 8, 16]
 QUICK_MS = [1, 16]
+GPU_INT8_MS = [1, 16, 1024, 4096]  # decode, a small batch, prefill
 BLOCKSIZE = 64  # bitsandbytes' (and transformers') default
 INT4_GROUP = 128
 OUTLIER_COLUMNS = (3, 700, 2049)  # LLM.int8's systematic outlier features, 20x the typical value
@@ -243,10 +248,10 @@ def nf4_cases(wt: Weights, m: int, args, bnb) -> list[Case]:
     return cases
 
 
-def int8_cases(wt: Weights, m: int, threshold: float, bnb) -> list[Case]:
+def int8_cases(wt: Weights, m: int, threshold: float, bnb, device: torch.device = torch.device("cpu")) -> list[Case]:
     n, k = wt.n, wt.k
-    cb, scb = wt.int8()
-    x = activations(m, k, seed=100 + m, outliers=True).half()
+    cb, scb = wt.get(f"int8-{device}", lambda: tuple(t.to(device) for t in wt.int8()))
+    x = activations(m, k, seed=100 + m, outliers=True).half().to(device)
     with lightllm.use_backend("torch"):
         ref = torch.ops.lightllm.int8_linear(x, cb, scb, None, threshold)
     # LLM.int8's pipeline in float64: the reference's codes, an exact product, the outlier columns in 16 bits
@@ -261,27 +266,55 @@ def int8_cases(wt: Weights, m: int, threshold: float, bnb) -> list[Case]:
         return err, ref_err, verdict(err, ref_err, torch.float16)
 
     io = 2 * (m * k + m * n)
-    cases = [Case("int8-linear", "lightllm-cpp", torch.float16,
-                  lambda: torch.ops.lightllm.int8_linear(x, cb, scb, None, threshold), cb.nbytes + scb.nbytes + io, check,
-                  lambda: lightllm.use_backend("cpp"), threshold)]
+
+    def op():
+        return torch.ops.lightllm.int8_linear(x, cb, scb, None, threshold)
+
+    cases = []
+    if device.type == "cpu":
+        cases.append(Case("int8-linear", "lightllm-cpp", torch.float16, op, cb.nbytes + scb.nbytes + io, check,
+                          lambda: lightllm.use_backend("cpp"), threshold))
+    elif lightllm.backends.has_kernel("int8_linear", "triton", device.type):
+        cases.append(Case("int8-linear", "lightllm-triton", torch.float16, op, cb.nbytes + scb.nbytes + io, check,
+                          lambda: lightllm.use_backend("triton"), threshold))
+        if m > 16:  # the kernel's own int8 tl.dot where the op would take torch._int_mm's product
+            cases.append(Case("int8-linear", "lightllm-triton-dot", torch.float16, op, cb.nbytes + scb.nbytes + io,
+                              check, _triton_int8_dot_only, threshold))
     if bnb is not None:
-        layer = wt.get(f"bnb-int8-{threshold}", lambda: _bnb_int8_layer(bnb, wt, threshold))
+        layer = wt.get(f"bnb-int8-{threshold}-{device}", lambda: _bnb_int8_layer(bnb, wt, threshold, device))
         cases.append(Case("int8-linear", "bnb-Linear8bitLt", torch.float16, lambda: layer(x),
                           cb.nbytes + scb.nbytes + io, check, torch.no_grad, threshold))
-    x32 = x.float()
-    dense_exact = x32.double() @ wt.w.double().t()
-    cases.append(Case("int8-linear", "f32-linear", torch.float32, lambda: F.linear(x32, wt.w),
-                      wt.w.nbytes + 4 * (m * k + m * n),
+    dense_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    xd = x.to(dense_dtype)
+    wd = wt.get(f"dense-{dense_dtype}-{device}", lambda: wt.w.to(device=device, dtype=dense_dtype))
+    dense_exact = xd.double() @ wd.double().t()
+    size = wd.element_size()
+    cases.append(Case("int8-linear", "f32-linear" if dense_dtype == torch.float32 else "f16-linear", dense_dtype,
+                      lambda: F.linear(xd, wd), wd.nbytes + size * (m * k + m * n),
                       lambda y: (rel_err(y, dense_exact), rel_err(y, dense_exact), "ok"), threshold=threshold))
     return cases
 
 
-def _bnb_int8_layer(bnb, wt: Weights, threshold: float):
+@contextlib.contextmanager
+def _triton_int8_dot_only():
+    """The triton backend with its own int8 tl.dot product at every M (no torch._int_mm)."""
+    from lightllm.kernels import int8 as triton_int8
+
+    saved = triton_int8.use_int_mm
+    triton_int8.use_int_mm = lambda m, n, k, device: False
+    try:
+        with lightllm.use_backend("triton"):
+            yield
+    finally:
+        triton_int8.use_int_mm = saved
+
+
+def _bnb_int8_layer(bnb, wt: Weights, threshold: float, device: torch.device = torch.device("cpu")):
     layer = bnb.nn.Linear8bitLt(wt.k, wt.n, bias=False, has_fp16_weights=False, threshold=threshold)
     layer.load_state_dict({"weight": wt.w.half()}, strict=False)
-    layer = layer.to("cpu").eval()  # quantizes on the move
+    layer = layer.to(device).eval()  # quantizes on the move
     cb, _ = wt.int8()
-    if not torch.equal(layer.weight.data, cb):
+    if not torch.equal(layer.weight.data.cpu(), cb):
         logger.warning("bitsandbytes' int8 weight differs from ours; its row checks against our codes")
     return layer
 
@@ -330,14 +363,16 @@ def run_case(case: Case, sched: Schedule, device: torch.device, copy_bw: float, 
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Speedup over f32-linear in the same section, shape, M (and threshold); quantize: over bnb."""
+    """Speedup over the dense F.linear (f16-linear on a GPU, else f32-linear) in the same section,
+    shape, M (and threshold); quantize: over bnb."""
     for r in rows:
         if r["section"] == "nf4-quantize":
             base = [b for b in rows if b["section"] == r["section"] and b["shape"] == r["shape"]
                     and b["dtype"] == r["dtype"] and b["impl"] == "bnb"]
         else:
             base = [b for b in rows if b["section"] == r["section"] and b["shape"] == r["shape"] and b["m"] == r["m"]
-                    and b["threshold"] == r["threshold"] and b["impl"] == "f32-linear"]
+                    and b["threshold"] == r["threshold"] and b["impl"] in ("f16-linear", "f32-linear")]
+            base.sort(key=lambda b: b["impl"] != "f16-linear")
         r["speedup"] = base[0]["device_us"] / r["device_us"] if base else None
 
 
@@ -351,8 +386,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                + ". Speedups: over f32-linear at the same shape and M (matmul, int8), over bitsandbytes (quantize). "
                "Rows are appended to the CSV, tagged with machine, date, commit and torch version.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="where to run (default cpu: the C++ kernels are CPU kernels; cuda times the reference and "
-                        "bitsandbytes' CUDA paths only)")
+                   help="where to run (default cpu: the C++ kernels are CPU kernels; cuda times the Triton LLM.int8 "
+                        "kernels, the references and bitsandbytes' CUDA paths)")
     p.add_argument("--quick", action="store_true", help="M " + " ".join(map(str, QUICK_MS))
                    + ", fewer iterations, float32 quantize only")
     p.add_argument("--shapes", type=size_pair, nargs="+", default=None, metavar="NxK",
@@ -396,7 +431,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     device = resolve_device(args.device)
     if device.type != "cpu":
-        logger.warning("the cpp kernels are CPU kernels: on %s only the reference and bitsandbytes rows run", device)
+        logger.warning("the cpp kernels are CPU kernels: on %s the int8-linear rows time the triton kernels, the "
+                       "nf4 rows the reference and bitsandbytes only", device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sched = schedule_for(args.quick)
@@ -405,6 +441,7 @@ def main(argv=None) -> int:
                          eager_repeats=min(sched.eager_repeats, args.iters), max_seconds=sched.max_seconds)
     shapes = args.shapes or SHAPES
     ms = sorted(dict.fromkeys(args.m or (QUICK_MS if args.quick else MS)))
+    int8_ms = ms if args.m or device.type == "cpu" else GPU_INT8_MS
     malloc = "retain" if device.type == "cpu" and retain_freed_cpu_memory() else "default"
     tags = env_tags(device)
     busy = warn_if_busy(device)
@@ -424,14 +461,14 @@ def main(argv=None) -> int:
                 for case in quantize_cases(wt, dtype, bnb):
                     row = run_case(case, sched, device, copy_bw, {**base, "m": ""})
                     rows += [row] if row else []
-        for m in ms:
-            if "nf4-matmul" in args.sections:
+        for m in sorted(set(ms) | set(int8_ms)):
+            if "nf4-matmul" in args.sections and m in ms:
                 for case in nf4_cases(wt, m, args, bnb):
                     row = run_case(case, sched, device, copy_bw, {**base, "m": m})
                     rows += [row] if row else []
-            if "int8-linear" in args.sections:
+            if "int8-linear" in args.sections and m in int8_ms:
                 for threshold in THRESHOLDS:
-                    for case in int8_cases(wt, m, threshold, bnb):
+                    for case in int8_cases(wt, m, threshold, bnb, device):
                         row = run_case(case, sched, device, copy_bw, {**base, "m": m})
                         rows += [row] if row else []
         del wt

@@ -464,7 +464,8 @@ def _fourbit_matmul(checker: Checker, small: bool) -> None:
 @sweep_for("int8_linear")
 def _int8_linear(checker: Checker, small: bool) -> None:
     """Threshold 0: the reference's bits. Threshold 2.5 (outlier columns in every case): against the
-    reference's own pipeline in float64 (same codes, exact product, the 16-bit outlier part)."""
+    reference's own pipeline in float64 (same codes, exact product, the 16-bit outlier part). On a
+    GPU, CUDA graph replays with outliers (a kernel that synchronizes with the host cannot be captured)."""
     from .quantization.bnb import int8 as int8_format
 
     dev = checker.device
@@ -489,6 +490,22 @@ def _int8_linear(checker: Checker, small: bool) -> None:
                 exact = exact + x[:, cols].double() @ w_dq.double().t()
                 checker.close(label + " threshold 2.5", checker.run(op, x, cb, scb, bias, 2.5),
                               checker.reference(op, x, cb, scb, bias, 2.5), exact)
+    # No host synchronization at a threshold: a CUDA graph captured on inputs with one set of outlier
+    # columns replays inputs with another (found on the device at every call), 1 row and 80 (for a
+    # kernel that multiplies many rows another way).
+    n, k = shapes[0]
+    cb, scb, _ = int8_format.int8_vectorwise_quant(torch.randn(n, k, generator=_gen(1)).half())
+    cb, scb, bias = cb.to(dev), scb.to(dev), torch.randn(n, generator=_gen(2)).to(dev)
+
+    def outlier_inputs(m):
+        def make(seed):
+            x = torch.randn(m, k, generator=_gen(seed + m)) * 1.5
+            x[::2, 5 + 11 * seed] = 20.0
+            return x.half().to(dev), cb, scb, bias, 6.0
+        return make
+
+    for m in (1, 80):
+        checker.graph_replay(f"{n}x{k} m={m} threshold 6", outlier_inputs(m), torch.ops.lightllm.int8_linear)
 
 
 def _gptq_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, device, seed: int):

@@ -4,6 +4,8 @@ bitsandbytes 0.50 step by step: the activations are quantized per row from their
 (``threshold > 0``: columns with any |x| >= threshold stay out and are multiplied in x's dtype by
 the dequantized weight's same columns), the int8 product is exact in int32, scaled back by
 ``row * col / 127^2``, plus the bias, in x's dtype. One op so that a kernel can fuse all of it.
+Backends: the reference ("torch"), the C++ CPU kernel ("cpp") and the Triton kernels ("triton",
+kernels/int8.py: GPU, or CPU under TRITON_INTERPRET=1; no host synchronization at any threshold).
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ def _int8_linear_cpp(x, cb, scb, bias, threshold):
     """csrc/int8_cpu.cpp: the reference's bits at threshold 0 and wherever a call finds no outlier;
     with outliers, their 16-bit product is summed in float32 (the reference's up to summation order)."""
     return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold))
+
+
+@register(LINEAR, "triton", ("cuda", "cpu"))
+def _int8_linear_triton(x, cb, scb, bias, threshold):
+    """kernels/int8.py: outlier columns found and listed on the device (no host synchronization at
+    any threshold), the reference's codes, the int8 product (tl.dot, or torch._int_mm for many
+    rows) and a fused epilogue; the reference's bits at threshold 0 and wherever no outlier is
+    found, otherwise the outlier product summed in float32 and rounded once."""
+    from ..kernels import int8 as triton_int8
+
+    return triton_int8.int8_linear(x, cb, scb, bias, float(threshold))
 
 
 @torch.library.custom_op("lightllm::int8_linear", mutates_args=())
