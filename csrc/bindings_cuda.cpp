@@ -409,14 +409,14 @@ FourBitScaleTensors check_fourbit(const char* op, const at::Tensor& packed, cons
                                   const std::optional<at::Tensor>& nested_absmax,
                                   const std::optional<at::Tensor>& nested_code, int64_t nested_blocksize,
                                   const std::optional<at::Tensor>& nested_offset, const at::Tensor& code,
-                                  int64_t blocksize, int64_t n, const at::Device& device) {
+                                  int64_t blocksize, int64_t n, const at::Device& device, bool exact) {
   TORCH_CHECK_VALUE(fourbit_blocksize_ok(blocksize), op, ": blocksize must be a power of two from 32 to 4096, got ",
                     blocksize);
   TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte, op, ": packed must be uint8 bytes, got ", packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed holds ", packed.numel(), " bytes; ", n,
+  TORCH_CHECK_VALUE(exact ? packed.numel() == (n + 1) / 2 : packed.numel() >= (n + 1) / 2, op, ": packed holds ", packed.numel(), " bytes; ", n,
                     " 4-bit values need ", (n + 1) / 2);
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(absmax.numel() == blocks, op, ": absmax holds ", absmax.numel(), " values; ", n,
+  TORCH_CHECK_VALUE(exact ? absmax.numel() == blocks : absmax.numel() >= blocks, op, ": absmax holds ", absmax.numel(), " values; ", n,
                     " values at blocksize ", blocksize, " need ", blocks);
   TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
                     ": code must be the 16 float32 values of the 4-bit type");
@@ -429,7 +429,9 @@ FourBitScaleTensors check_fourbit(const char* op, const at::Tensor& packed, cons
                       ": double quantization needs nested_absmax, nested_code and nested_offset");
     TORCH_CHECK_VALUE(nested_blocksize >= 1, op, ": nested_blocksize must be a positive int, got ", nested_blocksize);
     const int64_t nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
-    TORCH_CHECK_VALUE(nested_absmax->scalar_type() == at::kFloat && nested_absmax->numel() == nested_blocks, op,
+    TORCH_CHECK_VALUE(nested_absmax->scalar_type() == at::kFloat &&
+                          (exact ? nested_absmax->numel() == nested_blocks : nested_absmax->numel() >= nested_blocks),
+                      op,
                       ": nested_absmax must hold ", nested_blocks, " float32 values for ", blocks,
                       " absmax codes at nested_blocksize ", nested_blocksize, ", got ", nested_absmax->numel(), " ",
                       nested_absmax->scalar_type());
@@ -476,7 +478,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
   TORCH_CHECK_VALUE(n >= 0, op, ": n must be >= 0, got ", n);
   check_cuda(op, packed);
   const FourBitScaleTensors scales = check_fourbit(op, packed, absmax, nested_absmax, nested_code, nested_blocksize,
-                                                   nested_offset, code, blocksize, n, packed.device());
+                                                   nested_offset, code, blocksize, n, packed.device(), false);
   return fourbit_dequantize_into(op, packed, scales, nested_blocksize, code, blocksize, n, dtype);
 }
 
@@ -492,7 +494,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   const int64_t k = x.size(-1), n_out = out_features;
   const FourBitScaleTensors scales = check_fourbit(op, packed, absmax, nested_absmax, nested_code, nested_blocksize,
-                                                   nested_offset, code, blocksize, n_out * k, x.device());
+                                                   nested_offset, code, blocksize, n_out * k, x.device(), true);
   if (bias.has_value()) {
     float_type_of(bias->scalar_type(), op, "bias");
     TORCH_CHECK_VALUE(bias->numel() == n_out, op, ": bias has ", bias->numel(), " values, the layer has ", n_out,

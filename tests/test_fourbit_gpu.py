@@ -195,6 +195,9 @@ def test_triton_dequantize_4bit_is_the_references_bits(backend, quant_type):
         for dtype in (torch.float32, torch.float16):
             got = run(backend, dq, packed, absmax, blocksize, quant_type, n, dtype)
             assert torch.equal(got, run("torch", dq, packed, absmax, blocksize, quant_type, n, dtype))
+    # as the C++ kernel, dequantize_4bit takes more bytes and absmax than n values need (the first n)
+    got = run(backend, dq, packed, absmax, 128, quant_type, n - 100, torch.float32)
+    assert torch.equal(got, run("torch", dq, packed, absmax, 128, quant_type, n - 100, torch.float32))
     packed, state = weight(300, 256, 32, quant_type, True)  # 2400 absmax codes: 10 nested blocks
     got = triton_fourbit.dequantize_4bit(packed, state.absmax, 32, quant_type, 300 * 256, torch.float16,
                                          ops_fourbit.nested_args(state))

@@ -174,16 +174,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_4bit_args(op: str, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: int,
-                    nested: tuple | None, device: torch.device) -> None:
+                    nested: tuple | None, device: torch.device, exact: bool = True) -> None:
     """ValueError naming what is wrong: the blocksize, quant type, the packed bytes' dtype and count
-    (exactly ``ceil(n / 2)``), the absmax's dtype and length, the double-quantization state, devices."""
+    (``ceil(n / 2)``; at least that many when not ``exact``, as for dequantize_4bit), the absmax's
+    dtype and length (likewise), the double-quantization state, devices."""
     if not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"{op}: blocksize must be a power of two from 32 to 4096, got {blocksize}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"{op}: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if packed.dtype != torch.uint8:
         raise ValueError(f"{op}: packed must be uint8 bytes, got {_dtype_name(packed.dtype)}")
-    if packed.numel() != (n + 1) // 2:
+    if packed.numel() != (n + 1) // 2 if exact else packed.numel() < (n + 1) // 2:
         raise ValueError(f"{op}: packed holds {packed.numel()} bytes; {n} 4-bit values need {(n + 1) // 2}")
     blocks = -(-n // blocksize)
     if nested is None:
@@ -210,7 +211,7 @@ def check_4bit_args(op: str, packed: torch.Tensor, absmax: torch.Tensor, blocksi
                         ("nested_offset", nested_offset)):
             if t.device != device:
                 raise ValueError(f"{op}: {name} is on {t.device}, x on {device}")
-    if absmax.numel() != blocks:
+    if absmax.numel() != blocks if exact else absmax.numel() < blocks:
         raise ValueError(f"{op}: absmax holds {absmax.numel()} values; {n} values at blocksize {blocksize} need "
                          f"{blocks}")
     for name, t in (("packed", packed), ("absmax", absmax)):
@@ -252,7 +253,8 @@ def _dequantize_triton(packed, absmax, blocksize, quant_type, n, dtype):
         raise ValueError(f"{DEQUANTIZE}: dtype must be float32, float16 or bfloat16, got {dtype}")
     if n < 0:
         raise ValueError(f"{DEQUANTIZE}: n must be >= 0, got {n}")
-    check_4bit_args(DEQUANTIZE, packed.reshape(-1), absmax, blocksize, quant_type, n, None, packed.device)
+    check_4bit_args(DEQUANTIZE, packed.reshape(-1), absmax, blocksize, quant_type, n, None, packed.device,
+                    exact=False)
     return triton_fourbit.dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype)
 
 
