@@ -15,6 +15,12 @@ Format (bitsandbytes 0.50, its CPU path):
   of 0.0. The bytes are stored as ``[ceil(n / 2), 1]``, or viewed as another ``quant_storage``
   dtype (``[n / (2 * itemsize), 1]``).
 * Dequantization is ``code[c] * absmax`` in float32, rounded once to the output dtype.
+* Double quantization: ``matmul_4bit`` also takes the absmax as uint8 codes with the nested state
+  (``nested_absmax``, ``nested_code``, ``nested_blocksize``, ``nested_offset``), decoded as
+  ``QuantState.float_absmax`` does; the GPU kernels decode it in place.
+
+Backends: the reference; C++ on the CPU (csrc/fourbit_cpu.cpp); Triton (kernels/fourbit.py) and CUDA
+(csrc/fourbit.cu), each a GEMV up to 16 rows of x and dequantize + cuBLAS above (not yet run on a GPU).
 """
 
 from __future__ import annotations
