@@ -2,6 +2,12 @@
 """Benchmark bitsandbytes-format layers on the CPU (or a GPU): lightllm's NF4 and LLM.int8 kernels
 against bitsandbytes, torch's own int4 kernel and a dense float32 ``F.linear``, in one run.
 
+With ``--device cuda`` the ``nf4-matmul`` section runs on the GPU: lightllm-triton and lightllm-cuda
+(``matmul_4bit`` with those backends, float absmax, and ``-dq`` rows with the double-quantized
+absmax decoded in the kernel), the reference, bnb-nf4 on the GPU, and the dense ``F.linear`` in
+bfloat16 (cuBLAS, the denominator of every GPU speedup) and float32; x in bfloat16 and float16.
+(The other sections stay CPU sections.)
+
 Sections (rows of the CSV, column ``section``):
 
 * ``nf4-matmul``: ``y = x W^T`` for a weight [N, K] at M rows of x.
@@ -37,6 +43,7 @@ Examples:
     python benchmarks/bench_bnb_layers.py --device cpu --quick     # M 1 and 16, fewer iterations
     python benchmarks/bench_bnb_layers.py --device cpu --shapes 4096x4096 --m 1 --threads 1
     python benchmarks/bench_bnb_layers.py --device cuda --sections int8-linear   # Triton LLM.int8 vs fp16
+    python benchmarks/bench_bnb_layers.py --device cuda --sections nf4-matmul --shapes 4096x11008 14336x4096 --m 1
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ from _timing import (  # noqa: E402
 import lightllm  # noqa: E402
 from lightllm import functional as LF  # noqa: E402
 from lightllm.ops import fourbit as ops_fourbit  # noqa: E402
-from lightllm.quantization import int8 as int8_format  # noqa: E402
+from lightllm.quantization.bnb import int8 as int8_format  # noqa: E402
 
 logger = logging.getLogger("benchmarks.bnb_layers")
 
@@ -146,6 +153,23 @@ class Weights:
             return packed, absmax, w64
         return self.get("nf4", build)
 
+    def nf4_nested(self):
+        """The double-quantized absmax of nf4() (uint8 codes + nested state, as quantize_4bit with
+        compress_statistics=True makes it) and W in float64 as those codes give it."""
+        def build():
+            packed, absmax, _ = self.nf4()
+            offset = absmax.mean()
+            nested_code = LF.create_dynamic_map(signed=True)
+            with lightllm.use_backend("torch"):
+                codes, nested_absmax = LF.quantize_blockwise(absmax - offset, nested_code, 256)
+            nested = (nested_absmax, nested_code, 256, offset.reshape(()))
+            decoded = ops_fourbit.decode_nested_absmax(codes, *nested)
+            with lightllm.use_backend("torch"):
+                w64 = torch.ops.lightllm.dequantize_4bit(packed, decoded, BLOCKSIZE, "nf4", self.n * self.k,
+                                                         torch.float64).view(self.n, self.k)
+            return codes, nested, w64
+        return self.get("nf4-nested", build)
+
     def int4(self):
         """torch's int4 pack of a round-to-nearest asymmetric quantization (group 128, bf16 scale and
         zero), and its weight in float64: W = (q - 8) * scale + zero per group."""
@@ -201,13 +225,71 @@ class Case:
 
 
 def matmul_check(x: torch.Tensor, w64: torch.Tensor, dtype: torch.dtype):
+    """Checked on the CPU (x and w64 CPU tensors; y may be on the GPU)."""
+    x = x.cpu()
     exact = x.double() @ w64.t()
     dense_err = rel_err(F.linear(x.to(dtype), w64.to(dtype)), exact)
 
     def check(y):
-        err = rel_err(y, exact)
+        err = rel_err(y.cpu(), exact)
         return err, dense_err, verdict(err, dense_err, dtype)
     return check
+
+
+def nf4_gpu_cases(wt: Weights, m: int, args, bnb, device: torch.device) -> list[Case]:
+    """nf4-matmul on a GPU: lightllm's triton and cuda backends (float and double-quantized absmax),
+    the reference at M = 1, bnb-nf4, and dense F.linear in bfloat16 (cuBLAS) and float32."""
+    n, k = wt.n, wt.k
+    packed, absmax, w64 = wt.nf4()
+    codes, nested, w64_dq = wt.nf4_nested()
+    packed_d, absmax_d, codes_d = packed.to(device), absmax.to(device), codes.to(device)
+    nested_d = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in nested)
+    x32 = activations(m, k, seed=m)
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        x = x32.to(dtype)
+        xd = x.to(device)
+        io = 2 * x.element_size() * (m * k + m * n)
+        for backend in ("triton", "cuda"):
+            if not lightllm.backends.has_kernel(ops_fourbit.MATMUL, backend, device.type):
+                logger.warning("no lightllm-%s rows: %s", backend,
+                               lightllm.backends.why_unavailable(backend) or "no kernel for this device")
+                continue
+            cases.append(Case("nf4-matmul", f"lightllm-{backend}", dtype,
+                              lambda xd=xd: torch.ops.lightllm.matmul_4bit(xd, packed_d, absmax_d, BLOCKSIZE, "nf4", n,
+                                                                           None),
+                              packed.nbytes + absmax.nbytes + io, matmul_check(x, w64, dtype),
+                              lambda backend=backend: lightllm.use_backend(backend)))
+            cases.append(Case("nf4-matmul", f"lightllm-{backend}-dq", dtype,
+                              lambda xd=xd: torch.ops.lightllm.matmul_4bit(xd, packed_d, codes_d, BLOCKSIZE, "nf4", n,
+                                                                           None, *nested_d),
+                              packed.nbytes + codes.nbytes + nested[0].nbytes + io, matmul_check(x, w64_dq, dtype),
+                              lambda backend=backend: lightllm.use_backend(backend)))
+        if m == 1 or args.reference_all_m:
+            cases.append(Case("nf4-matmul", "lightllm-torch", dtype,
+                              lambda xd=xd: torch.ops.lightllm.matmul_4bit(xd, packed_d, absmax_d, BLOCKSIZE, "nf4", n,
+                                                                           None),
+                              packed.nbytes + absmax.nbytes + io, matmul_check(x, w64, dtype),
+                              lambda: lightllm.use_backend("torch")))
+        if bnb is not None:
+            def bnb_weight():
+                w4, state = bnb.functional.quantize_4bit(wt.w.to(device), blocksize=BLOCKSIZE, quant_type="nf4")
+                with lightllm.use_backend("torch"):
+                    bnb_w64 = torch.ops.lightllm.dequantize_4bit(w4.view(-1).cpu(), state.absmax.cpu(), BLOCKSIZE,
+                                                                 "nf4", n * k, torch.float64).view(n, k)
+                return w4, state, bnb_w64
+            w4, state, bnb_w64 = wt.get("bnb-nf4-gpu", bnb_weight)
+            cases.append(Case("nf4-matmul", "bnb-nf4", dtype,
+                              lambda xd=xd: bnb.matmul_4bit(xd, w4.t(), quant_state=state),
+                              w4.nbytes + state.absmax.nbytes + io, matmul_check(x, bnb_w64, dtype)))
+        w16 = wt.get(f"dense-{dtype}", lambda dtype=dtype: wt.w.to(device, dtype))
+        cases.append(Case("nf4-matmul", f"{str(dtype)[6:]}-linear", dtype, lambda xd=xd, w16=w16: F.linear(xd, w16),
+                          w16.nbytes + io, matmul_check(x, wt.w.to(dtype).double(), dtype)))
+    w32 = wt.get("dense-f32", lambda: wt.w.to(device))
+    x32d = x32.to(device)
+    cases.append(Case("nf4-matmul", "f32-linear", torch.float32, lambda: F.linear(x32d, w32),
+                      w32.nbytes + 4 * (m * k + m * n), matmul_check(x32, wt.w.double(), torch.float32)))
+    return cases
 
 
 def nf4_cases(wt: Weights, m: int, args, bnb) -> list[Case]:
@@ -363,16 +445,18 @@ def run_case(case: Case, sched: Schedule, device: torch.device, copy_bw: float, 
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Speedup over the dense F.linear (f16-linear on a GPU, else f32-linear) in the same section,
-    shape, M (and threshold); quantize: over bnb."""
+    """Speedup over the dense F.linear in the same section, shape, M (and threshold): on a GPU
+    cuBLAS's bf16 (nf4-matmul) or fp16 (int8-linear) F.linear, on the CPU float32; quantize: over bnb."""
     for r in rows:
         if r["section"] == "nf4-quantize":
             base = [b for b in rows if b["section"] == r["section"] and b["shape"] == r["shape"]
                     and b["dtype"] == r["dtype"] and b["impl"] == "bnb"]
         else:
-            base = [b for b in rows if b["section"] == r["section"] and b["shape"] == r["shape"] and b["m"] == r["m"]
-                    and b["threshold"] == r["threshold"] and b["impl"] in ("f16-linear", "f32-linear")]
-            base.sort(key=lambda b: b["impl"] != "f16-linear")
+            same = [b for b in rows if b["section"] == r["section"] and b["shape"] == r["shape"] and b["m"] == r["m"]
+                    and b["threshold"] == r["threshold"]]
+            base = next(([b for b in same if b["impl"] == impl] for impl in ("bfloat16-linear", "f16-linear",
+                                                                              "f32-linear")
+                         if any(b["impl"] == impl for b in same)), [])
         r["speedup"] = base[0]["device_us"] / r["device_us"] if base else None
 
 
@@ -386,8 +470,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                + ". Speedups: over f32-linear at the same shape and M (matmul, int8), over bitsandbytes (quantize). "
                "Rows are appended to the CSV, tagged with machine, date, commit and torch version.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="where to run (default cpu: the C++ kernels are CPU kernels; cuda times the Triton LLM.int8 "
-                        "kernels, the references and bitsandbytes' CUDA paths)")
+                   help="where to run (default cpu: the C++ kernels are CPU kernels; cuda runs nf4-matmul and "
+                        "int8-linear on the GPU: lightllm's triton (and cuda) backends, the references, bitsandbytes' "
+                        "CUDA paths and cuBLAS F.linear)")
     p.add_argument("--quick", action="store_true", help="M " + " ".join(map(str, QUICK_MS))
                    + ", fewer iterations, float32 quantize only")
     p.add_argument("--shapes", type=size_pair, nargs="+", default=None, metavar="NxK",
@@ -431,8 +516,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     device = resolve_device(args.device)
     if device.type != "cpu":
-        logger.warning("the cpp kernels are CPU kernels: on %s the int8-linear rows time the triton kernels, the "
-                       "nf4 rows the reference and bitsandbytes only", device)
+        logger.warning("on %s the nf4-matmul and int8-linear sections run on the GPU; nf4-quantize times the "
+                       "reference and bitsandbytes only", device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sched = schedule_for(args.quick)
@@ -463,7 +548,8 @@ def main(argv=None) -> int:
                     rows += [row] if row else []
         for m in sorted(set(ms) | set(int8_ms)):
             if "nf4-matmul" in args.sections and m in ms:
-                for case in nf4_cases(wt, m, args, bnb):
+                cases = nf4_gpu_cases(wt, m, args, bnb, device) if device.type == "cuda" else nf4_cases(wt, m, args, bnb)
+                for case in cases:
                     row = run_case(case, sched, device, copy_bw, {**base, "m": m})
                     rows += [row] if row else []
             if "int8-linear" in args.sections and m in int8_ms:

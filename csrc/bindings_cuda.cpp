@@ -14,6 +14,7 @@
 
 #include "blockwise.h"
 #include "checks.h"
+#include "fourbit.h"
 #include "gptq.h"
 #include "lora.h"
 #include "optim.h"
@@ -381,6 +382,173 @@ void optimizer_step_cuda(int64_t algo, const at::Tensor& table, const at::Tensor
                                                    c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+// ---- bitsandbytes' 4-bit NF4 / FP4 (csrc/fourbit.cu) --------------------------------------------
+// Argument errors are ValueErrors naming the tensor, as the C++ CPU module's (bindings_bnb.cpp).
+
+bool fourbit_blocksize_ok(int64_t blocksize) {
+  return blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0;
+}
+
+// The block absmax of n values (float32, or uint8 codes with the double-quantization state), on
+// `device`; holds the contiguous tensors the launch reads.
+struct FourBitScaleTensors {
+  at::Tensor absmax, nested_absmax, nested_code, nested_offset;
+  lightllm::FourBitScales view() const {
+    lightllm::FourBitScales s{};
+    s.absmax = absmax.data_ptr();
+    if (nested_absmax.defined()) {
+      s.nested_absmax = nested_absmax.data_ptr<float>();
+      s.nested_code = nested_code.data_ptr<float>();
+      s.nested_offset = nested_offset.data_ptr<float>();
+    }
+    return s;
+  }
+};
+
+FourBitScaleTensors check_fourbit(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code, int64_t nested_blocksize,
+                                  const std::optional<at::Tensor>& nested_offset, const at::Tensor& code,
+                                  int64_t blocksize, int64_t n, const at::Device& device, bool exact) {
+  TORCH_CHECK_VALUE(fourbit_blocksize_ok(blocksize), op, ": blocksize must be a power of two from 32 to 4096, got ",
+                    blocksize);
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte, op, ": packed must be uint8 bytes, got ", packed.scalar_type());
+  TORCH_CHECK_VALUE(exact ? packed.numel() == (n + 1) / 2 : packed.numel() >= (n + 1) / 2, op, ": packed holds ", packed.numel(), " bytes; ", n,
+                    " 4-bit values need ", (n + 1) / 2);
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(exact ? absmax.numel() == blocks : absmax.numel() >= blocks, op, ": absmax holds ", absmax.numel(), " values; ", n,
+                    " values at blocksize ", blocksize, " need ", blocks);
+  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
+                    ": code must be the 16 float32 values of the 4-bit type");
+  FourBitScaleTensors t;
+  t.absmax = absmax.reshape({-1}).contiguous();
+  if (nested_absmax.has_value()) {
+    TORCH_CHECK_VALUE(absmax.scalar_type() == at::kByte, op, ": double-quantized absmax must be uint8 codes, got ",
+                      absmax.scalar_type());
+    TORCH_CHECK_VALUE(nested_code.has_value() && nested_offset.has_value(), op,
+                      ": double quantization needs nested_absmax, nested_code and nested_offset");
+    TORCH_CHECK_VALUE(nested_blocksize >= 1, op, ": nested_blocksize must be a positive int, got ", nested_blocksize);
+    const int64_t nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
+    TORCH_CHECK_VALUE(nested_absmax->scalar_type() == at::kFloat &&
+                          (exact ? nested_absmax->numel() == nested_blocks : nested_absmax->numel() >= nested_blocks),
+                      op,
+                      ": nested_absmax must hold ", nested_blocks, " float32 values for ", blocks,
+                      " absmax codes at nested_blocksize ", nested_blocksize, ", got ", nested_absmax->numel(), " ",
+                      nested_absmax->scalar_type());
+    TORCH_CHECK_VALUE(nested_code->scalar_type() == at::kFloat && nested_code->numel() == 256, op,
+                      ": nested_code must be the 256 float32 values of the 8-bit map");
+    TORCH_CHECK_VALUE(nested_offset->numel() == 1 && nested_offset->is_floating_point(), op,
+                      ": nested_offset must be one float");
+    t.nested_absmax = nested_absmax->reshape({-1}).contiguous();
+    t.nested_code = nested_code->contiguous();
+    t.nested_offset = nested_offset->reshape({1}).to(at::kFloat).contiguous();
+  } else {
+    TORCH_CHECK_VALUE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ", absmax.scalar_type());
+  }
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&packed, &absmax, &code, &t.nested_absmax,
+                                                                      &t.nested_code, &t.nested_offset}) {
+    if (!x->defined()) continue;
+    TORCH_CHECK_VALUE(x->is_cuda() && x->device() == device, op, ": all tensors must be on ", device,
+                      ", one is on ", x->device());
+  }
+  return t;
+}
+
+at::Tensor fourbit_dequantize_into(const char* op, const at::Tensor& packed, const FourBitScaleTensors& scales,
+                                   int64_t nested_blocksize, const at::Tensor& code, int64_t blocksize, int64_t n,
+                                   at::ScalarType dtype) {
+  const FloatType out_type = float_type_of(dtype, op, "dtype");
+  at::Tensor out = at::empty({n}, packed.options().dtype(dtype));
+  if (n == 0) return out;
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor pc = packed.reshape({-1}).contiguous(), cc = code.contiguous();
+  lightllm::FourBitScales s = scales.view();
+  s.nested_blocksize = nested_blocksize;
+  check_launch(op, lightllm::launch_fourbit_dequantize(pc.data_ptr<uint8_t>(), s, cc.data_ptr<float>(), blocksize, n,
+                                                       out.data_ptr(), out_type,
+                                                       c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                           int64_t nested_blocksize, const std::optional<at::Tensor>& nested_offset,
+                           const at::Tensor& code, int64_t blocksize, int64_t n, at::ScalarType dtype) {
+  constexpr const char* op = "dequantize_4bit";
+  TORCH_CHECK_VALUE(n >= 0, op, ": n must be >= 0, got ", n);
+  check_cuda(op, packed);
+  const FourBitScaleTensors scales = check_fourbit(op, packed, absmax, nested_absmax, nested_code, nested_blocksize,
+                                                   nested_offset, code, blocksize, n, packed.device(), false);
+  return fourbit_dequantize_into(op, packed, scales, nested_blocksize, code, blocksize, n, dtype);
+}
+
+at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                       int64_t nested_blocksize, const std::optional<at::Tensor>& nested_offset,
+                       const at::Tensor& code, int64_t blocksize, int64_t out_features,
+                       const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "matmul_4bit";
+  check_cuda(op, x);
+  const FloatType x_type = float_type_of(x.scalar_type(), op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  const int64_t k = x.size(-1), n_out = out_features;
+  const FourBitScaleTensors scales = check_fourbit(op, packed, absmax, nested_absmax, nested_code, nested_blocksize,
+                                                   nested_offset, code, blocksize, n_out * k, x.device(), true);
+  if (bias.has_value()) {
+    float_type_of(bias->scalar_type(), op, "bias");
+    TORCH_CHECK_VALUE(bias->numel() == n_out, op, ": bias has ", bias->numel(), " values, the layer has ", n_out,
+                      " outputs");
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), ", x on ", x.device());
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(n_out);
+  const at::Tensor x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  if (m == 0 || n_out == 0) return at::empty(shape, x.options());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (m > lightllm::kFourBitGemvMaxRows || k % 32 != 0) {
+    // Prefill (or K the GEMV's 16-byte rows do not fit): dequantize once (the reference's bits) and cuBLAS.
+    const at::Tensor w = fourbit_dequantize_into(op, packed, scales, nested_blocksize, code, blocksize, n_out * k,
+                                                 x.scalar_type());
+    const at::Tensor b = bias.has_value() ? bias->reshape({-1}).to(x.scalar_type()) : at::Tensor();
+    return at::linear(x2, w.view({n_out, k}), b).view(shape);
+  }
+  const at::Tensor xc = aligned16(x2), pc = aligned16(packed.reshape({-1})), cc = code.contiguous();
+  // rounded to x's dtype first, as the reference adds it
+  const at::Tensor bias_f = bias.has_value() ? bias->reshape({-1}).to(x.scalar_type()).to(at::kFloat).contiguous()
+                                             : at::Tensor();
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.device().index()));
+  lightllm::FourBitGemvParams p{};
+  p.x = xc.data_ptr();
+  p.x_type = x_type;
+  p.packed = pc.data_ptr<uint8_t>();
+  p.scales = scales.view();
+  p.scales.nested_blocksize = nested_blocksize;
+  p.code = cc.data_ptr<float>();
+  p.blocksize = blocksize;
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.m = m;
+  p.n = n_out;
+  p.k = k;
+  p.splits = lightllm::fourbit_gemv_splits(m, n_out, k, sm_count);
+  at::Tensor out = at::empty({m, n_out}, x.options());
+  p.y = out.data_ptr();
+  const int64_t tiles = (n_out + lightllm::fourbit_gemv_rows_per_cta(m) - 1) / lightllm::fourbit_gemv_rows_per_cta(m);
+  at::Tensor ws, counters;
+  if (p.splits > 1) {
+    ws = at::empty({p.splits, m, n_out}, x.options().dtype(at::kFloat));
+    counters = split_counters(x2, tiles);
+    p.ws = ws.data_ptr<float>();
+    p.counters = counters.data_ptr<int32_t>();
+  }
+  const int error = lightllm::launch_fourbit_gemv(p, c10::cuda::getCurrentCUDAStream().stream());
+  if (p.splits > 1) check_split_launch(op, error, x2, counters);
+  else check_launch(op, error);
+  return out.view(shape);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -404,6 +572,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("like"), py::arg("state8"), py::arg("qmap1"), py::arg("qmap2"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("nesterov"),
         py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("dequantize_4bit", &dequantize_4bit,
+        "4-bit NF4/FP4 codes -> n values in dtype; absmax float32, or uint8 codes with the nested state (CUDA tensors)",
+        py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("nested_blocksize"), py::arg("nested_offset"), py::arg("code"), py::arg("blocksize"), py::arg("n"),
+        py::arg("dtype"));
+  m.def("matmul_4bit", &matmul_4bit,
+        "x @ W^T + bias with W in 4-bit NF4/FP4: a GEMV up to 16 rows, dequantize + cuBLAS above (CUDA tensors)",
+        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("nested_blocksize"), py::arg("nested_offset"), py::arg("code"), py::arg("blocksize"),
+        py::arg("out_features"), py::arg("bias"));
   m.attr("torch_version") = LIGHTLLM_TORCH_VERSION;
   m.attr("cuda_gencode") = LIGHTLLM_CUDA_GENCODE;
 }

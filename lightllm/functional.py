@@ -3,7 +3,7 @@
 Block-wise quantization follows bitsandbytes (``bitsandbytes.functional``): the same dynamic map,
 the same block layout and absmax, so codes and absmax move between the two libraries. So does its
 4-bit NF4 / FP4 quantization (``quantize_4bit``, ``dequantize_4bit``, ``QuantState``; see
-lightllm.quantization.nf4).
+lightllm.quantization.bnb.nf4).
 """
 
 from __future__ import annotations

@@ -438,10 +438,16 @@ def _fourbit(checker: Checker, small: bool) -> None:
 @sweep_for("matmul_4bit")
 def _fourbit_matmul(checker: Checker, small: bool) -> None:
     """Against float64 with the same 4-bit weight: K a multiple of the blocksize (the fused GEMV),
-    K where blocks straddle rows, and more rows of x than the GEMV takes (17: dequantize + matmul)."""
+    K where blocks straddle rows, and more rows of x than the GEMV takes (17: dequantize + matmul);
+    at blocksize 64 also double-quantized (the absmax as uint8 codes with the nested state, which
+    the kernels decode themselves)."""
+    from . import functional as F
+    from .ops.fourbit import decode_nested_absmax
+
     dev = checker.device
     shapes = ((40, 96), (33, 256), (24, 200)) if small else ((4096, 4096), (1056, 4160), (777, 1000))
     rows = (1, 3, 16, 17) if small else (1, 2, 8, 16, 17, 256)
+    nested_code = F.create_dynamic_map(signed=True).to(dev)
     for quant_type in ("nf4", "fp4"):
         for blocksize in (32, 64, 128):
             for n, k in shapes:
@@ -449,16 +455,23 @@ def _fourbit_matmul(checker: Checker, small: bool) -> None:
                 w = torch.randn(n, k, generator=gen)
                 bias = torch.randn(n, generator=gen).to(dev)
                 packed, absmax = checker.reference(torch.ops.lightllm.quantize_4bit, w.to(dev), blocksize, quant_type)
-                w64 = checker.reference(torch.ops.lightllm.dequantize_4bit, packed, absmax, blocksize, quant_type,
-                                        n * k, torch.float64).view(n, k)
-                for dtype in _float_dtypes(checker):
-                    for m in rows:
-                        x = torch.randn(m, k, generator=_gen(m + k)).to(dtype).to(dev)
-                        args = (x, packed, absmax, blocksize, quant_type, n, bias)
-                        exact = x.double() @ w64.t() + bias.to(dtype).double()
-                        checker.close(f"{quant_type} {n}x{k} blocksize={blocksize} m={m} {str(dtype)[6:]}",
-                                      checker.run(torch.ops.lightllm.matmul_4bit, *args),
-                                      checker.reference(torch.ops.lightllm.matmul_4bit, *args), exact)
+                variants = [("", absmax, ())]
+                if blocksize == 64:  # double quantization, as nf4.quantize_4bit(compress_statistics=True) does it
+                    offset = absmax.mean()
+                    codes, nested_absmax = checker.reference(F.quantize_blockwise, absmax - offset, nested_code, 256)
+                    variants.append((" nested", codes, (nested_absmax, nested_code, 256, offset.reshape(()))))
+                for name, scales, nested in variants:
+                    float_absmax = decode_nested_absmax(scales, *nested) if nested else scales
+                    w64 = checker.reference(torch.ops.lightllm.dequantize_4bit, packed, float_absmax, blocksize,
+                                            quant_type, n * k, torch.float64).view(n, k)
+                    for dtype in _float_dtypes(checker):
+                        for m in rows:
+                            x = torch.randn(m, k, generator=_gen(m + k)).to(dtype).to(dev)
+                            args = (x, packed, scales, blocksize, quant_type, n, bias, *nested)
+                            exact = x.double() @ w64.t() + bias.to(dtype).double()
+                            checker.close(f"{quant_type}{name} {n}x{k} blocksize={blocksize} m={m} {str(dtype)[6:]}",
+                                          checker.run(torch.ops.lightllm.matmul_4bit, *args),
+                                          checker.reference(torch.ops.lightllm.matmul_4bit, *args), exact)
 
 
 @sweep_for("int8_linear")

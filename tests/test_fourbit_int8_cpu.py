@@ -9,7 +9,7 @@ import torch
 
 import lightllm
 from lightllm import _native
-from lightllm.quantization import int8 as int8_format
+from lightllm.quantization.bnb import int8 as int8_format
 
 pytestmark = pytest.mark.skipif(not _native.has_cpp(), reason=f"lightllm._C not loaded: {_native.load_error}")
 

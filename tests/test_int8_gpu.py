@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightllm
 from lightllm import backends
-from lightllm.quantization import int8 as int8_format
+from lightllm.quantization.bnb import int8 as int8_format
 
 triton_int8 = pytest.importorskip("lightllm.kernels.int8")
 

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops import fourbit as _fourbit_ops
 from ..quantization.bnb import nf4
 
 logger = logging.getLogger("lightllm")
@@ -241,9 +242,10 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Linear4bit: input has {x.shape[-1]} features, the layer takes {self.in_features}")
         dtype = self._compute_dtype(x)
         state = self.quant_state
+        # double quantization: the raw nested state goes to the op; its kernels decode the absmax codes
         y = torch.ops.lightllm.matmul_4bit(x.reshape(-1, self.in_features).to(dtype), _as_bytes(self.weight.data),
-                                           state.float_absmax(), state.blocksize, state.quant_type,
-                                           self.out_features, self.bias)
+                                           state.absmax, state.blocksize, state.quant_type, self.out_features,
+                                           self.bias, *_fourbit_ops.nested_args(state))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -15,6 +15,12 @@ Format (bitsandbytes 0.50, its CPU path):
   of 0.0. The bytes are stored as ``[ceil(n / 2), 1]``, or viewed as another ``quant_storage``
   dtype (``[n / (2 * itemsize), 1]``).
 * Dequantization is ``code[c] * absmax`` in float32, rounded once to the output dtype.
+* Double quantization: ``matmul_4bit`` also takes the absmax as uint8 codes with the nested state
+  (``nested_absmax``, ``nested_code``, ``nested_blocksize``, ``nested_offset``), decoded as
+  ``QuantState.float_absmax`` does; the GPU kernels decode it in place.
+
+Backends: the reference; C++ on the CPU (csrc/fourbit_cpu.cpp); Triton (kernels/fourbit.py) and CUDA
+(csrc/fourbit.cu), each a GEMV up to 16 rows of x and dequantize + cuBLAS above (not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -107,9 +113,28 @@ def dequantize_4bit_reference(packed: torch.Tensor, absmax: torch.Tensor, blocks
     return (values * scale).to(dtype)
 
 
+def decode_nested_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                         nested_blocksize: int, nested_offset: torch.Tensor | None) -> torch.Tensor:
+    """The per-block absmax in float32: ``absmax`` itself, or, double-quantized (``nested_absmax``
+    given), its uint8 codes decoded as ``QuantState.float_absmax`` does: ``nested_code[c] *
+    nested_absmax[i // nested_blocksize]`` in float32, then ``+ nested_offset`` (a float32 scalar)."""
+    if nested_absmax is None:
+        return absmax
+    from .blockwise import dequantize_blockwise_reference
+
+    decoded = dequantize_blockwise_reference(absmax.reshape(-1), nested_absmax.reshape(-1), nested_code,
+                                             nested_blocksize, torch.float32)
+    return decoded + nested_offset.to(decoded.device)
+
+
 def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                          quant_type: str, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T + bias`` for the 4-bit weight W [out_features, K], in x's dtype (W rounded to it)."""
+                          quant_type: str, out_features: int, bias: torch.Tensor | None,
+                          nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
+                          nested_blocksize: int = 256, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for the 4-bit weight W [out_features, K], in x's dtype (W rounded to it).
+    Double-quantized (``nested_absmax`` given): ``absmax`` holds the uint8 codes of the block absmax,
+    decoded first by :func:`decode_nested_absmax`."""
+    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
     k = x.shape[-1]
     weight = dequantize_4bit_reference(packed, absmax, blocksize, quant_type, out_features * k, x.dtype)
     return torch.nn.functional.linear(x, weight.view(out_features, k), None if bias is None else bias.to(x.dtype))
@@ -136,9 +161,155 @@ def _dequantize_cpp(packed, absmax, blocksize, quant_type, n, dtype):
 
 
 @register(MATMUL, "cpp", ("cpu",))
-def _matmul_cpp(x, packed, absmax, blocksize, quant_type, out_features, bias):
+def _matmul_cpp(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None,
+                nested_blocksize=256, nested_offset=None):
+    # double quantization: the absmax decoded by torch first (the reference's bits), then the kernel
+    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
     return _native.cpp_module().matmul_4bit(x, packed.reshape(-1), absmax, _code_cpu(quant_type), blocksize,
                                             out_features, bias)
+
+
+# ---- argument checks of the GPU backends (the C++ ones check in csrc/bindings_bnb.cpp) ------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.int64: "Long",
+            torch.int32: "Int", torch.uint8: "Byte", torch.int8: "Char", torch.float64: "Double"}.get(dtype, str(dtype))
+
+
+def check_4bit_args(op: str, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: int,
+                    nested: tuple | None, device: torch.device, exact: bool = True) -> None:
+    """ValueError naming what is wrong: the blocksize, quant type, the packed bytes' dtype and count
+    (``ceil(n / 2)``; at least that many when not ``exact``, as for dequantize_4bit), the absmax's
+    dtype and length (likewise), the double-quantization state, devices."""
+    if not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"{op}: blocksize must be a power of two from 32 to 4096, got {blocksize}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{op}: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"{op}: packed must be uint8 bytes, got {_dtype_name(packed.dtype)}")
+    if packed.numel() != (n + 1) // 2 if exact else packed.numel() < (n + 1) // 2:
+        raise ValueError(f"{op}: packed holds {packed.numel()} bytes; {n} 4-bit values need {(n + 1) // 2}")
+    blocks = -(-n // blocksize)
+    if nested is None:
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"{op}: absmax must be float32, got {_dtype_name(absmax.dtype)}")
+    else:
+        nested_absmax, nested_code, nested_blocksize, nested_offset = nested
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"{op}: double-quantized absmax must be uint8 codes, got {_dtype_name(absmax.dtype)}")
+        if nested_code is None or nested_offset is None:
+            raise ValueError(f"{op}: double quantization needs nested_absmax, nested_code and nested_offset")
+        if not isinstance(nested_blocksize, int) or nested_blocksize < 1:
+            raise ValueError(f"{op}: nested_blocksize must be a positive int, got {nested_blocksize!r}")
+        if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != -(-blocks // nested_blocksize):
+            raise ValueError(f"{op}: nested_absmax must hold {-(-blocks // nested_blocksize)} float32 values for "
+                             f"{blocks} absmax codes at nested_blocksize {nested_blocksize}, got "
+                             f"{nested_absmax.numel()} {_dtype_name(nested_absmax.dtype)}")
+        if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+            raise ValueError(f"{op}: nested_code must be the 256 float32 values of the 8-bit map, got "
+                             f"{nested_code.numel()} {_dtype_name(nested_code.dtype)}")
+        if nested_offset.numel() != 1 or not nested_offset.is_floating_point():
+            raise ValueError(f"{op}: nested_offset must be one float, got shape {tuple(nested_offset.shape)}")
+        for name, t in (("nested_absmax", nested_absmax), ("nested_code", nested_code),
+                        ("nested_offset", nested_offset)):
+            if t.device != device:
+                raise ValueError(f"{op}: {name} is on {t.device}, x on {device}")
+    if absmax.numel() != blocks if exact else absmax.numel() < blocks:
+        raise ValueError(f"{op}: absmax holds {absmax.numel()} values; {n} values at blocksize {blocksize} need "
+                         f"{blocks}")
+    for name, t in (("packed", packed), ("absmax", absmax)):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+
+
+def check_matmul_args(x, packed, absmax, blocksize, quant_type, out_features, bias, nested) -> None:
+    op = MATMUL
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{op}: x must be float32, float16 or bfloat16, got {_dtype_name(x.dtype)}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension")
+    if not isinstance(out_features, int) or out_features < 0:
+        raise ValueError(f"{op}: out_features must be >= 0, got {out_features}")
+    check_4bit_args(op, packed, absmax, blocksize, quant_type, out_features * x.shape[-1], nested, x.device)
+    if bias is not None:
+        if bias.dtype not in _FLOATS:
+            raise ValueError(f"{op}: bias must be float32, float16 or bfloat16, got {_dtype_name(bias.dtype)}")
+        if bias.numel() != out_features:
+            raise ValueError(f"{op}: bias has {bias.numel()} values, the layer has {out_features} outputs")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device}, x on {x.device}")
+
+
+def _nested(nested_absmax, nested_code, nested_blocksize, nested_offset) -> tuple | None:
+    return None if nested_absmax is None else (nested_absmax, nested_code, nested_blocksize, nested_offset)
+
+
+# ---- Triton (kernels/fourbit.py): on CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 ----------
+# matmul: a GEMV up to 16 rows of x (K even), the absmax decoded in the kernel when double-quantized;
+# otherwise the Triton dequantization (the reference's bits) + torch's matmul (cuBLAS).
+
+@register(DEQUANTIZE, "triton", ("cuda", "cpu"))
+def _dequantize_triton(packed, absmax, blocksize, quant_type, n, dtype):
+    from ..kernels import fourbit as triton_fourbit
+
+    if dtype not in _FLOATS + (torch.float64,):
+        raise ValueError(f"{DEQUANTIZE}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    if n < 0:
+        raise ValueError(f"{DEQUANTIZE}: n must be >= 0, got {n}")
+    check_4bit_args(DEQUANTIZE, packed.reshape(-1), absmax, blocksize, quant_type, n, None, packed.device,
+                    exact=False)
+    return triton_fourbit.dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype)
+
+
+def _dense_matmul(dequantize, x2, packed, absmax, blocksize, quant_type, out_features, bias, nested):
+    k = x2.shape[-1]
+    weight = dequantize(packed, absmax, blocksize, quant_type, out_features * k, x2.dtype, nested)
+    return torch.nn.functional.linear(x2, weight.view(out_features, k), None if bias is None else bias.to(x2.dtype))
+
+
+@register(MATMUL, "triton", ("cuda", "cpu"))
+def _matmul_triton(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None,
+                   nested_code=None, nested_blocksize=256, nested_offset=None):
+    from ..kernels import fourbit as triton_fourbit
+
+    nested = _nested(nested_absmax, nested_code, nested_blocksize, nested_offset)
+    check_matmul_args(x, packed, absmax, blocksize, quant_type, out_features, bias, nested)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] <= triton_fourbit.GEMV_MAX_ROWS and k % 2 == 0 and k > 0:
+        y = triton_fourbit.matmul_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias, nested)
+    else:
+        y = _dense_matmul(triton_fourbit.dequantize_4bit, x2, packed, absmax, blocksize, quant_type, out_features,
+                          bias, nested)
+    return y.view(*x.shape[:-1], out_features)
+
+
+# ---- CUDA (csrc/fourbit.cu): the same split, the checks in csrc/bindings_cuda.cpp ----------------------
+
+@register(DEQUANTIZE, "cuda", ("cuda",))
+def _dequantize_cuda(packed, absmax, blocksize, quant_type, n, dtype):
+    return _native.cuda_module().dequantize_4bit(packed.reshape(-1), absmax, None, None, 256, None,
+                                                 code_table_on(quant_type, packed.device), blocksize, n, dtype)
+
+
+@register(MATMUL, "cuda", ("cuda",))
+def _matmul_cuda(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None,
+                 nested_blocksize=256, nested_offset=None):
+    return _native.cuda_module().matmul_4bit(x, packed.reshape(-1), absmax, nested_absmax, nested_code,
+                                             nested_blocksize, nested_offset, code_table_on(quant_type, x.device),
+                                             blocksize, out_features, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def code_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-value table of ``quant_type`` on ``device``, one cached copy per device (kernels only
+    read it)."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return _code_cpu(quant_type).to(device)
 
 
 # ---- the custom ops -------------------------------------------------------------------------
@@ -169,33 +340,52 @@ def _(packed, absmax, blocksize, quant_type, n, dtype):
 
 @torch.library.custom_op("lightllm::matmul_4bit", mutates_args=())
 def matmul_4bit_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                   out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+                   out_features: int, bias: torch.Tensor | None, nested_absmax: torch.Tensor | None = None,
+                   nested_code: torch.Tensor | None = None, nested_blocksize: int = 256,
+                   nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias``. With double quantization pass the raw state: ``absmax`` the uint8 codes,
+    ``nested_absmax`` (float32, one per ``nested_blocksize`` codes), ``nested_code`` (the 256-value
+    map) and ``nested_offset`` (float32 scalar tensor: no host sync); kernels decode it in place."""
     _, impl = resolve(MATMUL, x.device)
-    return impl(x, packed, absmax, blocksize, quant_type, out_features, bias)
+    return impl(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax, nested_code,
+                nested_blocksize, nested_offset)
 
 
 @matmul_4bit_op.register_fake
-def _(x, packed, absmax, blocksize, quant_type, out_features, bias):
+def _(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None,
+      nested_blocksize=256, nested_offset=None):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _matmul_setup(ctx, inputs, output):
-    x, packed, absmax, blocksize, quant_type, out_features, bias = inputs
-    ctx.save_for_backward(packed, absmax)
+    x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax, nested_code, nested_blocksize, \
+        nested_offset = inputs
+    nested = nested_absmax is not None
+    ctx.save_for_backward(packed, absmax, *((nested_absmax, nested_code, nested_offset) if nested else ()))
     ctx.meta = (blocksize, quant_type, out_features, x.shape[-1], x.dtype,
-                bias.dtype if bias is not None and bias.requires_grad else None)
+                bias.dtype if bias is not None and bias.requires_grad else None, nested_blocksize)
 
 
 def _matmul_backward(ctx, grad_out):
     """The input's gradient through the frozen 4-bit weight (and the bias's, when it trains)."""
-    packed, absmax = ctx.saved_tensors
-    blocksize, quant_type, out_features, k, dtype, bias_dtype = ctx.meta
+    packed, absmax, *nested = ctx.saved_tensors
+    blocksize, quant_type, out_features, k, dtype, bias_dtype, nested_blocksize = ctx.meta
     grad_x = None
     if ctx.needs_input_grad[0]:
+        if nested:
+            absmax = decode_nested_absmax(absmax, nested[0], nested[1], nested_blocksize, nested[2])
         weight = torch.ops.lightllm.dequantize_4bit(packed, absmax, blocksize, quant_type, out_features * k, dtype)
         grad_x = grad_out @ weight.view(out_features, k)
     grad_bias = grad_out.reshape(-1, out_features).sum(0).to(bias_dtype) if bias_dtype is not None else None
-    return grad_x, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None
 
 
 matmul_4bit_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+def nested_args(state) -> tuple:
+    """The trailing ``matmul_4bit`` arguments for a QuantState: its raw double-quantization state when
+    nested (the kernels decode the absmax codes themselves), else none."""
+    if not state.nested:
+        return ()
+    return (state.state2.absmax, state.state2.code, state.state2.blocksize, state.offset.float().reshape(()))

@@ -14,7 +14,7 @@ import torch
 
 from .. import _native
 from ..backends import register, resolve
-from ..quantization import int8 as _int8
+from ..quantization.bnb import int8 as _int8
 
 LINEAR = "int8_linear"
 
