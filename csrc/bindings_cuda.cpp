@@ -507,7 +507,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t m = x2.size(0);
   if (m == 0 || n_out == 0) return at::empty(shape, x.options());
   const c10::cuda::CUDAGuard guard(x.device());
-  if (m > lightllm::kFourBitGemvMaxRows || k % 32 != 0) {
+  if (m > lightllm::kFourBitGemvMaxRows || k == 0 || k % 32 != 0) {  // K = 0: no GEMV slices; the dense path
     // Prefill (or K the GEMV's 16-byte rows do not fit): dequantize once (the reference's bits) and cuBLAS.
     const at::Tensor w = fourbit_dequantize_into(op, packed, scales, nested_blocksize, code, blocksize, n_out * k,
                                                  x.scalar_type());

@@ -200,6 +200,7 @@ int64_t fourbit_gemv_rows_per_cta(int64_t m) { return kWarps * (m <= 4 ? 4 : 2);
 int fourbit_gemv_splits(int64_t m, int64_t n, int64_t k, int sm_count) {
   const int64_t tiles = (n + fourbit_gemv_rows_per_cta(m) - 1) / fourbit_gemv_rows_per_cta(m);
   const int64_t steps = (k + kWarpValues - 1) / kWarpValues;
+  if (steps == 0) return 1;  // K = 0: nothing to split (and no division by zero below)
   int64_t wanted = (2 * static_cast<int64_t>(sm_count) + tiles - 1) / (tiles > 0 ? tiles : 1);
   if (wanted > steps) wanted = steps;
   if (wanted < 1) wanted = 1;

@@ -285,6 +285,7 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
     codes, stats, idx, count = quantize_rows(x2, threshold)
     cb = cb.contiguous()
     scb = scb.reshape(-1).contiguous()
+    bias = None if bias is None else bias.reshape(-1).contiguous()  # the kernel reads it with unit stride
     if product == "auto":
         product = "int_mm" if use_int_mm(m, n, k, x.device) else "triton"
     c = None

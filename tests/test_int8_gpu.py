@@ -324,3 +324,14 @@ def test_kernels_compile_for_sm90_with_int8_mma_and_no_fma():
             assert kernel["fma"] == 0, (name, kernel)
         if name.startswith(("matmul", "quantize")):
             assert kernel["rounded_mul"] > 0, (name, kernel)
+
+
+def test_strided_bias_and_x_give_the_reference_bits():
+    """A bias that is a strided view (every second value of a buffer) and a non-contiguous x."""
+    n, k, m = 40, 96, 3
+    cb, scb = int8_weight(n, k, 11)
+    bias = torch.randn(2 * n, generator=torch.Generator().manual_seed(12)).to(DEVICE)[::2]
+    x = activations(k, m, torch.float32, 13).t()  # [m, k], strides (1, m)
+    assert not bias.is_contiguous() and not x.is_contiguous()
+    got = ops("triton", x, cb, scb, bias, 0.0)
+    assert torch.equal(got, ops("torch", x, cb, scb, bias, 0.0))

@@ -82,10 +82,12 @@ def test_quantize_then_save_and_load_recognises_the_method(method, tmp_path):
     assert model.lightllm_quant_config is config
     out = save_quantized(model, tmp_path / method)
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert type(config_from_dict(quant)) is type(config) or (method in ("nf4", "fp4", "int8")
-                                                              and type(config_from_dict(quant)) is BnbConfig)
+    # transformers' format has no "the input's dtype": a compute dtype of None is written as its default
+    expected_config = dict(dataclasses.asdict(config), **({"bnb_4bit_compute_dtype": "float32"}
+                                                           if isinstance(config, BnbConfig) else {}))
+    for read in (config_from_dict(quant), load_quantized(out).lightllm_quant_config):
+        assert type(read) is type(config) and dataclasses.asdict(read) == expected_config
     loaded = load_quantized(out)
-    assert loaded.lightllm_quant_config.method == method
     with torch.no_grad():
         expected = model(input_ids=CALIB[:2]).logits
         got = loaded(input_ids=CALIB[:2]).logits
@@ -180,3 +182,57 @@ def test_older_entry_points_give_the_same_layers():
     assert dataclasses.asdict(GPTQConfig(bits=3)) == dataclasses.asdict(QuantConfig(bits=3))
     assert GPTQConfig.from_dict(GPTQConfig(bits=3, group_size=64).to_dict()) == GPTQConfig(bits=3, group_size=64)
     assert type(config_from_dict(RTNConfig(bits=2).to_dict())) is RTNConfig
+
+
+@pytest.mark.parametrize("method", ["rtn", "nf4", "int8"])
+def test_gpt2_conv1d_checkpoints_load_back(method, tmp_path):
+    model = tiny_gpt2()
+    quantize_(model, config_for(method), progress=False)
+    out = save_quantized(model, tmp_path / method)
+    loaded = load_quantized(out)
+    assert isinstance(loaded.transformer.h[0].attn.c_attn, EXPECTED_LAYER[method])
+    with torch.no_grad():
+        expected = model(input_ids=CALIB[:2]).logits
+        got = loaded(input_ids=CALIB[:2]).logits
+    tol = 2e-2 if method == "rtn" else 0  # GPTQ-format checkpoints store the dense tensors in float16
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+class _StackOfLinears(nn.Module):
+    """A model whose block list holds bare Linears (each block is the layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("config", [NF4Config(double_quant=False), Int8Config(threshold=0.0),
+                                    RTNConfig(bits=8, group_size=32)], ids=["nf4", "int8", "rtn"])
+def test_blocks_that_are_linears_are_replaced(config):
+    torch.manual_seed(0)
+    model = _StackOfLinears()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before = model(x)
+    quantize_(model, config, progress=False)
+    assert [type(m) for m in model.layers] == [EXPECTED_LAYER[config.method]] * 3
+    with torch.no_grad():
+        after = model(x)
+    # three layers' rounding compounds: NF4's 4 bits give ~0.1, int8 and 8-bit RTN ~0.01
+    assert ((after - before).norm() / before.norm()).item() < (0.2 if config.method == "nf4" else 0.03)
+
+
+def test_the_old_module_names_still_import():
+    from lightllm.quantization.gptq_format import pack_gptq  # noqa: F401
+    from lightllm.quantization.int8 import int8_vectorwise_quant  # noqa: F401
+    from lightllm.quantization.model import LayerListNotFoundError, QuantConfig, find_blocks, quantize_model
+    from lightllm.quantization.nf4 import QuantState  # noqa: F401
+    import lightllm.quantization as q
+
+    assert (QuantConfig, find_blocks, LayerListNotFoundError, quantize_model) == (
+        q.QuantConfig, q.find_blocks, q.LayerListNotFoundError, q.quantize_model)

@@ -129,7 +129,10 @@ class LayerListNotFoundError(ValueError):
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # transformers' GPT-2 Conv1D
+    # transformers' GPT-2 Conv1D (found by name: transformers is optional), a Linear stored [in, out]
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+                                             and getattr(module, "weight", None) is not None
+                                             and module.weight.dim() == 2)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -181,7 +184,8 @@ class QuantizationUnit:
         self.prefix, self.module, self.linears, self.index = prefix, module, linears, index
 
     def qualified(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
+        """The model-level name of the layer named ``name`` in the unit ("" when the unit is the layer)."""
+        return ".".join(part for part in (self.prefix, name) if part)
 
 
 def quantization_units(model: nn.Module, config: QuantizationConfig) -> tuple[str | None, list[QuantizationUnit]]:
@@ -201,7 +205,7 @@ def quantization_units(model: nn.Module, config: QuantizationConfig) -> tuple[st
         for name, child in module.named_modules():
             if not is_linear(child) or id(child) in exclude:
                 continue
-            qualified = f"{prefix}.{name}" if prefix else name
+            qualified = ".".join(part for part in (prefix, name) if part)
             if pattern is not None and pattern.search(qualified):
                 continue
             out_features, in_features = linear_weight(child).shape
@@ -275,7 +279,8 @@ def quantize_(model: nn.Module, config: QuantizationConfig, calibration=None, *,
         if config.needs_calibration:
             replaced = config.quantize_calibrated(model, units, calibration, progress)
         else:
-            targets = [(unit.module, name, unit.qualified(name), layer)
+            # replaced by their model-level names: a unit may itself be a Linear (a ModuleList of Linears)
+            targets = [(model, unit.qualified(name), unit.qualified(name), layer)
                        for unit in units for name, layer in unit.linears.items()]
             replaced = replace_each(targets, lambda layer: config.make_layer(as_linear(layer)),
                                     config.method.upper(), progress, len(targets))

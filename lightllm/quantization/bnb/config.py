@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import QuantizationConfig, register_format, register_method
+from ..core import QuantizationConfig, is_linear, linear_weight, register_format, register_method, replace_module
 
 logger = logging.getLogger("lightllm")
 
@@ -94,7 +94,22 @@ class BnbConfig(QuantizationConfig):
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs.setdefault("load_in_4bit", bool(d.get("_load_in_4bit", False)))
         kwargs.setdefault("load_in_8bit", bool(d.get("_load_in_8bit", False)))
-        return BnbConfig(**kwargs)
+        config = BnbConfig(**kwargs)
+        return config.as_method_config()
+
+    def as_method_config(self) -> "BnbConfig":
+        """The same config as an NF4Config / FP4Config / Int8Config where one describes it exactly
+        (what ``quantize_`` was given, so a saved and reloaded config compares equal), else itself."""
+        if self.load_in_4bit:
+            cls = NF4Config if self.bnb_4bit_quant_type == "nf4" else FP4Config
+            candidate = cls(self.bnb_4bit_use_double_quant, self.bnb_4bit_compute_dtype, self.bnb_4bit_quant_storage,
+                            self.llm_int8_skip_modules)
+        else:
+            candidate = Int8Config(self.llm_int8_threshold, self.llm_int8_skip_modules)
+            for name in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+                         "bnb_4bit_quant_storage"):  # 4-bit settings an int8 layer never reads
+                setattr(candidate, name, getattr(self, name))
+        return candidate if dataclasses.asdict(candidate) == dataclasses.asdict(self) else self
 
     def compute_dtype(self) -> torch.dtype | None:
         return _DTYPES.get(self.bnb_4bit_compute_dtype) if self.bnb_4bit_compute_dtype else None
@@ -194,14 +209,13 @@ def install_bnb_layers(model: nn.Module, state: dict[str, torch.Tensor], config:
             old = model.get_submodule(prefix)
         except AttributeError as exc:
             raise CheckpointError(f"the checkpoint quantizes {prefix!r}, which this model does not have") from exc
-        if not isinstance(old, nn.Linear):
+        if not is_linear(old):
             raise CheckpointError(f"{prefix}: a {type(old).__name__}, not a Linear, in this model")
         has_bias = prefix + ".bias" in state
         if old.bias is not None and not has_bias:
             raise CheckpointError(f"the checkpoint lacks {prefix}.bias (the model's layer has a bias)")
-        parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                config.empty_layer(old.in_features, old.out_features, has_bias))
+        out_features, in_features = linear_weight(old).shape  # GPT-2's Conv1D stores [in, out]
+        replace_module(model, prefix, config.empty_layer(in_features, out_features, has_bias))
     return len(prefixes)
 
 

@@ -24,6 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core import QuantizationUnit, linear_weight, replace_module
+from ..core import LayerListNotFoundError, find_blocks  # noqa: F401  (the old lightllm.quantization.model names)
+from .config import METHODS, QuantConfig  # noqa: F401  (idem)
 from .solver import GPTQResult, HessianAccumulator, gptq_solve
 
 logger = logging.getLogger("lightllm")
@@ -122,7 +124,9 @@ def quantize_blocks_gptq(model: nn.Module, units: list[QuantizationUnit], calibr
         block, linears = unit.module, unit.linears
         kwargs_list = block_args[unit.index]
 
-        def run_block(first_only: bool = False, block=block):
+        def run_block(first_only: bool = False):
+            # looked up each time: when the block is itself a Linear, replacing it replaces the block
+            block = model.get_submodule(unit.prefix)
             outs = []
             for x, (args, kw) in zip(inputs[:1] if first_only else inputs, kwargs_list):
                 outs.append(_block_output(block(x, *args, **kw)))
@@ -154,7 +158,7 @@ def quantize_blocks_gptq(model: nn.Module, units: list[QuantizationUnit], calibr
                                     config.group_size, config.sym, config.desc_act, config.static_groups,
                                     config.damp_percent, zero_min=config.zero_min)
                 logger.debug("%s: GPTQ error %.4g", unit.qualified(name), result.error)
-                replace_module(block, name, _quant_linear_from(linear, result, config))
+                replace_module(model, unit.qualified(name), _quant_linear_from(linear, result, config))
                 replaced += 1
                 del accumulators[name]
         inputs = run_block()  # the quantized block's output feeds the next block
