@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from ..save_load import check_tensors, json_writer, read_json, read_tensors, tensors_writer, write_files_atomically
-from ..tuner import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, TunerModel, count_parameters
+from ..tuner import (BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, AdapterStateDict, TunerModel,
+                     _forgive_missing_base_keys, count_parameters)
 from .config import (PrefixTuningConfig, PromptLearningConfig, prepare_config)
 from .layer import FlatPromptEncoder, PromptEncoderBase, build_encoder, output_width, reparameterized
 
@@ -176,7 +177,7 @@ def _hide_placeholders(gen, kwargs: dict, p: int) -> None:
         kwargs["streamer"] = _StreamerWithoutPlaceholders(kwargs["streamer"], p)
 
 
-class PromptLearningModel(nn.Module):
+class PromptLearningModel(AdapterStateDict, nn.Module):
     """A causal LM with prompt-learning adapters (``base_model.model`` is the user's model, which
     may itself be a LoRA or adapter wrapper: the methods stack)."""
 
@@ -200,6 +201,7 @@ class PromptLearningModel(nn.Module):
             raise ValueError(f"prompt learning needs a causal LM whose forward takes a key/value cache "
                              f"(`past_key_values` or `cache`) and `inputs_embeds`; {type(hf).__name__} does not")
         self.train(model.training)  # the wrapper follows the model's mode (an eval model stays in eval)
+        self.register_load_state_dict_post_hook(_forgive_missing_base_keys)
         if config is not None:
             self.add_adapter(adapter_name, config)
 
@@ -214,6 +216,13 @@ class PromptLearningModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.model
+
+    def adapter_tensor_ids(self) -> set[int]:
+        """The prompt encoders' tensors (every named adapter), and those of a wrapper stacked inside."""
+        ids = {id(t) for t in [*self.prompt_encoder.parameters(), *self.prompt_encoder.buffers()]}
+        if isinstance(self.model, AdapterStateDict):
+            ids |= self.model.adapter_tensor_ids()
+        return ids
 
     def __getattr__(self, name):
         try:
