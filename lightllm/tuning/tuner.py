@@ -158,6 +158,19 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+class BaseModelHolder(nn.Module):
+    """``wrapper.base_model``: holds the user's model as ``.model`` (PEFT's key layout,
+    ``base_model.model.<module>``). Called, it runs that model's backbone (transformers'
+    ``base_model``: the decoder stack without the LM head, whose layers carry the adapters), which
+    is what TRL's fused LM head calls on the model it patches (``model.base_model(...)``, then the
+    output embeddings' weight on the hidden states); a model without a separate backbone runs whole."""
+
+    def forward(self, *args, **kwargs):
+        inner = self.model
+        backbone = getattr(inner, "base_model", inner)
+        return (backbone if isinstance(backbone, nn.Module) else inner)(*args, **kwargs)
+
+
 class TunerModel(AdapterStateDict, nn.Module):
     """The wrapped model of one tuning method (``base_model.model`` is the user's model)."""
 
@@ -169,7 +182,7 @@ class TunerModel(AdapterStateDict, nn.Module):
 
     def __init__(self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = nn.Module()
+        self.base_model = BaseModelHolder()
         self.base_model.model = model
         self.peft_config: dict[str, TunerConfig] = {}
         self.active_adapter = adapter_name
