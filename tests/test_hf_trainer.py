@@ -85,6 +85,31 @@ def test_forward_signature_names_the_base_models_arguments():
     assert "labels" in inspect.signature(type(wrapped).forward).parameters  # the Trainer's label names
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_state_dict_copy_and_pickle(method):
+    """The adapter-only state_dict loads back strictly; copies and pickles keep the signature and,
+    for prompt learning, the backbone call bound to the copy."""
+    import copy
+    import io
+
+    wrapped = tuned(method).eval()
+    state = wrapped.state_dict()
+    assert set(state) == wrapped.adapter_state_keys() and not set(state) & wrapped.base_state_keys()
+    wrapped.load_state_dict(state)  # strict
+    wrapped.load_state_dict({**{"base_model.model." + k: v for k, v in wrapped.base_model.model.state_dict().items()},
+                             **state})  # a whole model's dict as well
+    ids = torch.tensor([[5, 6, 7, 8]])
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(wrapped), torch.load(buffer, weights_only=False)):
+        assert "input_ids" in inspect.signature(other.forward).parameters and other.forward.__self__ is other
+        if method == "prompt":
+            assert other.base_model.run.__self__ is other
+        with torch.no_grad():
+            assert torch.equal(other(input_ids=ids).logits, wrapped(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_trainer_trains_saves_evaluates_and_resumes(method, data, tmp_path):
     wrapped = tuned(method)

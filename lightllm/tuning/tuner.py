@@ -191,6 +191,10 @@ class TunerModel(AdapterStateDict, nn.Module):
         if config is not None:  # None: a wrapper without adapters yet (files are checked before the first)
             self.add_adapter(adapter_name, config)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        mirror_forward_signature(self, self.base_model.model)  # a pickled bound method comes back unsigned
+
     @property
     def model(self) -> nn.Module:
         return self.base_model.model
