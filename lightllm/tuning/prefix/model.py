@@ -392,8 +392,9 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
         if active is None:
             if cache is not None:
                 kwargs[self._cache_kwarg] = cache
-            return self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                              labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+            return self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                                    inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                                    use_cache=use_cache, **kwargs)
         config, encoder = active
         p = config.num_virtual_tokens
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -415,8 +416,9 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
                 position_ids = position_ids + p
             self._check_length(past + length)
             kwargs[self._cache_kwarg] = cache
-            return self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                              labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+            return self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                                    inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                                    use_cache=use_cache, **kwargs)
         self._check_length(p + length)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
@@ -438,8 +440,9 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
                        "turn gradient checkpointing off, or use prompt tuning / P-tuning")
             with _cache_survives_checkpointing(hf, checkpointing):
                 try:
-                    out = self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                     labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+                    out = self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                                           use_cache=use_cache, **kwargs)
                 except RuntimeError as e:
                     if checkpointing and ours and cache.reads == 0:
                         raise ValueError(dropped) from e
