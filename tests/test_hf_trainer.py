@@ -163,7 +163,7 @@ def test_load_best_model_at_end(data, tmp_path):
     assert all(torch.equal(saved[k], current[k]) for k in saved), "the best checkpoint's adapter is not loaded"
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", list(CONFIGS))
 def test_gradient_checkpointing(method, data, tmp_path):
     wrapped = tuned(method)
     before = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
