@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import pathlib
+import types
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +33,81 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+
+_UNSET = object()
+
+
+def mirror_forward_signature(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Give ``wrapper.forward`` the signature of ``inner.forward`` (for ``inspect.signature``).
+
+    transformers' ``Trainer`` keeps only the dataset columns that ``model.forward`` names (its
+    default ``remove_unused_columns=True``), so a pass-through ``forward(*args, **kwargs)`` would
+    leave it nothing. The wrapper's own forward still runs; only what introspection sees changes:
+    the instance gets a copy of its class's forward function carrying ``__signature__`` (the
+    inner model's parameters behind ``self``), bound to it. Nothing happens when the inner
+    forward has no readable signature."""
+    try:
+        params = list(inspect.signature(inner.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    cls_forward = type(wrapper).forward
+    fn = types.FunctionType(cls_forward.__code__, cls_forward.__globals__, cls_forward.__name__,
+                            cls_forward.__defaults__, cls_forward.__closure__)
+    fn.__kwdefaults__ = cls_forward.__kwdefaults__
+    fn.__qualname__ = cls_forward.__qualname__
+    fn.__doc__ = cls_forward.__doc__
+    fn.__signature__ = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                                          *params])
+    # object.__setattr__: a plain instance attribute (what nn.Module.__call__ reads as self.forward).
+    object.__setattr__(wrapper, "forward", types.MethodType(fn, wrapper))
+
+
+def _tensors(module: nn.Module):
+    return [*module.parameters(), *module.buffers()]
+
+
+def _forgive_missing_base_keys(module: "AdapterStateDict", incompatible_keys) -> None:
+    """load_state_dict post-hook: the frozen base tensors that ``state_dict`` leaves out are not
+    missing (a strict load of the wrapper's own state_dict succeeds)."""
+    base = module.base_state_keys()
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if not any(k == b or k.endswith("." + b) for b in base)]
+
+
+class AdapterStateDict:
+    """Mixin for the tuning wrappers: ``state_dict()`` holds the adapters, not the frozen base model.
+
+    A wrapper's weights of record are its adapters (``save_pretrained`` writes those); the base
+    model comes from its own checkpoint. ``state_dict()`` therefore keeps the adapters' tensors
+    (every named adapter, ``modules_to_save`` copies, trained biases) and any parameter that
+    trains, and leaves out the frozen base. This is what transformers' ``Trainer`` saves for a
+    model that is not a ``PreTrainedModel`` (``model.safetensors`` of ``state_dict()``) and loads
+    back on ``resume_from_checkpoint`` and ``load_best_model_at_end`` (``load_state_dict(...,
+    strict=False)``): a checkpoint is the adapter's size, and tied base weights (which safetensors
+    refuses to write twice) are not in it. ``load_state_dict`` accepts such a dict strictly, and
+    still takes a whole model's dict. ``base_model.model.state_dict()`` is the base model's own."""
+
+    def adapter_tensor_ids(self) -> set[int]:
+        raise NotImplementedError
+
+    def _state_names(self) -> list[tuple[str, torch.Tensor]]:
+        return [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+
+    def adapter_state_keys(self) -> set[str]:
+        """Names (relative to this wrapper) of the tensors ``state_dict`` keeps."""
+        keep = self.adapter_tensor_ids() | {id(p) for p in self.parameters() if p.requires_grad}
+        return {n for n, t in self._state_names() if id(t) in keep}
+
+    def base_state_keys(self) -> set[str]:
+        keep = self.adapter_state_keys()
+        return {n for n, _ in self._state_names() if n not in keep}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        base = self.base_state_keys()
+        for key in [k for k in out if k.startswith(prefix) and k[len(prefix):] in base]:
+            del out[key]
+        return out
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -81,7 +158,20 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-class TunerModel(nn.Module):
+class BaseModelHolder(nn.Module):
+    """``wrapper.base_model``: holds the user's model as ``.model`` (PEFT's key layout,
+    ``base_model.model.<module>``). Called, it runs that model's backbone (transformers'
+    ``base_model``: the decoder stack without the LM head, whose layers carry the adapters), which
+    is what TRL's fused LM head calls on the model it patches (``model.base_model(...)``, then the
+    output embeddings' weight on the hidden states); a model without a separate backbone runs whole."""
+
+    def forward(self, *args, **kwargs):
+        inner = self.model
+        backbone = getattr(inner, "base_model", inner)
+        return (backbone if isinstance(backbone, nn.Module) else inner)(*args, **kwargs)
+
+
+class TunerModel(AdapterStateDict, nn.Module):
     """The wrapped model of one tuning method (``base_model.model`` is the user's model)."""
 
     layer_type: ClassVar[type[TunerLayer]] = TunerLayer
@@ -92,18 +182,29 @@ class TunerModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = nn.Module()
+        self.base_model = BaseModelHolder()
         self.base_model.model = model
         self.peft_config: dict[str, TunerConfig] = {}
         self.active_adapter = adapter_name
+        mirror_forward_signature(self, model)
+        self.register_load_state_dict_post_hook(_forgive_missing_base_keys)
         if config is not None:  # None: a wrapper without adapters yet (files are checked before the first)
             self.add_adapter(adapter_name, config)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        mirror_forward_signature(self, self.base_model.model)  # a pickled bound method comes back unsigned
 
     @property
     def model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, labels=_UNSET, **kwargs):
+        """The wrapped model's forward (each instance's ``forward`` carries that model's signature:
+        :func:`mirror_forward_signature`). ``labels`` is named so that transformers' ``Trainer``,
+        which reads the label names off the class, finds them and reports an evaluation loss."""
+        if labels is not _UNSET:
+            kwargs["labels"] = labels
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -114,6 +215,22 @@ class TunerModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.model
+
+    def adapter_tensor_ids(self) -> set[int]:
+        """Every adapter's tensors (all named adapters), modules_to_save copies and trained biases;
+        a wrapper stacked inside (prompt learning over LoRA and the like) adds its own."""
+        ids: set[int] = set()
+        for layer in self.tuner_layers().values():
+            for attr in layer.adapter_module_names:
+                ids.update(id(t) for t in _tensors(getattr(layer, attr)))
+        for wrapper in self.saved_modules().values():
+            ids.update(id(t) for t in _tensors(wrapper.modules_to_save))
+        for config in self.peft_config.values():
+            ids.update(id(p) for _, p in self.trained_biases(config))
+        inner = self.model
+        if isinstance(inner, AdapterStateDict):
+            ids |= inner.adapter_tensor_ids()
+        return ids
 
     def tuner_layers(self) -> dict[str, TunerLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, self.layer_type)}

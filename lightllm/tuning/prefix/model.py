@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from ..save_load import check_tensors, json_writer, read_json, read_tensors, tensors_writer, write_files_atomically
-from ..tuner import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, TunerModel, count_parameters
+from ..tuner import (BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, AdapterStateDict, BaseModelHolder, TunerModel,
+                     _forgive_missing_base_keys, count_parameters)
 from .config import (PrefixTuningConfig, PromptLearningConfig, prepare_config)
 from .layer import FlatPromptEncoder, PromptEncoderBase, build_encoder, output_width, reparameterized
 
@@ -176,7 +177,20 @@ def _hide_placeholders(gen, kwargs: dict, p: int) -> None:
         kwargs["streamer"] = _StreamerWithoutPlaceholders(kwargs["streamer"], p)
 
 
-class PromptLearningModel(nn.Module):
+_BACKBONE = "_lightllm_backbone_only"
+
+
+class PromptBaseModelHolder(BaseModelHolder):
+    """The prompt-learning wrapper's ``base_model``: called (TRL's fused LM head), it runs the
+    wrapper's forward with the virtual tokens, through the backbone, and returns the hidden states
+    of the real tokens (see :class:`~lightllm.tuning.tuner.BaseModelHolder`)."""
+
+    def forward(self, *args, **kwargs):
+        run = self.__dict__.get("run")
+        return run(*args, **kwargs) if run is not None else super().forward(*args, **kwargs)
+
+
+class PromptLearningModel(AdapterStateDict, nn.Module):
     """A causal LM with prompt-learning adapters (``base_model.model`` is the user's model, which
     may itself be a LoRA or adapter wrapper: the methods stack)."""
 
@@ -184,8 +198,11 @@ class PromptLearningModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: PromptLearningConfig | None, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = nn.Module()
+        self.base_model = PromptBaseModelHolder()
         self.base_model.model = model
+        # Called alone (TRL's fused LM head), the backbone still gets the virtual tokens: a bound
+        # method in the holder's __dict__ (deepcopy and pickle follow it to the copied wrapper).
+        self.base_model.run = self._backbone_forward
         self.peft_config: dict[str, PromptLearningConfig] = {}
         self.prompt_encoder = nn.ModuleDict()
         self.active_adapter = adapter_name
@@ -200,6 +217,7 @@ class PromptLearningModel(nn.Module):
             raise ValueError(f"prompt learning needs a causal LM whose forward takes a key/value cache "
                              f"(`past_key_values` or `cache`) and `inputs_embeds`; {type(hf).__name__} does not")
         self.train(model.training)  # the wrapper follows the model's mode (an eval model stays in eval)
+        self.register_load_state_dict_post_hook(_forgive_missing_base_keys)
         if config is not None:
             self.add_adapter(adapter_name, config)
 
@@ -214,6 +232,13 @@ class PromptLearningModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.model
+
+    def adapter_tensor_ids(self) -> set[int]:
+        """The prompt encoders' tensors (every named adapter), and those of a wrapper stacked inside."""
+        ids = {id(t) for t in [*self.prompt_encoder.parameters(), *self.prompt_encoder.buffers()]}
+        if isinstance(self.model, AdapterStateDict):
+            ids |= self.model.adapter_tensor_ids()
+        return ids
 
     def __getattr__(self, name):
         try:
@@ -346,16 +371,30 @@ class PromptLearningModel(nn.Module):
                              f"model's max_position_embeddings {limit}")
 
     # ---- forward ------------------------------------------------------------------------------------
+    def _backbone_forward(self, *args, **kwargs):
+        """The forward below through the wrapped model's backbone (no LM head): hidden states of the
+        real tokens, for a caller that applies the output embeddings itself."""
+        return self.forward(*args, **kwargs, **{_BACKBONE: True})
+
+    def _call_model(self, backbone: bool, **kwargs):
+        if not backbone:
+            return self.model(**kwargs)
+        if kwargs.get("labels") is None:
+            kwargs.pop("labels", None)
+        return BaseModelHolder.forward(self.base_model, **kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, position_ids=None,
                 use_cache=None, **kwargs):
+        backbone = kwargs.pop(_BACKBONE, False)
         active = self._active()
         cache = kwargs.pop("cache", None)
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if active is None:
             if cache is not None:
                 kwargs[self._cache_kwarg] = cache
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                              labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+            return self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                                    inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                                    use_cache=use_cache, **kwargs)
         config, encoder = active
         p = config.num_virtual_tokens
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -377,8 +416,9 @@ class PromptLearningModel(nn.Module):
                 position_ids = position_ids + p
             self._check_length(past + length)
             kwargs[self._cache_kwarg] = cache
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                              labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+            return self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                                    inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                                    use_cache=use_cache, **kwargs)
         self._check_length(p + length)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
@@ -400,8 +440,9 @@ class PromptLearningModel(nn.Module):
                        "turn gradient checkpointing off, or use prompt tuning / P-tuning")
             with _cache_survives_checkpointing(hf, checkpointing):
                 try:
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                     labels=labels, position_ids=position_ids, use_cache=use_cache, **kwargs)
+                    out = self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                                           use_cache=use_cache, **kwargs)
                 except RuntimeError as e:
                     if checkpointing and ours and cache.reads == 0:
                         raise ValueError(dropped) from e
@@ -421,8 +462,11 @@ class PromptLearningModel(nn.Module):
             position_ids = torch.cat([front, position_ids + p], dim=1)
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                          position_ids=position_ids, use_cache=use_cache, **kwargs)
+        out = self._call_model(backbone, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                               position_ids=position_ids, use_cache=use_cache, **kwargs)
+        if backbone:  # the caller scores the real tokens' positions
+            out.last_hidden_state = out.last_hidden_state[:, p:]
+        return out
 
     # ---- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
