@@ -202,3 +202,4 @@ def test_trl_sft_trainer(method, tokenizer, tmp_path):
     assert any(not torch.equal(after[n], v) for n, v in before.items())
     assert math.isfinite(trainer.evaluate()["eval_loss"])
     assert set(load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))) == wrapped.adapter_state_keys()
+    assert not torch.is_autocast_enabled("cpu"), "training left autocast switched on"

@@ -373,8 +373,10 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     def _backbone_forward(self, *args, **kwargs):
         """The forward below through the wrapped model's backbone (no LM head): hidden states of the
-        real tokens, for a caller that applies the output embeddings itself."""
-        return self.forward(*args, **kwargs, **{_BACKBONE: True})
+        real tokens, for a caller that applies the output embeddings itself. The class's forward, not
+        the instance's: accelerate replaces that with one wrapped in a single torch.autocast object,
+        which re-entered from inside itself would leave autocast switched on when it exits."""
+        return type(self).forward(self, *args, **kwargs, **{_BACKBONE: True})
 
     def _call_model(self, backbone: bool, **kwargs):
         if not backbone:
