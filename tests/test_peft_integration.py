@@ -15,8 +15,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from lightllm import backends, tuning  # noqa: E402
 from lightllm.integrations.peft import LightllmLoraLinear, register_lightllm_layers  # noqa: E402
-from lightllm.nn import Linear4bit, QuantLinear  # noqa: E402
-from lightllm.quantization import NF4Config, RTNConfig, quantize_  # noqa: E402
+from lightllm.nn import Linear4bit, Linear8bitLt, QuantLinear  # noqa: E402
+from lightllm.quantization import Int8Config, NF4Config, RTNConfig, quantize_  # noqa: E402
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -168,13 +168,23 @@ def test_adapter_switching_disabling_and_merge_and_unload():
     assert (logits(merged) - with_lora).abs().mean() < 0.5 * (base - with_lora).abs().mean()
 
 
-def test_nf4_layers_too():
-    ours, theirs = both(init=False, quant=NF4Config())
+@pytest.mark.parametrize("quant, layer_type", [(NF4Config, Linear4bit), (Int8Config, Linear8bitLt)])
+def test_bitsandbytes_style_layers_too(quant, layer_type):
+    ours, theirs = both(init=False, quant=quant())
     layers = [m for m in theirs.modules() if isinstance(m, LightllmLoraLinear)]
-    assert len(layers) == N_LAYERS and all(isinstance(m.base_layer, Linear4bit) for m in layers)
+    assert len(layers) == N_LAYERS and all(type(m.base_layer) is layer_type for m in layers)
+    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in layers)
     for n, p in adapter_params(ours).items():
         p.data.copy_(adapter_params(theirs)[n].data)
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+
+
+def test_the_integration_imports_peft_only_when_used():
+    import subprocess
+    import sys
+
+    code = "import sys, lightllm.integrations.peft; assert 'peft' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unsupported_options_are_refused():
