@@ -179,6 +179,14 @@ def test_bitsandbytes_style_layers_too(quant, layer_type):
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
 
 
+def test_all_linear_counts_our_layers_when_given_the_model():
+    model = quantized_llama()
+    config = register_lightllm_layers(peft.LoraConfig(r=2, target_modules="all-linear"), model)
+    wrapped = peft.get_peft_model(model, config)
+    layers = [m for m in wrapped.modules() if isinstance(m, LightllmLoraLinear)]
+    assert len(layers) == 14 and not isinstance(wrapped.base_model.model.lm_head, LightllmLoraLinear)
+
+
 def test_the_integration_imports_peft_only_when_used():
     import subprocess
     import sys

@@ -11,8 +11,9 @@ peft's custom-module dispatch (``LoraConfig._register_custom_module``; nothing i
     config = register_lightllm_layers(peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     model = peft.get_peft_model(quantized_model, config)   # trains with lightllm's fused LoRA ops
 
-(Name the targets: peft's ``target_modules="all-linear"`` collects nn.Linear and Conv1D layers only,
-so it does not see lightllm's quantized layers.)
+(peft's ``target_modules="all-linear"`` collects nn.Linear and Conv1D layers only, so it does not
+see lightllm's quantized layers: pass the model, ``register_lightllm_layers(config, model)``, and
+"all-linear" is expanded here to every linear and lightllm layer but the output head.)
 
 Each targeted lightllm layer is then wrapped in :class:`LightllmLoraLinear`, a subclass of peft's
 ``LoraLayer`` with peft's module layout (``base_layer``, ``lora_A.<name>``, ``lora_B.<name>``,
@@ -63,15 +64,36 @@ def custom_module_mapping() -> dict[type, type]:
     return {QuantLinear: LightllmLoraLinear, Linear4bit: LightllmLoraLinear, Linear8bitLt: LightllmLoraLinear}
 
 
-def register_lightllm_layers(config: Any) -> Any:
+def register_lightllm_layers(config: Any, model: Any = None) -> Any:
     """Register lightllm's quantized layers with peft's LoRA on ``config`` (a ``peft.LoraConfig``)
     and return it, so that ``peft.get_peft_model`` / ``PeftModel.from_pretrained`` with this config
-    wrap them in :class:`LightllmLoraLinear` (lightllm's fused forward and backward)."""
+    wrap them in :class:`LightllmLoraLinear` (lightllm's fused forward and backward).
+
+    With ``model`` given, ``target_modules="all-linear"`` is replaced by the names of the model's
+    nn.Linear and lightllm layers except its output head (what peft's "all-linear" means, with
+    lightllm's layers counted as linear)."""
     peft = _require_peft()
     if not isinstance(config, peft.LoraConfig):
         raise TypeError(f"register_lightllm_layers takes a peft.LoraConfig, got {type(config).__name__}")
-    config._register_custom_module(custom_module_mapping())
+    mapping = custom_module_mapping()
+    config._register_custom_module(mapping)
+    targets = config.target_modules
+    if model is not None and isinstance(targets, str) and targets.lower() == "all-linear":
+        config.target_modules = _all_linear_names(model, tuple(mapping))
     return config
+
+
+def _all_linear_names(model, lightllm_types: tuple[type, ...]) -> set[str]:
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if head is not None and m is head}
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if name and isinstance(m, (nn.Linear, *lightllm_types))}
+    names -= head_names
+    if not names:
+        raise ValueError("register_lightllm_layers: target_modules='all-linear' finds no linear layer in the model")
+    return names
 
 
 def __getattr__(name):
