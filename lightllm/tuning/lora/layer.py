@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...ops import lora as ops_lora
-from ..layers import TunerLayer, runs_as_plain_layer
+from ..layers import TunerLayer, base_layer_kind, runs_as_plain_layer
 
 
 class LoraLinear(TunerLayer):
@@ -91,26 +91,8 @@ class LoraLinear(TunerLayer):
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """One adapter through the fused ops, or None where the plain path must serve."""
-        dropout = self.lora_dropout[name]
-        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            return None  # the mask applies to the adapter's input only: the plain path, same results
-        if torch.is_autocast_enabled(x.device.type):
-            return None  # autocast decides the dtypes per op, as in PEFT
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        base = self.base_layer
-        if not runs_as_plain_layer(base):
-            return None  # a subclass with its own forward, or hooks (accelerate's offload): run it as it is
-        scale = self.scaling[name]
-        kind = self.base_kind
-        if kind.lora_forward is not None:  # a base with its own fused path (QuantLinear: the kernel's epilogue)
-            training = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
-            return kind.lora_forward(base, x, a, b, scale, training)
-        weight = kind.dense_weight(base)
-        if (weight is None or x.dtype != weight.dtype or weight.dim() != 2
-                or tuple(weight.shape) != (self.out_features, self.in_features)):
-            return None  # e.g. a quantized nn.Linear subclass from another library
-        y = ops_lora.lora_linear(x.reshape(-1, self.in_features), weight, base.bias, a, b, scale)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return fused_lora_forward(self.base_layer, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                                  self.scaling[name], self.lora_dropout[name])
 
     # ---- merging --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,3 +118,28 @@ class LoraLinear(TunerLayer):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}"
+
+
+def fused_lora_forward(base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                       dropout: nn.Module) -> torch.Tensor | None:
+    """``base(x) + scale * (dropout(x) a^T) b^T`` through the fused ops for a registered base layer,
+    or None where the plain path must serve (dropout while training, autocast, a base that is not
+    exactly its kind's plain class, a dense weight not in x's dtype). Shared by LoraLinear and the
+    layer lightllm registers with peft (lightllm.integrations.peft)."""
+    if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        return None  # the mask applies to the adapter's input only: the plain path, same results
+    if torch.is_autocast_enabled(x.device.type):
+        return None  # autocast decides the dtypes per op, as in PEFT
+    if not runs_as_plain_layer(base):
+        return None  # a subclass with its own forward, or hooks (accelerate's offload): run it as it is
+    kind = base_layer_kind(base)
+    if kind.lora_forward is not None:  # a base with its own fused path (QuantLinear: the kernel's epilogue)
+        training = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
+        return kind.lora_forward(base, x, a, b, scale, training)
+    weight = kind.dense_weight(base)
+    in_features, out_features = kind.features(base)
+    if (weight is None or x.dtype != weight.dtype or weight.dim() != 2
+            or tuple(weight.shape) != (out_features, in_features)):
+        return None  # e.g. a quantized nn.Linear subclass from another library
+    y = ops_lora.lora_linear(x.reshape(-1, in_features), weight, base.bias, a, b, scale)
+    return y.reshape(*x.shape[:-1], out_features)
