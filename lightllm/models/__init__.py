@@ -36,9 +36,11 @@ def load_model(path=None, device=None, dtype=None):
     through transformers. ``dtype`` defaults to float16 on a GPU and float32 on the CPU.
     """
     import torch
-    import transformers
 
+    from .._extras import require
     from ..quantization.checkpoint import load_quantized
+
+    transformers = require("transformers", "lightllm.models.load_model")
 
     directory = pathlib.Path(path) if path is not None else default_model_dir()
     if not (directory / "config.json").is_file():

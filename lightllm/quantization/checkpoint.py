@@ -290,8 +290,9 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     float32 on the CPU. ``model_class``: default ``AutoModelForCausalLM`` (falling back to
     ``AutoModel`` for architectures without a causal-LM head).
     """
-    import transformers
+    from .._extras import require
 
+    transformers = require("transformers", "lightllm.quantization.load_quantized")
     directory = pathlib.Path(directory)
     quant = read_quant_config(directory)
     files = weight_files(directory, quant)

@@ -379,6 +379,9 @@ def _make_accelerator(config: FinetuneConfig):
     """An Accelerator for the run. Accelerate keeps its state per process; a second run in the same
     single process with another precision or device (a notebook, the tests) resets that state
     instead of failing. Under a launcher (several processes) the launcher's settings stand."""
+    from .._extras import require
+
+    require("accelerate", "lightllm finetune (lightllm.train.loop)")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -754,5 +757,5 @@ def _save_outputs(output_dir: pathlib.Path, model, tokenizer, log, config, whole
         fig.savefig(output_dir / "loss.png", dpi=100)
         plt.close(fig)
     except ImportError:
-        logger.info("matplotlib is not installed: no loss curve (pip install matplotlib)")
+        logger.info('matplotlib is not installed: no loss curve (pip install "lightllm[demo]")')
     return out

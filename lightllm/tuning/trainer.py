@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import os
 
-from transformers import TrainerCallback
+from .._extras import require
+
+require("transformers", "lightllm.tuning.trainer")
+from transformers import TrainerCallback  # noqa: E402
 
 __all__ = ["SaveAdapterCallback"]
 

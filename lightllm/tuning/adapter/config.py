@@ -168,8 +168,9 @@ class AdapterConfig(TunerConfig):
             raise ValueError(f"{name}: preset must be one of {PRESETS} (or None), got {self.preset!r}")
         if self.use_parallel_adapter and self.placement not in (None, "parallel", "parallel_residual"):
             raise ValueError(f"{name}: use_parallel_adapter=True contradicts placement={self.placement!r}")
-        from transformers.activations import ACT2FN
+        from ..._extras import require
 
+        ACT2FN = require("transformers.activations", "bottleneck adapters (their activations)").ACT2FN
         if self.non_linearity.lower() not in ACT2FN and self.non_linearity.lower() != "leakyrelu":
             raise ValueError(f"{name}: non_linearity {self.non_linearity!r} is not one of transformers' ACT2FN "
                              "activations")

@@ -33,8 +33,9 @@ class AdapterSettings:
 
 
 def _activation(name: str):
-    from transformers.activations import ACT2FN
+    from ..._extras import require
 
+    ACT2FN = require("transformers.activations", "bottleneck adapters (their activations)").ACT2FN
     if name.lower() == "leakyrelu":  # AdapterHub's name; transformers has no entry for it
         return lambda t: nn.functional.leaky_relu(t, 0.01)
     return ACT2FN[name.lower()]
