@@ -62,11 +62,9 @@ class QuantState:
         """The per-block absmax in float32 (decoded from its 8-bit codes when nested)."""
         if not self.nested:
             return self.absmax.float()
-        from ... import functional as F
-
-        decoded = F.dequantize_blockwise(self.absmax, self.state2.absmax, self.state2.code, self.state2.blocksize,
-                                         torch.float32)
-        return decoded + self.offset.to(decoded.device)
+        # the one definition of the decode, the same the matmul_4bit kernels follow
+        return _ops.decode_nested_absmax(self.absmax, self.state2.absmax, self.state2.code, self.state2.blocksize,
+                                         self.offset.float())
 
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         fields: dict[str, Any] = {
