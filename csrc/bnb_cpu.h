@@ -14,6 +14,27 @@
 
 namespace lightllm {
 
+// ---- LoRA on these layers --------------------------------------------------------------------------
+
+// The rank-r term of LoRA on a 4-bit or int8 base, added in the GEMV's epilogue so the layer with its
+// adapter reads the packed weight once: out[m, n] += scale * S[m] . B[n], with S = x A^T [M, r]
+// (computed before the call: the backward pass keeps it) and B [N, r], both float32 row-major.
+// rank 0: no adapter.
+struct LoraEpilogue {
+  const float* s = nullptr;
+  const float* b = nullptr;
+  int64_t rank = 0;
+  float scale = 0.0f;
+
+  inline float term(int64_t m, int64_t n) const {
+    const float* sm = s + m * rank;
+    const float* bn = b + n * rank;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < rank; ++j) acc += sm[j] * bn[j];
+    return scale * acc;
+  }
+};
+
 // ---- 4-bit ------------------------------------------------------------------------------------
 
 // The 16 code values (float32, indexed by code) in the form the kernels search: the codes sorted
@@ -60,6 +81,7 @@ struct Gemv4Args {
   const float* bias;   // float32 [N] (already rounded to x's dtype) or nullptr
   void* out;           // [M, N] in out_type
   FloatType out_type;
+  LoraEpilogue lora;   // added with the bias, before the one rounding
 };
 // Output rows [n0, n1).
 void gemv_4bit_cpu(const Gemv4Args& a, int64_t n0, int64_t n1);
@@ -90,6 +112,7 @@ struct Int8LinearArgs {
   const Int8Activations* acts;
   void* out;            // [M, N] in out_type (x's dtype)
   FloatType out_type;
+  LoraEpilogue lora;    // added after the base output is rounded to x's dtype (the reference's order)
 };
 // Output rows [n0, n1), every row of x.
 void int8_linear_cpu(const Int8LinearArgs& a, int64_t n0, int64_t n1);
