@@ -152,16 +152,16 @@ at::Tensor bias_as_float(const char* op, const c10::optional<at::Tensor>& bias, 
 // The LoRA epilogue's operands (lora_s [M, r] = x A^T and lora_b [N, r], both or neither), checked
 // and held as float32 contiguous tensors for the kernel's lifetime.
 struct LoraOperands {
-  at::Tensor s, b;
+  at::Tensor s, b, addend;
   double scale = 0.0;
   bool present() const { return s.defined(); }
-  LoraEpilogue epilogue() const {
+  // The kernel's epilogue adds scale * S B^T [M, N] (float32, torch's GEMM: small next to the layer)
+  LoraEpilogue epilogue() {
     LoraEpilogue e;
     if (present()) {
-      e.s = s.data_ptr<float>();
-      e.b = b.data_ptr<float>();
-      e.rank = b.size(1);
-      e.scale = static_cast<float>(scale);
+      addend = at::mm(s, b.t()).mul_(scale).contiguous();
+      e.addend = addend.data_ptr<float>();
+      e.ld = b.size(0);
     }
     return e;
   }
@@ -216,7 +216,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   const at::Tensor bias_f = bias_as_float(op, bias, n_out, x.scalar_type());
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
-  const LoraOperands lora = lora_operands(op, lora_s, lora_b, lora_scale, m, n_out);
+  LoraOperands lora = lora_operands(op, lora_s, lora_b, lora_scale, m, n_out);
   if (m > kMaxGemvRows || k == 0) {
     // Prefill: the weight is read once either way and the matmul is compute-bound, so dequantize
     // (this file's kernel, the reference's bits) and let torch's GEMM run it.
@@ -272,7 +272,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tens
   const at::Tensor bias_f = bias_as_float(op, bias, n_out, x.scalar_type());
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
-  const LoraOperands lora = lora_operands(op, lora_s, lora_b, lora_scale, m, n_out);
+  LoraOperands lora = lora_operands(op, lora_s, lora_b, lora_scale, m, n_out);
   at::Tensor out = at::empty({m, n_out}, x.options());
   if (m == 0 || n_out == 0) return out.view(output_shape(x, n_out));
   at::Tensor scratch = at::empty({int8_scratch_bytes(m, k)}, x.options().dtype(at::kByte));

@@ -16,23 +16,15 @@ namespace lightllm {
 
 // ---- LoRA on these layers --------------------------------------------------------------------------
 
-// The rank-r term of LoRA on a 4-bit or int8 base, added in the GEMV's epilogue so the layer with its
-// adapter reads the packed weight once: out[m, n] += scale * S[m] . B[n], with S = x A^T [M, r]
-// (computed before the call: the backward pass keeps it) and B [N, r], both float32 row-major.
-// rank 0: no adapter.
+// The rank-r term of LoRA on a 4-bit or int8 base, added in the GEMV's epilogue so that the layer
+// with its adapter reads the packed weight once: out[m, n] += addend[m, n], addend = scale * S B^T
+// (float32 [M, N], from torch's GEMM before the call: S = x A^T [M, r] is kept for the backward pass,
+// and M x N x r multiply-adds are few next to the M x N x K of the layer). null: no adapter.
 struct LoraEpilogue {
-  const float* s = nullptr;
-  const float* b = nullptr;
-  int64_t rank = 0;
-  float scale = 0.0f;
+  const float* addend = nullptr;
+  int64_t ld = 0;  // N
 
-  inline float term(int64_t m, int64_t n) const {
-    const float* sm = s + m * rank;
-    const float* bn = b + n * rank;
-    float acc = 0.0f;
-    for (int64_t j = 0; j < rank; ++j) acc += sm[j] * bn[j];
-    return scale * acc;
-  }
+  inline float term(int64_t m, int64_t n) const { return addend[m * ld + n]; }
 };
 
 // ---- 4-bit ------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ void dequantize_portable(const uint8_t* packed, const float* absmax, const float
 inline void store_gemv_outputs(const Gemv4Args& a, int64_t n, const float* sums) {
   for (int64_t m = 0; m < a.m; ++m) {
     float v = a.bias ? sums[m] + a.bias[n] : sums[m];
-    if (a.lora.rank) v += a.lora.term(m, n);
+    if (a.lora.addend) v += a.lora.term(m, n);
     store_as(a.out, a.out_type, m * a.n_rows + n, v);
   }
 }
