@@ -434,3 +434,27 @@ def test_qlora_training_on_the_embedded_model_tracks_peft_and_bitsandbytes(metho
     torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=2e-3, atol=0)
     progress_ours, progress_theirs = our_losses[0] - our_losses[-1], their_losses[0] - their_losses[-1]
     assert abs(progress_ours - progress_theirs) < 0.05 * abs(progress_theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("m", [1, 7, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_lora_ops_on_the_gpu(backend, m, dtype):
+    """Both fused ops on CUDA tensors against float64 PyTorch (not yet run on a card)."""
+    k, n, r = 320, 200, 16
+    dev = torch.device("cuda")
+    w = _rand(n, k, seed=41, scale=0.1)
+    packed, state = nf4.quantize_4bit(w.to(dev), blocksize=64, compress_statistics=True, quant_type="nf4")
+    w4 = nf4.dequantize_4bit(packed, state).double()
+    cb, scb, _ = bnb_int8.int8_vectorwise_quant(w.to(dev, torch.float16))
+    w8 = cb.double() * (scb.double() / 127.0).unsqueeze(1)
+    x = _rand(m, k, seed=42).to(dev, dtype)
+    a, b = _rand(r, k, seed=43, scale=0.1).to(dev), _rand(n, r, seed=44, scale=0.1).to(dev)
+    lora = 1.5 * (x.double() @ a.double().t()) @ b.double().t()
+    with backends.use_backend(backend):
+        y4 = ops_fourbit.fourbit_lora_linear(x, packed, state.absmax, 64, "nf4", n, None, a, b, 1.5,
+                                             *ops_fourbit.nested_args(state))
+        y8 = ops_int8.int8_lora_linear(x, cb, scb, None, 0.0, a, b, 1.5)
+    _close(y4, x.double() @ w4.t() + lora, dtype)
+    _close(y8, ops_int8.int8_linear_reference(x, cb, scb, None, 0.0).double() + lora, dtype)
