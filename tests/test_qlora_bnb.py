@@ -257,6 +257,24 @@ def test_a_trainable_int8_weight_keeps_the_plain_path():
     assert "int8_lora_linear" not in {c.op for c in calls}
 
 
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_the_fused_layer_traces_under_torch_compile(name):
+    """fullgraph: the custom op with its fake implementation and autograd, no graph break."""
+    layer = tuning.LoraLinear(_bases()[name])
+    layer.add_adapter("default", r=4, alpha=8, init=False)
+    x = _rand(5, 80, seed=34).requires_grad_()
+    eager = layer(x)
+    eager.sum().backward()
+    grads = (x.grad.clone(), layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone())
+    x.grad = None
+    layer.zero_grad()
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, eager)
+    for got, want in zip((x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad), grads):
+        torch.testing.assert_close(got, want)
+
+
 # ---- whole models: adapters, peft's layer, and training against peft + bitsandbytes ------------------
 
 transformers = pytest.importorskip("transformers")
