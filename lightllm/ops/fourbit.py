@@ -1,4 +1,5 @@
-"""Ops ``lightllm::quantize_4bit``, ``lightllm::dequantize_4bit`` and ``lightllm::matmul_4bit``:
+"""Ops ``lightllm::quantize_4bit``, ``lightllm::dequantize_4bit``, ``lightllm::matmul_4bit`` and
+``lightllm::fourbit_lora_linear`` (LoRA on a 4-bit base, QLoRA: see the end of this file):
 bitsandbytes' 4-bit NF4 / FP4 format (QLoRA's), defined here by the reference and followed bit for
 bit by every backend.
 

@@ -6,6 +6,8 @@ the dequantized weight's same columns), the int8 product is exact in int32, scal
 ``row * col / 127^2``, plus the bias, in x's dtype. One op so that a kernel can fuse all of it.
 Backends: the reference ("torch"), the C++ CPU kernel ("cpp") and the Triton kernels ("triton",
 kernels/int8.py: GPU, or CPU under TRITON_INTERPRET=1; no host synchronization at any threshold).
+``lightllm::int8_lora_linear`` is LoRA on that layer, the rank-r term in the same kernels' epilogue
+(see the end of this file).
 """
 
 from __future__ import annotations
