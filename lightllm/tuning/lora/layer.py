@@ -1,6 +1,5 @@
 """LoraLinear: a base layer (any registered kind: nn.Linear, GPT-2's Conv1D, QuantLinear, Linear4bit,
-Linear8bitLt) plus named
-LoRA adapters.
+Linear8bitLt) plus named LoRA adapters.
 
 ``y = base(x) + scaling * lora_B(lora_A(dropout(x)))`` with PEFT's module layout (``base_layer``,
 ``lora_A.<name>``, ``lora_B.<name>``, ``lora_dropout.<name>``), so state dicts and PEFT's files
