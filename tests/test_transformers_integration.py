@@ -86,6 +86,18 @@ def test_our_checkpoint_loads_into_our_layers_with_load_quantizeds_logits(rtn_di
     assert torch.equal(logits(half), logits(ref_half))
 
 
+@pytest.mark.parametrize("method,kind", [("fp4", Linear4bit), ("int8", Linear8bitLt)])
+def test_our_bitsandbytes_checkpoint_loads_into_our_layers(method, kind, tmp_path):
+    model = dense()
+    quantize_(model, make_config(method), progress=False)
+    path = save_quantized(model, tmp_path / method)
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype=F32, device_map="auto")
+    reference = load_quantized(path, dtype=F32)
+    assert len(layers(ours, kind)) == 28 and layers(ours, kind) == layers(reference, kind)
+    assert torch.equal(logits(ours), logits(reference))
+    assert torch.equal(generate(ours), generate(reference))
+
+
 def _gptq_like_other_tools(src, dst, act_order_perm=None):
     """``src`` rewritten as GPTQModel writes it: its own name in meta.quantizer, no lightllm mark."""
     shutil.copytree(src, dst)
@@ -142,13 +154,14 @@ def test_quantize_on_load_equals_quantize_(method, fields, kind, tmp_path):
         theirs = transformers.GPTQConfig.from_dict(quant)
         assert (theirs.bits, theirs.group_size, theirs.sym) == (fields["bits"], fields["group_size"],
                                                                 fields.get("sym", True))
-        again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=F32)
-        assert layers(again, kind) == layers(loaded, kind)
-        assert torch.equal(logits(again), out)
-        if fields.get("desc_act"):  # the loader filled checkpoint-layout buffers: the layer reordered them
-            assert any(m._perm is not None for m in again.modules() if isinstance(m, QuantLinear))
     else:
-        assert quant["quant_method"] == "bitsandbytes"
+        assert quant["quant_method"] == "bitsandbytes" and quant["lightllm"] == {"method": method}
+        assert type(transformers.BitsAndBytesConfig.from_dict(quant)) is transformers.BitsAndBytesConfig
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=F32)
+    assert layers(again, kind) == layers(loaded, kind)
+    assert torch.equal(logits(again), out)
+    if fields.get("desc_act"):  # the loader filled checkpoint-layout buffers: the layer reordered them
+        assert any(m._perm is not None for m in again.modules() if isinstance(m, QuantLinear))
 
 
 def test_gptq_with_a_dataset_name(monkeypatch):

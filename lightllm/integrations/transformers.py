@@ -146,10 +146,7 @@ class LightllmConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's ``quantization_config``, in the method's own format, marked as lightllm's."""
-        d = self.lightllm_config.to_dict()
-        if isinstance(self.lightllm_config, BnbConfig):
-            d[BNB_MARK] = {"method": self.method}
-        return d
+        return self.lightllm_config.to_dict()  # GPTQ's meta.quantizer, or BnbConfig's "lightllm" key
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -288,13 +285,18 @@ class LightllmHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model
         config = self.quantization_config.lightllm_config
-        shapes = _checkpoint_shapes(checkpoint_files or _find_checkpoint_files(model))
+        files = checkpoint_files or _find_checkpoint_files(model)
+        shapes = _checkpoint_shapes(files)
         _install_empty_layers(model, shapes, config)
+        if isinstance(config, BnbConfig):
+            self._held = _hold_bnb_layers(model, files, config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config.lightllm_config
         if self.pre_quantized:
+            _put_back(model, getattr(self, "_held", {}))
+            self._held = {}
             _after_loading(model, config)
         else:
             on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
@@ -376,6 +378,75 @@ def _install_empty_layers(model: nn.Module, shapes: dict[str, torch.Tensor], con
         _install_quant_linears(model, shapes, quant, device="meta")
     else:
         raise TypeError(f"lightllm: no checkpoint layout for {type(config).__name__}")
+
+
+class _Held(nn.Module):
+    """Holds a bitsandbytes-format layer's place while transformers' loader runs: the layer was
+    filled from the checkpoint already (its packed weight and quantization state are not tensors
+    transformers' loader can set on a module), and an empty placeholder gives the loader nothing
+    to overwrite."""
+
+
+def _read_tensors(files, wanted) -> dict[str, torch.Tensor]:
+    """The tensors named by ``wanted(key)`` from the checkpoint files (only those are read)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in map(pathlib.Path, files):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                out.update({key: f.get_tensor(key) for key in f.keys() if wanted(key)})
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            out.update({key: t for key, t in state.items() if wanted(key)})
+    return out
+
+
+def _hold_bnb_layers(model: nn.Module, files, config: BnbConfig) -> dict[str, nn.Module]:
+    """Fill every bitsandbytes-format layer from the checkpoint (as load_quantized does) and put a
+    placeholder in its place until the loader has run; {name: filled layer}."""
+    import re
+
+    from ..quantization.checkpoint import CheckpointError
+    from ..quantization.core import replace_module
+
+    names = [name for name, m in model.named_modules() if isinstance(m, config.layer_type)]
+    prefixes = tuple(name + "." for name in names)
+    state = _read_tensors(files, lambda key: key.startswith(prefixes))
+    held = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        own = {key[len(name) + 1:]: t for key, t in state.items() if key.startswith(name + ".")}
+        missing, unexpected = layer.load_state_dict(own, strict=False, assign=True)
+        if missing or unexpected:
+            raise CheckpointError(f"{name}: the checkpoint's tensors do not fit its {type(layer).__name__} "
+                                  f"(missing {missing}, unexpected {unexpected})")
+        held[name] = layer
+        replace_module(model, name, _Held())
+    # the loader reports the checkpoint's tensors of held layers as unused: they are not
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+        "^" + re.escape(name) + r"\." for name in names}
+    return held
+
+
+def _put_back(model: nn.Module, held: dict[str, nn.Module]) -> None:
+    """The held layers back in place: on the device of the nearest enclosing module that holds
+    tensors (what the device_map gave their block), biases in the model's dense dtype."""
+    from ..quantization.core import replace_module
+
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point() and p.device.type != "meta"]
+    for name, layer in held.items():
+        device, parts = torch.device("cpu"), name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            ancestor = model.get_submodule(".".join(parts[:depth]))
+            tensors = [t for t in (*ancestor.parameters(), *ancestor.buffers()) if t.device.type != "meta"]
+            if tensors:
+                device = tensors[0].device
+                break
+        layer.to(device)
+        if floating and layer.bias is not None and layer.bias.dtype != floating[0]:
+            layer.bias = nn.Parameter(layer.bias.to(floating[0]), requires_grad=layer.bias.requires_grad)
+        replace_module(model, name, layer)
 
 
 def _after_loading(model: nn.Module, config: QuantizationConfig) -> None:
