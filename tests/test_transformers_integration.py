@@ -212,6 +212,22 @@ def test_device_map_and_generation(rtn_dir, device_map, tmp_path):
     assert torch.equal(generate(model), generate(reference))
 
 
+def test_readme_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- transformers-example: [^>]*-->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README's transformers example is missing"
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block.group(1), "README.md (transformers' from_pretrained)", "exec"), scope)
+    assert len(layers(scope["model"], QuantLinear)) == 28
+    assert scope["tokens"].shape == (1, 3 + 8)
+    model = scope["model"]  # in the checkpoint config's dtype (float16), as transformers loads by default
+    assert torch.equal(logits(model), logits(load_quantized(tmp_path / "rtn-4bit", dtype=model.dtype)))
+
+
 def test_bad_configs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'awq'"):
         LightllmConfig(method="awq")

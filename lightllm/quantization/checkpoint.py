@@ -285,6 +285,9 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     from .._extras import require
 
     transformers = require("transformers", "lightllm.quantization.load_quantized")
+    # transformers is imported now anyway: register lightllm with its quantizer registry, so that
+    # from_pretrained of lightllm's checkpoints builds these same layers (lightllm.integrations.transformers)
+    from ..integrations import transformers as _registration  # noqa: F401
     directory = pathlib.Path(directory)
     quant = read_quant_config(directory)
     files = weight_files(directory, quant)
