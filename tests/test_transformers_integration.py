@@ -197,7 +197,12 @@ def generate(model, n=6):
         return model.generate(IDS[:1, :5], max_new_tokens=n, do_sample=False)
 
 
-@pytest.mark.parametrize("device_map", ["cpu", "auto", "offload"])
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "auto", pytest.param("offload", marks=pytest.mark.xfail(
+    TRANSFORMERS_4, strict=True, reason="transformers 4.x leaves a disk-offloaded module's buffers (QuantLinear's "
+    "packed weight) on the meta device and accelerate's dispatch then refuses them"))])
 def test_device_map_and_generation(rtn_dir, device_map, tmp_path):
     reference = load_quantized(rtn_dir, dtype=F32)
     kwargs = {}

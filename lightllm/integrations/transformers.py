@@ -71,6 +71,7 @@ from ..quantization.gptq.config import QuantConfig  # noqa: E402
 logger = logging.getLogger("lightllm")
 
 QUANT_METHOD = "lightllm"
+_TRANSFORMERS_MAJOR = int(require("transformers", "lightllm.integrations.transformers").__version__.split(".")[0])
 #: the key a bitsandbytes-format config dict written by lightllm carries
 BNB_MARK = "lightllm"
 
@@ -288,6 +289,7 @@ class LightllmHfQuantizer(HfQuantizer):
         files = checkpoint_files or _find_checkpoint_files(model)
         shapes = _checkpoint_shapes(files)
         _install_empty_layers(model, shapes, config)
+        self._files = files
         if isinstance(config, BnbConfig):
             self._held = _hold_bnb_layers(model, files, config)
         return model
@@ -297,7 +299,7 @@ class LightllmHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             _put_back(model, getattr(self, "_held", {}))
             self._held = {}
-            _after_loading(model, config)
+            _after_loading(model, config, getattr(self, "_files", None))
         else:
             on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
             if on_meta:
@@ -424,8 +426,11 @@ def _hold_bnb_layers(model: nn.Module, files, config: BnbConfig) -> dict[str, nn
         held[name] = layer
         replace_module(model, name, _Held())
     # the loader reports the checkpoint's tensors of held layers as unused: they are not
-    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-        "^" + re.escape(name) + r"\." for name in names}
+    patterns = ["^" + re.escape(name) + r"\." for name in names]
+    existing = model._keys_to_ignore_on_load_unexpected
+    # transformers 5 keeps a set here, 4.x a list
+    model._keys_to_ignore_on_load_unexpected = (existing | set(patterns) if isinstance(existing, set)
+                                                else list(existing or []) + patterns)
     return held
 
 
@@ -449,12 +454,23 @@ def _put_back(model: nn.Module, held: dict[str, nn.Module]) -> None:
         replace_module(model, name, layer)
 
 
-def _after_loading(model: nn.Module, config: QuantizationConfig) -> None:
+def _after_loading(model: nn.Module, config: QuantizationConfig, files=None) -> None:
     """What load_quantized does after the tensors are in: the zero convention checked from the
     data (GPTQ), every quantized layer filled."""
     from ..quantization.checkpoint import _fix_zero_convention
 
     kinds = config.layer_types()
+    if isinstance(config, QuantConfig) and files and _TRANSFORMERS_MAJOR < 5:
+        # transformers 4.x casts every floating tensor a quantizer loads to the model's dtype (the
+        # format's float16 scales too) and sets buffers one at a time through _load_from_state_dict
+        # (an act-order layer would reorder a half-loaded weight): read the layers again, whole
+        names = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not _offloaded(m)}
+        prefixes = tuple(n + "." for n in names)
+        state = _read_tensors(files, lambda key: key.startswith(prefixes))
+        for name, module in names.items():
+            device = module.qweight.device
+            own = {k[len(name) + 1:]: t.to(device) for k, t in state.items() if k.startswith(name + ".")}
+            module.load_state_dict(own, strict=True, assign=True)
     for name, module in model.named_modules():
         if isinstance(module, kinds):
             meta = [k for k, t in module.state_dict().items() if t.device.type == "meta"]
