@@ -181,13 +181,22 @@ def test_gptq_with_a_dataset_name(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(lt, "quantize_", spy)
+    real_load_text = data.load_text
+    requested = []
+
+    def first_part(source, split="heldout"):  # the real corpus, cut short: tokenizing all of it takes long
+        requested.append((source, split))
+        return real_load_text(source, split)[:40_000]
+
+    monkeypatch.setattr(data, "load_text", first_part)
     config = LightllmConfig(method="gptq", bits=4, group_size=128, dataset="shakespeare", n_samples=4, seqlen=32,
                             seed=5)
     with pytest.raises(Stop):
         AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=F32, quantization_config=config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
-    expected = data.calibration_samples(tokenize_stream(tokenizer, data.load_text("shakespeare", "train")), 4, 32,
-                                        seed=5)
+    assert requested == [("shakespeare", "train")]
+    expected = data.calibration_samples(tokenize_stream(tokenizer, real_load_text("shakespeare", "train")[:40_000]),
+                                        4, 32, seed=5)
     assert torch.equal(seen["calibration"], expected)
     assert seen["config"] == make_config("gptq", bits=4, group_size=128)
 
@@ -215,6 +224,28 @@ def test_device_map_and_generation(rtn_dir, device_map, tmp_path):
     assert len(layers(model, QuantLinear)) == 28
     assert torch.equal(logits(model), logits(reference))
     assert torch.equal(generate(model), generate(reference))
+
+
+def test_peft_on_a_from_pretrained_model(rtn_dir):
+    """peft's own get_peft_model on what from_pretrained built: lightllm's LoRA layer over QuantLinear,
+    the output base(x) + scaling * B A x (computed here by hand) and gradients reaching the adapter."""
+    peft = pytest.importorskip("peft")
+    from lightllm.integrations.peft import register_lightllm_layers
+
+    model = AutoModelForCausalLM.from_pretrained(rtn_dir, dtype=F32)
+    config = register_lightllm_layers(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = peft.get_peft_model(model, config)
+    layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
+    assert isinstance(layer.get_base_layer(), QuantLinear)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(7))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        expected = x @ layer.get_base_layer().dequantize(F32).T + 2.0 * (x @ a.T) @ b.T
+        assert torch.allclose(layer(x), expected, rtol=1e-4, atol=1e-4)
+    out = peft_model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
