@@ -119,6 +119,12 @@ def test_other_tools_gptq_checkpoint_loads_with_the_switch(rtn_dir, tmp_path):
     assert lt._route_all_gptq is False  # the context restored the default
     assert len(layers(model, QuantLinear)) == 28
     assert torch.equal(logits(model), logits(load_quantized(foreign, dtype=F32)))
+    # without_lightllm: every file to transformers' own support, lightllm's too
+    with lt.without_lightllm():
+        assert type(hf_auto.AutoQuantizationConfig.from_dict(
+            transformers.AutoConfig.from_pretrained(rtn_dir).quantization_config)) is transformers.GPTQConfig
+    assert isinstance(hf_auto.AutoQuantizationConfig.from_dict(
+        transformers.AutoConfig.from_pretrained(rtn_dir).quantization_config), LightllmConfig)
     use_lightllm_for_gptq()
     try:
         assert isinstance(hf_auto.AutoQuantizationConfig.from_dict(config.quantization_config), LightllmConfig)

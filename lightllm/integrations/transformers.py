@@ -32,7 +32,9 @@ its own name) and, for bitsandbytes, a ``lightllm`` key in the config (transform
 :class:`LightllmConfig` (lightllm's quantizer), any other one goes to transformers' own class as
 before. A GPTQ checkpoint without the mark goes to lightllm only inside
 :func:`use_lightllm_for_gptq` (or after calling it), the one documented switch. Without this
-module imported, transformers reads lightllm's files with its own GPTQ / bitsandbytes support.
+module imported, or inside :func:`without_lightllm`, transformers reads lightllm's files with its
+own GPTQ / bitsandbytes support. (:func:`lightllm.quantization.load_quantized` imports this module:
+transformers is imported by then anyway.)
 
 Loading a pre-quantized checkpoint: the model is built on the meta device by transformers, its
 quantized Linears are replaced here by empty lightllm layers of the checkpoint's shapes (found
@@ -75,7 +77,8 @@ _TRANSFORMERS_MAJOR = int(require("transformers", "lightllm.integrations.transfo
 #: the key a bitsandbytes-format config dict written by lightllm carries
 BNB_MARK = "lightllm"
 
-__all__ = ["LightllmConfig", "LightllmHfQuantizer", "QUANT_METHOD", "use_lightllm_for_gptq", "written_by_lightllm"]
+__all__ = ["LightllmConfig", "LightllmHfQuantizer", "QUANT_METHOD", "use_lightllm_for_gptq", "without_lightllm",
+           "written_by_lightllm"]
 
 _GPTQ_FIELDS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "true_sequential",
                 "checkpoint_format")
@@ -245,6 +248,28 @@ class use_lightllm_for_gptq:
         return False
 
 
+_route_ours = True
+
+
+class without_lightllm:
+    """Inside it (or after calling it), ``from_pretrained`` reads every checkpoint with
+    transformers' own support, lightllm's files too (transformers' GPTQ path, or bitsandbytes
+    layers), as if this integration were not imported; ``without_lightllm(False)`` or leaving the
+    context restores lightllm's routing."""
+
+    def __init__(self, enabled: bool = True):
+        global _route_ours
+        self._previous, _route_ours = _route_ours, not enabled
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _route_ours
+        _route_ours = self._previous
+        return False
+
+
 class _Dispatch:
     """Stands in transformers' config registry for a ``quant_method`` it already serves: a dict
     lightllm wrote (or any GPTQ one under :func:`use_lightllm_for_gptq`) becomes a
@@ -255,7 +280,7 @@ class _Dispatch:
         self.__name__ = original.__name__  # what transformers' messages print
 
     def from_dict(self, config_dict, return_unused_kwargs=False, **kwargs):
-        if written_by_lightllm(config_dict) or (self.gptq and _route_all_gptq):
+        if _route_ours and (written_by_lightllm(config_dict) or (self.gptq and _route_all_gptq)):
             return LightllmConfig.from_dict(config_dict, return_unused_kwargs, **kwargs)
         return self.original.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
