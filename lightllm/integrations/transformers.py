@@ -402,7 +402,10 @@ def _install_empty_layers(model: nn.Module, shapes: dict[str, torch.Tensor], con
         _bnb.install_bnb_layers(model, shapes, config)
     elif isinstance(config, QuantConfig):
         quant = config.to_dict()
-        _install_quant_linears(model, shapes, quant, device="meta")
+        # transformers 4.x loads a module's buffers one at a time through its _load_from_state_dict,
+        # where an act-order QuantLinear reorders its weight: that needs real (if empty) buffers
+        # beside the one being loaded (the layers are read again whole after the loader, see _after_loading)
+        _install_quant_linears(model, shapes, quant, device="meta" if _TRANSFORMERS_MAJOR >= 5 else None)
     else:
         raise TypeError(f"lightllm: no checkpoint layout for {type(config).__name__}")
 
