@@ -18,6 +18,8 @@ model (same tensors, dtypes and metadata; one shard per block instead of size-ba
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import pathlib
 import shutil
@@ -112,6 +114,23 @@ def _to_meta(module: nn.Module) -> None:
         for key, value in list(vars(sub).items()):  # caches kept as plain attributes (e.g. a permutation)
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
                 setattr(sub, key, None)
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim). A freed block's
+    tensors leave holes that the next block's slightly different allocations do not always fill;
+    without this the resident size drifts upward by a fraction of a block per block."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 class _Released(nn.Module):
@@ -239,6 +258,7 @@ class StreamedBlocks(Residency):
         self.blocks[unit.index] = _Released(unit.prefix)
         unit.module = self.blocks[unit.index]
         self.loaded.discard(unit.index)
+        _return_freed_memory()
 
     @contextlib.contextmanager
     def capturing(self, units):
