@@ -7,12 +7,20 @@ own subprocess, which reports its peak resident memory (``ru_maxrss``), its resi
 the imports (the interpreter, torch and transformers: the same for both) and its wall time. The
 two checkpoints are compared tensor by tensor (bit for bit).
 
-    python benchmarks/bench_offload_quantize.py --budget-mb 512 --layers 36      # ~2.2 GB model
-    python benchmarks/bench_offload_quantize.py --quick                          # a few seconds
+    # what RESULTS.md records (2 busy CPU cores): a 1.6 GB float16 model, 384 MiB budget
+    python benchmarks/bench_offload_quantize.py --method rtn --layers 32 --hidden 1536 --intermediate 4096 \
+        --heads 12 --kv-heads 4 --vocab 8192 --budget-mb 384 --skip-in-memory
+    python benchmarks/bench_offload_quantize.py --method gptq --layers 6 --hidden 512 --intermediate 1536 \
+        --heads 8 --kv-heads 8 --vocab 4096 --nsamples 4 --seqlen 128 --budget-mb 64 --shard-mb 16
+    python benchmarks/bench_offload_quantize.py --quick                          # a smoke run
 
 The bound checked: peak - baseline < budget + one block + calibration activations, where the
-budget must hold what stays resident (embeddings and output head) and the model's weights are at
-least 4x the budget. Prints one result row (JSON); progress goes to logging.
+budget must hold what stays resident (embeddings and output head) and the method's working memory
+(a layer's float copy and its quantization temporaries; GPTQ's Hessian and inverse), and the
+model's weights should be at least 4x the budget. "baseline" is the resident size after the
+imports and a first use of transformers' modeling code (the same for both paths: the
+interpreter, torch and transformers take ~0.7 GB here). Prints one result row (JSON); progress
+goes to logging.
 """
 
 from __future__ import annotations

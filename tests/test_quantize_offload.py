@@ -52,7 +52,8 @@ def calibration(vocab, seed=3, n=5, seqlen=12):
 def read_all(directory) -> dict[str, torch.Tensor]:
     directory = pathlib.Path(directory)
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     out = {}
     for name in files:
         with safe_open(str(directory / name), framework="pt") as f:
@@ -194,7 +195,8 @@ def _grew(mode, src, dst, method):
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
-@pytest.mark.parametrize("method", ["rtn"])  # GPTQ: the same streaming, measured by the benchmark (its solver is slow here)
+# GPTQ streams the same way; its peak is measured by the benchmark (its CPU solver is slow for a test)
+@pytest.mark.parametrize("method", ["rtn"])
 def test_streamed_peak_memory_is_one_block_not_the_model(method, tmp_path):
     # GPTQ's solver is slow on a CPU: a shallower model for it (the bound is per block either way)
     hidden, intermediate, layers = (512, 1024, 20) if method == "rtn" else (256, 512, 6)

@@ -361,7 +361,8 @@ def quantize_checkpoint(src_dir, dst_dir, config: QuantizationConfig, calibratio
         residency.materialize(model, "", skip={id(blocks)})
         if getattr(hf_config, "tie_word_embeddings", False):
             model.tie_weights()
-        meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(blocks_name + ".")]
+        meta = [n for n, p in model.named_parameters()
+                if p.device.type == "meta" and not n.startswith(blocks_name + ".")]
         if meta:
             raise CheckpointError(f"{src}: the checkpoint lacks {', '.join(meta[:8])}")
         quantize_(model, config, calibration, progress=progress, residency=residency)
