@@ -134,6 +134,8 @@ def _quantize(args: argparse.Namespace) -> int:
         config = make_config(args.method)
         what = f"{args.method}, bitsandbytes format: transformers loads it with its bitsandbytes support"
     text = data.load_text(args.calib, split="train") if config.needs_calibration else None
+    if args.offload:
+        return _quantize_offload(args, config, text, what)
     model, tokenizer = load_model(args.model, device=args.device)
     calib = None
     if text is not None:
@@ -143,6 +145,34 @@ def _quantize(args: argparse.Namespace) -> int:
     out = save_quantized(model, args.out, tokenizer=tokenizer)
     print(f"wrote {out} ({what})")
     return 0
+
+
+def _quantize_offload(args: argparse.Namespace, config, text, what: str) -> int:
+    """``quantize --offload``: the model stays on disk, one block at a time on the device."""
+    import transformers
+
+    from lightllm import data
+    from lightllm.eval import tokenize_stream
+    from lightllm.models import default_model_dir, resolve_device
+    from lightllm.quantization import quantize_checkpoint
+
+    src = args.model or default_model_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    calib = None
+    if text is not None:
+        calib = data.calibration_samples(tokenize_stream(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)
+    device = resolve_device(args.device)
+    out = quantize_checkpoint(src, args.out, config, calib, device=device,
+                              dtype=torch_dtype_for(device), tokenizer=tokenizer)
+    print(f"wrote {out} ({what}; streamed block by block)")
+    return 0
+
+
+def torch_dtype_for(device):
+    """What ``load_model`` computes in: float16 on a GPU, float32 on the CPU."""
+    import torch
+
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -308,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="zero-point convention written: gptq (v1, stores z - 1; default) or gptq_v2")
     quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     quantize.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    quantize.add_argument("--offload", action="store_true",
+                          help="models larger than memory: keep the model on disk (safetensors) and quantize one "
+                               "transformer block at a time on the device (same checkpoint as without)")
     quantize.set_defaults(func=_quantize)
 
     evaluate = sub.add_parser(

@@ -6,6 +6,7 @@ bitsandbytes' NF4 / FP4 and LLM.int8), and checkpoints in the formats those tool
     quantize_(model, GPTQConfig(bits=4, group_size=128), calibration_ids)
     quantize_(other_model, NF4Config())
     save_quantized(model, "out/")        # load_quantized("out/") recognises every format
+    quantize_checkpoint("float_dir/", "out/", GPTQConfig(bits=4), calibration_ids)  # one block in memory
 
 Registered methods: ``methods()``; ``make_config(name, **fields)`` builds one by name (the CLI's
 ``--method``); ``config_from_dict`` reads a checkpoint's ``quantization_config``.
@@ -43,6 +44,7 @@ from .gptq import (
 from .bnb import BnbConfig, FP4Config, Int8Config, NF4Config
 from .replace import quantize_linears_4bit, quantize_linears_rtn, replace_linears
 from .checkpoint import CheckpointError, load_quantized, save_quantized
+from .offload import quantize_checkpoint
 
 __all__ = [
     "BnbConfig",
@@ -70,6 +72,7 @@ __all__ = [
     "pack_gptq",
     "pack_int",
     "quantize_",
+    "quantize_checkpoint",
     "quantize_linears_4bit",
     "quantize_linears_rtn",
     "quantize_model",

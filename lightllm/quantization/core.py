@@ -15,6 +15,7 @@ replace layers through the same routine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any, Callable, ClassVar, Iterable
@@ -55,8 +56,9 @@ class QuantizationConfig:
         raise NotImplementedError(f"{type(self).__name__} needs calibration data: use quantize_(model, config, data)")
 
     def quantize_calibrated(self, model: nn.Module, units: list["QuantizationUnit"], calibration,
-                            progress: bool) -> int:
-        """Quantize every unit's layers using ``calibration``; the count replaced."""
+                            progress: bool, residency: "Residency | None" = None) -> int:
+        """Quantize every unit's layers using ``calibration``, each unit between
+        ``residency.load(unit)`` and ``residency.release(unit)``; the count replaced."""
         raise NotImplementedError
 
     @classmethod
@@ -226,6 +228,35 @@ def quantization_units(model: nn.Module, config: QuantizationConfig) -> tuple[st
     return blocks_name, units
 
 
+class Residency:
+    """Where a unit's weights are while the walk quantizes it. This base keeps the whole model where
+    it is (``quantize_`` on a model in memory): every hook is a no-op. A streaming residency
+    (:class:`lightllm.quantization.offload.StreamedBlocks`) materializes one block on the compute
+    device in ``load``, writes the quantized block out and frees it in ``release``, so the walk and
+    the methods stay the same whether the model is in memory or on disk."""
+
+    def device(self, model: nn.Module) -> torch.device:
+        """The device the units are quantized on (and calibration data is moved to)."""
+        for p in model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @contextlib.contextmanager
+    def capturing(self, units: list["QuantizationUnit"]):
+        """While calibration inputs are captured: yields the modules standing at the blocks' places
+        (the walk hooks them to record each block's arguments)."""
+        yield [unit.module for unit in units]
+
+    def load(self, unit: "QuantizationUnit") -> None:
+        """Before ``unit`` is quantized: its weights must be on :meth:`device`."""
+
+    def release(self, unit: "QuantizationUnit") -> None:
+        """After ``unit`` is quantized (and, for calibrated methods, its output computed)."""
+
+
+IN_MEMORY = Residency()
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where ``root``'s submodule ``name`` is (the one replacement every method uses)."""
     parent, _, child = name.rpartition(".")
@@ -254,7 +285,8 @@ def _quantized_layer_types() -> tuple[type, ...]:
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, config: QuantizationConfig, calibration=None, *, progress: bool = True) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantizationConfig, calibration=None, *, progress: bool = True,
+              residency: Residency | None = None) -> nn.Module:
     """Quantize ``model``'s Linear layers in place with ``config`` (any registered method); returns
     the model, which remembers the config (``model.lightllm_quant_config``, what
     :func:`~lightllm.quantization.save_quantized` writes).
@@ -262,6 +294,9 @@ def quantize_(model: nn.Module, config: QuantizationConfig, calibration=None, *,
     ``calibration`` (methods that need it, GPTQ): token ids ``[n_samples, seqlen]`` (LongTensor),
     or a list of tokenizer outputs (dicts with ``input_ids`` and optionally ``attention_mask``).
     The output head and the embeddings stay dense.
+
+    ``residency``: how units come and go (default: the model stays in memory);
+    :func:`lightllm.quantization.quantize_checkpoint` passes one that streams blocks from disk.
     """
     if not isinstance(config, QuantizationConfig):
         raise TypeError(f"config must be a quantization config ({', '.join(c.__name__ for c in _METHODS.values())}), "
@@ -277,13 +312,23 @@ def quantize_(model: nn.Module, config: QuantizationConfig, calibration=None, *,
     model.eval()  # no dropout while activations are collected
     try:
         if config.needs_calibration:
-            replaced = config.quantize_calibrated(model, units, calibration, progress)
-        else:
+            replaced = config.quantize_calibrated(model, units, calibration, progress, residency or IN_MEMORY)
+        elif residency is None:
             # replaced by their model-level names: a unit may itself be a Linear (a ModuleList of Linears)
             targets = [(model, unit.qualified(name), unit.qualified(name), layer)
                        for unit in units for name, layer in unit.linears.items()]
             replaced = replace_each(targets, lambda layer: config.make_layer(as_linear(layer)),
                                     config.method.upper(), progress, len(targets))
+        else:  # the same replacement, one unit resident at a time
+            replaced = 0
+            for unit in tqdm(units, desc=config.method.upper(), disable=not progress):
+                residency.load(unit)
+                targets = [(model, unit.qualified(name), unit.qualified(name), layer)
+                           for name, layer in unit.linears.items()]
+                replaced += replace_each(targets, lambda layer: config.make_layer(as_linear(layer)),
+                                         config.method.upper(), False, len(targets))
+                del targets
+                residency.release(unit)
     finally:
         model.train(was_training)
     if not replaced:
@@ -293,6 +338,7 @@ def quantize_(model: nn.Module, config: QuantizationConfig, calibration=None, *,
     return model
 
 
-__all__ = ["DEFAULT_SKIP", "LayerListNotFoundError", "QuantizationConfig", "QuantizationUnit", "as_linear",
+__all__ = ["DEFAULT_SKIP", "IN_MEMORY", "LayerListNotFoundError", "QuantizationConfig", "QuantizationUnit", "Residency",
+           "as_linear",
            "config_class", "config_from_dict", "find_blocks", "is_linear", "linear_weight", "make_config", "methods",
            "quantization_units", "quantize_", "register_format", "register_method", "replace_each", "replace_module"]

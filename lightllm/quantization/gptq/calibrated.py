@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core import QuantizationUnit, linear_weight, replace_module
+from ..core import IN_MEMORY, QuantizationUnit, Residency, linear_weight, replace_module
 from ..core import LayerListNotFoundError, find_blocks  # noqa: F401  (the old lightllm.quantization.model names)
 from .config import METHODS, QuantConfig  # noqa: F401  (idem)
 from .solver import GPTQResult, HessianAccumulator, gptq_solve
@@ -108,19 +108,25 @@ def quantize_model(model: nn.Module, calibration, config, progress: bool = True)
 
 
 def quantize_blocks_gptq(model: nn.Module, units: list[QuantizationUnit], calibration, config,
-                         progress: bool) -> int:
-    """GPTQ over ``units`` (the transformer blocks, in order); the count of layers replaced."""
-    blocks = [unit.module for unit in units]
-    device = next(model.parameters()).device
+                         progress: bool, residency: Residency | None = None) -> int:
+    """GPTQ over ``units`` (the transformer blocks, in order); the count of layers replaced.
+    ``residency`` brings each block in before it is quantized and lets it go after its output has
+    been computed (default: the model stays where it is)."""
+    residency = residency or IN_MEMORY
+    device = residency.device(model)
     start = time.perf_counter()
     batches = _as_batches(calibration, device)
-    inputs, block_args, masks = _capture_block_inputs(model, blocks, batches)
+    with residency.capturing(units) as blocks:
+        inputs, block_args, masks = _capture_block_inputs(model, blocks, batches)
+    n_blocks = len(blocks)
+    del blocks
     tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
     logger.info("GPTQ: %d calibration sequences, %d tokens, %d blocks", len(batches) and sum(
-        b["input_ids"].shape[0] for b in batches), tokens, len(blocks))
+        b["input_ids"].shape[0] for b in batches), tokens, n_blocks)
 
     replaced = 0
     for unit in tqdm(units, desc=f"GPTQ {config.bits}-bit", disable=not progress):
+        residency.load(unit)
         block, linears = unit.module, unit.linears
         kwargs_list = block_args[unit.index]
 
@@ -162,7 +168,9 @@ def quantize_blocks_gptq(model: nn.Module, units: list[QuantizationUnit], calibr
                 replaced += 1
                 del accumulators[name]
         inputs = run_block()  # the quantized block's output feeds the next block
-    logger.info("GPTQ: %d blocks quantized to %d bits in %.1f s", len(blocks), config.bits, time.perf_counter() - start)
+        del block, linears, run_block, groups
+        residency.release(unit)
+    logger.info("GPTQ: %d blocks quantized to %d bits in %.1f s", n_blocks, config.bits, time.perf_counter() - start)
     return replaced
 
 

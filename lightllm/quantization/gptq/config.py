@@ -77,10 +77,10 @@ class QuantConfig(QuantizationConfig):
         return self.layer_type.from_linear(linear, self.bits, self.group_size, sym=self.sym,
                                        checkpoint_format=self.checkpoint_format)
 
-    def quantize_calibrated(self, model, units, calibration, progress: bool) -> int:
+    def quantize_calibrated(self, model, units, calibration, progress: bool, residency=None) -> int:
         from .calibrated import quantize_blocks_gptq
 
-        return quantize_blocks_gptq(model, units, calibration, self, progress)
+        return quantize_blocks_gptq(model, units, calibration, self, progress, residency)
 
     @classmethod
     def layer_types(cls) -> tuple[type, ...]:
