@@ -235,6 +235,18 @@ def test_quant_linear(backend):
     check_layer(backend, act_order_quant_linear(), randn(3, 5, 72, seed=27), {"gptq_matmul"})
 
 
+def test_one_compiled_graph_follows_the_backend_choice():
+    """The kernel is chosen when the op runs: one compiled graph runs whichever backend is chosen."""
+    layer = act_order_quant_linear()
+    x = randn(3, 72, seed=35)
+    fn = compiled(layer)
+    for backend in backends_for("gptq_matmul"):
+        with lightllm.use_backend(backend), torch.no_grad(), backends.record_dispatches() as calls:
+            got, eager = fn(x), layer(x)
+        assert_same(eager, got)
+        assert {(call.op, call.ran) for call in calls} == {("gptq_matmul", backend)}
+
+
 @pytest.mark.parametrize("backend", backends_for("matmul_4bit", "dequantize_4bit"))
 @pytest.mark.parametrize("cls", [LinearNF4, LinearFP4])
 def test_linear4bit(backend, cls):
@@ -398,12 +410,17 @@ def test_optimizer_step_compiles(backend):
     model = torch.nn.Sequential(torch.nn.Linear(16, 71), torch.nn.ReLU(), torch.nn.Linear(71, 7))
     twin = copy.deepcopy(model)
     x, target = randn(9, 16, seed=36), randn(9, 7, seed=37)
+    lr = torch.tensor(1e-2)  # a tensor: changed in place, the compiled step reads it, no recompile
     opt_e = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1024)  # 8-bit and 32-bit state both
-    opt_c = AdamW8bit(twin.parameters(), lr=1e-2, min_8bit_size=1024)
+    opt_c = AdamW8bit(twin.parameters(), lr=lr, min_8bit_size=1024)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     step = torch.compile(opt_c.step, fullgraph=True, dynamic=False)
     with lightllm.use_backend(backend):
-        for _ in range(3):
+        for i in range(3):
+            if i:
+                lr.mul_(0.5)
+                opt_e.param_groups[0]["lr"] *= 0.5
             for m in (model, twin):
                 torch.nn.functional.mse_loss(m(x), target).backward()
             opt_e.step()
@@ -416,6 +433,8 @@ def test_optimizer_step_compiles(backend):
                 assert torch.equal(p, q)
                 for key, value in opt_e.state[p].items():
                     assert torch.equal(value, opt_c.state[q][key]), key
+    # two graphs: the first step (creating the state) and every later one
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_compiled_qlora_training_step():
