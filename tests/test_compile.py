@@ -256,6 +256,19 @@ def test_linear4bit(backend, cls):
     check_layer(backend, layer, randn(3, 5, 83, seed=28), {"matmul_4bit"})
 
 
+def test_linear4bit_warning_is_not_a_graph_break(caplog):
+    """float16 input with compute_dtype float32 logs a warning in eager mode; traced, it must not
+    (a logger call in a traced forward is a graph break)."""
+    layer = LinearNF4(83, 37, compute_dtype=torch.float32)
+    layer.load_state_dict(torch.nn.Linear(83, 37).state_dict())
+    x = randn(5, 83, seed=36, dtype=torch.float16)
+    with torch.no_grad():
+        got = compiled(layer)(x)
+        assert "compute_dtype float32" not in caplog.text
+        assert_same(layer(x), got)
+    assert "compute_dtype float32" in caplog.text
+
+
 @pytest.mark.parametrize("backend", backends_for("int8_linear"))
 def test_linear8bitlt_inference(backend):
     dense = torch.nn.Linear(83, 37)
