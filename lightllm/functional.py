@@ -53,6 +53,15 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     bit. 0 and 1 are added; maps of fewer than 8 bits are padded to 256 entries with zeros. The
     values equal bitsandbytes' ``create_dynamic_map`` exactly.
     """
+    key = (signed, max_exponent_bits, total_bits)
+    if key not in _dynamic_maps:
+        _dynamic_maps[key] = _build_dynamic_map(signed, max_exponent_bits, total_bits)
+    # A copy of the cached map: torch.compile reads the cache instead of tracing the build (whose
+    # Python lists of tensor values would break the graph), and callers may write to their map.
+    return _dynamic_maps[key].clone()
+
+
+def _build_dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
     non_sign_bits = total_bits - 1
     if not 1 <= total_bits <= 8:
         raise ValueError(f"create_dynamic_map: total_bits must be 1..8, got {total_bits}")
@@ -86,6 +95,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         )
     values += [0.0] * (256 - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+_dynamic_maps: dict[tuple[bool, int, int], torch.Tensor] = {}
+create_dynamic_map(True)  # the maps the optimizers and double quantization use: cached from the start
+create_dynamic_map(False)
 
 
 # ---- argument checks ------------------------------------------------------------------------
@@ -129,8 +143,13 @@ def _resolve_map(op: str, code, device: torch.device) -> torch.Tensor:
         )
     if code.device != device:
         raise ValueError(f"{op}: code is on {code.device} but the data is on {device}")
-    if not bool(_sorted_cache(code)):
-        raise ValueError(f"{op}: code must be sorted in ascending order and free of NaN (as create_dynamic_map returns)")
+    message = f"{op}: code must be sorted in ascending order and free of NaN (as create_dynamic_map returns)"
+    if torch.compiler.is_compiling():
+        # bool() of a tensor is a data-dependent branch, a graph break under torch.compile: the
+        # compiled graph asserts on the tensor instead (a RuntimeError with the same message)
+        torch._assert_async((code[1:] >= code[:-1]).all(), message)
+    elif not bool(_sorted_cache(code)):
+        raise ValueError(message)
     return code.contiguous()
 
 

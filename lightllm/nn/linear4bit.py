@@ -230,7 +230,9 @@ class Linear4bit(nn.Module):
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         if self.compute_dtype is None:
             return x.dtype
-        if x.dtype == torch.float16 and self.compute_dtype == torch.float32 and not self._warned_fp32_compute:
+        # Not while torch.compile traces: a logger call there is a graph break (an eager call warns).
+        if (x.dtype == torch.float16 and self.compute_dtype == torch.float32 and not self._warned_fp32_compute
+                and not torch.compiler.is_compiling()):
             self._warned_fp32_compute = True
             logger.warning("Linear4bit: float16 input with compute_dtype float32: the matmul runs in float32 (slow); "
                            "set compute_dtype=torch.float16")

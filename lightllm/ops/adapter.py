@@ -150,7 +150,9 @@ def _adapter_backward_triton(dy, z, a, wd, wu, bu, scale, act, needs):
     g = kl.skinny_matmul(dy, wu.t())  # dY Wu [M, b]
     da, h = k.adapter_backward_act(g, a, scale, code)
     dz = k.adapter_up(da, wd.t(), None, None, None, 0, z.dtype) if need_z else _empty(z)
-    dwd = kl.lora_weight_grad(z, da, 1.0).t().to(wd.dtype) if need_wd else _empty(wd)
+    # contiguous, as the fake implementation says (a compiled graph relies on the strides it declares)
+    dwd = kl.lora_weight_grad(z, da, 1.0).t().to(wd.dtype).contiguous() if need_wd \
+        else _empty(wd)
     dbd = da.sum(0) if need_bd else _empty(a)
     dwu = (kl.lora_weight_grad(dy, h, 1.0) * scale.float()).to(wu.dtype) if need_wu else _empty(wu)
     col = dy.float().sum(0) if (need_bu or need_s) else None

@@ -162,6 +162,10 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         self._local_overrides = _ParamOverrides()
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lr_tensors: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # The code maps are made here, eagerly: a first step traced by torch.compile then finds them
+        # instead of creating them inside its graph.
+        for device in {_local(p).device for group in self.param_groups for p in group["params"]}:
+            self._dynamic_maps(device)
 
     # ---- configuration ----------------------------------------------------------------------
     def override_config(self, param: torch.Tensor, key: str | None = None, value: Any = None,

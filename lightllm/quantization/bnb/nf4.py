@@ -198,7 +198,10 @@ def quantize_4bit(x: torch.Tensor, absmax: torch.Tensor | None = None, out: torc
     if x.numel() == 0:
         raise ValueError("quantize_4bit: the tensor is empty")
     packed, block_absmax = torch.ops.lightllm.quantize_4bit(x.contiguous(), blocksize, quant_type)
-    if not bool(torch.isfinite(block_absmax).all()):
+    if torch.compiler.is_compiling():
+        # no data-dependent branch in a compiled graph (a graph break): it asserts on the tensor instead
+        torch._assert_async(torch.isfinite(block_absmax).all(), "quantize_4bit: the tensor holds NaN or inf")
+    elif not bool(torch.isfinite(block_absmax).all()):
         bad = int((~torch.isfinite(block_absmax)).nonzero()[0])
         raise ValueError(f"quantize_4bit: block {bad} (values {bad * blocksize}..{(bad + 1) * blocksize - 1}) holds "
                          "NaN or inf")
