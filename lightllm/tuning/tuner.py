@@ -557,10 +557,14 @@ class TunerModel(AdapterStateDict, nn.Module):
                 self._copy_layer_tensor(layers[target], kind, adapter_name, value)
 
     @torch.no_grad()
-    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Load an adapter folder as ``adapter_name``, frozen unless ``is_trainable`` (as in PEFT).
-        Every tensor is checked against the model first; a file that does not fit changes nothing."""
-        config, tensors, path = self.read_adapter(directory)
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False, *,
+                     revision: str | None = None, subfolder: str | None = None) -> None:
+        """Load an adapter folder (or hub id, at ``revision``, with ``subfolder``) as ``adapter_name``,
+        frozen unless ``is_trainable`` (as in PEFT). Every tensor is checked against the model first;
+        a file that does not fit changes nothing."""
+        from ..hub import resolve_folder
+
+        config, tensors, path = self.read_adapter(resolve_folder(directory, revision, subfolder, what="adapter"))
         config.inference_mode = not is_trainable
         existing = adapter_name in self.peft_config
         config = self._prepare_config(config)

@@ -622,10 +622,13 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
         self._mark_trainable()
 
     @torch.no_grad()
-    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False, *,
+                     revision: str | None = None, subfolder: str | None = None) -> None:
+        from ...hub import resolve_folder
+
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; load under a new name")
-        config, tensors, path = self.read_adapter(directory)
+        config, tensors, path = self.read_adapter(resolve_folder(directory, revision, subfolder, what="adapter"))
         self._load(config, tensors, path, adapter_name, is_trainable)
 
     @classmethod
