@@ -69,7 +69,8 @@ def resolve_folder(name_or_path, revision: str | None = None, subfolder: str | N
         return _join(path, parts, f"{what} folder {str(path)!r}")
     name = os.fspath(name_or_path)
     if isinstance(name, bytes) or not looks_like_hub_id(name):
-        raise FileNotFoundError(f"{what} {str(name_or_path)!r} is neither an existing folder nor a Hugging Face hub id")
+        raise FileNotFoundError(f"{what} {str(name_or_path)!r} does not exist (neither a folder nor a Hugging Face "
+                                "hub id)")
 
     from ._extras import require
 

@@ -26,7 +26,7 @@ from lightllm.__main__ import main  # noqa: E402
 from lightllm.hub import looks_like_hub_id, resolve_folder  # noqa: E402
 from lightllm.models import load_model  # noqa: E402
 from lightllm.nn import QuantLinear  # noqa: E402
-from lightllm.quantization import RTNConfig, load_quantized, quantize_, save_quantized  # noqa: E402
+from lightllm.quantization import CheckpointError, RTNConfig, load_quantized, quantize_, save_quantized  # noqa: E402
 from lightllm.tuning import LoraConfig, from_pretrained, get_peft_model  # noqa: E402
 
 REPO = "lightllm-test/tiny-llama"
@@ -169,7 +169,7 @@ def test_unknown_ids_revisions_and_subfolders_fail_clearly(offline):
     with pytest.raises(FileNotFoundError, match=r"'lightllm-test/no-such-model'.*not in the Hugging Face cache.*"
                                                 r"HF_HUB_OFFLINE"):
         load_model("lightllm-test/no-such-model", device="cpu")
-    with pytest.raises(FileNotFoundError, match=r"revision 'v2'.*not in the Hugging Face cache"):
+    with pytest.raises(CheckpointError, match=r"revision 'v2'.*not in the Hugging Face cache"):
         load_quantized(REPO, revision="v2")
     with pytest.raises(FileNotFoundError, match=r"adapter 'lightllm-test/nope'"):
         from_pretrained(torch.nn.Linear(2, 2), "lightllm-test/nope")
@@ -179,8 +179,10 @@ def test_unknown_ids_revisions_and_subfolders_fail_clearly(offline):
         load_model(REPO, device="cpu", subfolder="../x")
     with pytest.raises(ValueError, match="is a local folder; revision='v1' applies to Hugging Face hub ids only"):
         load_model(offline["dense_a"], revision="v1")
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hugging Face hub id"):
+    with pytest.raises(FileNotFoundError, match="'/no/such/folder' does not exist"):
         load_model("/no/such/folder")
+    with pytest.raises(CheckpointError, match="'/no/such/folder' does not exist"):
+        load_quantized("/no/such/folder")
     assert looks_like_hub_id("org/name") and looks_like_hub_id("gpt2")
     assert not any(map(looks_like_hub_id, ("./org/name", "a/b/c", "/abs", "~/x", "org//name", "a b", "")))
 

@@ -296,7 +296,10 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     from ..hub import resolve_folder
 
     transformers = require("transformers", "lightllm.quantization.load_quantized")
-    directory = resolve_folder(directory, revision, subfolder, what="checkpoint")
+    try:
+        directory = resolve_folder(directory, revision, subfolder, what="checkpoint")
+    except FileNotFoundError as exc:  # one error type for every unusable checkpoint, as below
+        raise CheckpointError(str(exc)) from exc
     quant = read_quant_config(directory)
     files = weight_files(directory, quant)
     device = torch.device(device) if device is not None else torch.device("cpu")
