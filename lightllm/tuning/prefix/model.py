@@ -94,6 +94,17 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _layers_drop_caches_when_checkpointed(model: nn.Module) -> bool:
+    """transformers 4.x: every GradientCheckpointingLayer sets its cache argument to None under
+    gradient checkpointing; 5.x added ``_can_checkpoint_with_cache`` to let a cache through."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return (not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+            and any(isinstance(m, GradientCheckpointingLayer) for m in model.modules()))
+
+
 @contextlib.contextmanager
 def _cache_survives_checkpointing(model: nn.Module, on: bool):
     """Tell transformers' checkpointed layers that they may keep the cache under gradient
@@ -440,6 +451,13 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
             dropped = (f"{type(hf).__name__} drops its key/value cache under gradient checkpointing in its own code, so "
                        "prefix tuning cannot train with checkpointing on this model (LLaMA, Qwen, Gemma, Mistral can); "
                        "turn gradient checkpointing off, or use prompt tuning / P-tuning")
+            if checkpointing and _layers_drop_caches_when_checkpointed(hf):
+                import transformers
+
+                dropped = (f"transformers {transformers.__version__} drops the key/value cache of every checkpointed "
+                           "layer under gradient checkpointing (transformers 5 keeps a cache the layers only read), so "
+                           "prefix tuning cannot train with checkpointing here: turn gradient checkpointing off, use "
+                           "transformers >= 5.17, or use prompt tuning / P-tuning")
             with _cache_survives_checkpointing(hf, checkpointing):
                 try:
                     out = self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
