@@ -8,10 +8,12 @@ environment's site-packages (torch, peft, bitsandbytes, lightllm itself, added w
 so that editable installs resolve as here). It then runs a focused subset of the HF-facing tests in
 that environment (FOCUSED: hub ids with huggingface_hub 0.x, load_model / load_quantized / the CLI,
 GPTQ and bitsandbytes checkpoints, peft's own get_peft_model on lightllm's layers, prefix tuning
-through 4.57's Cache classes, its generate() and its gradient checkpointing) and fails with their
-output if any fails.
+through 4.57's Cache classes, its generate() and its gradient checkpointing, the Trainer with
+gradient checkpointing) and fails with their output if any fails.
 
-pip needs the package index (as the README's install command does); about 3 minutes on 2 cores.
+pip needs the package index (as the README's install command does). Measured: 12.6 minutes on a
+2-core machine shared with several other jobs (load average about 9), with a smaller subset;
+not yet timed on an idle machine.
 """
 
 import os
@@ -27,6 +29,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 TRANSFORMERS_4 = "transformers>=4.57,<4.58"
+# datasets: the Trainer tests; the newest requires huggingface_hub >= 1, so pip picks one that works with 0.x
+WITH_IT = ("datasets",)
 
 # node ids under tests/: each one exercises an HF-facing path (transformers models, their files, the hub)
 FOCUSED = (
@@ -36,7 +40,10 @@ FOCUSED = (
     "test_peft_integration.py",
     "test_prefix.py::test_generation_caches_hold_the_prefix_once",
     "test_prefix.py::test_a_forward_cache_continues_decoding",
-    "test_prefix.py::test_gradient_checkpointing_gives_the_same_gradients",
+    "test_prefix.py::test_gradient_checkpointing_gives_the_same_gradients[prefix-mlp-llama]",
+    "test_prefix.py::test_gradient_checkpointing_gives_the_same_gradients[prompt-llama]",
+    "test_prefix.py::test_generate_without_a_length_and_with_a_generation_config",
+    "test_hf_trainer.py::test_gradient_checkpointing",
 )
 
 
@@ -63,7 +70,7 @@ def _run(cmd, **kwargs):
 def test_hf_facing_paths_under_transformers_4_57(tmp_path):
     python = _layered_venv(tmp_path / "venv457")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--disable-pip-version-check",
-          TRANSFORMERS_4], timeout=600)
+          TRANSFORMERS_4, *WITH_IT], timeout=600)
     probe = _run([str(python), "-c", "import transformers, huggingface_hub, torch, lightllm; "
                   "print(transformers.__version__, huggingface_hub.__version__, lightllm.__file__)"],
                  cwd=ROOT, timeout=300).stdout.split()  # cwd: what pytest below imports
@@ -78,4 +85,4 @@ def test_hf_facing_paths_under_transformers_4_57(tmp_path):
     tail = proc.stdout[-8000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"under transformers {probe[0]}:\n{tail}"
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 15 and " skipped" not in proc.stdout.splitlines()[-1], tail
+    assert passed and int(passed.group(1)) >= 20 and " skipped" not in proc.stdout.splitlines()[-1], tail

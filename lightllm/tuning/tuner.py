@@ -216,6 +216,16 @@ class TunerModel(AdapterStateDict, nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.model
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """The base model's, and (unless ``use_reentrant=False``) its input embeddings' output made to
+        require grad, as peft does: reentrant checkpointing (transformers 4.x's default, which the
+        Trainer passes on) gives a checkpointed block whose inputs do not require grad no backward,
+        so adapters on a frozen base would get no gradient."""
+        base = self.base_model.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", True) and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
     def adapter_tensor_ids(self) -> set[int]:
         """Every adapter's tensors (all named adapters), modules_to_save copies and trained biases;
         a wrapper stacked inside (prompt learning over LoRA and the like) adds its own."""

@@ -506,14 +506,19 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
         config, encoder = active
         p = config.num_virtual_tokens
         gen = copy.deepcopy(kwargs.pop("generation_config", None) or hf.generation_config)
+        explicit_max_length = kwargs.get("max_length") is not None
         kwargs = gen.update(**kwargs)  # what is not a generation setting stays a model argument
         if attention_mask is None:  # as transformers infers it: padding is where the pad token is (not EOS)
             eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
             pad = gen.pad_token_id
             attention_mask = (input_ids.ne(pad).long() if pad is not None and pad not in eos and (input_ids == pad).any()
                               else torch.ones_like(input_ids))
-        if gen.max_new_tokens is None and gen.max_length is not None:  # lengths of the whole sequence count P too
-            gen.max_length += p
+        # transformers 4.x reads the library's default max_length (20, not passed to generate) as 20 new
+        # tokens and adds the input's length itself, placeholders included: that one is left as it is
+        library_default = (not explicit_max_length and gen.max_length is not None
+                           and gen.max_length == type(gen)().max_length)
+        if gen.max_new_tokens is None and gen.max_length is not None and not library_default:
+            gen.max_length += p  # lengths of the whole sequence count P too
         if gen.min_length:
             gen.min_length += p
         _hide_placeholders(gen, kwargs, p)
