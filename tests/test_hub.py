@@ -216,3 +216,12 @@ def test_cli_in_a_fresh_process_reads_the_environment(offline, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(offline["dense_b"])
     ids = tokenize_stream(tokenizer, text.read_text())
     assert proc.stdout.startswith(f"perplexity {perplexity(model, tokenizer, ids, 32):.3f} "), proc.stdout
+
+
+def test_an_unsupported_transformers_version_is_named(monkeypatch):
+    from lightllm import MissingDependencyError
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    with pytest.raises(MissingDependencyError, match=r"lightllm.models.load_model needs transformers >= 4.57, this is "
+                                                     r"transformers 4.46.3"):
+        load_model()
