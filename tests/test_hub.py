@@ -221,7 +221,8 @@ def test_cli_in_a_fresh_process_reads_the_environment(offline, tmp_path):
 def test_an_unsupported_transformers_version_is_named(monkeypatch):
     from lightllm import MissingDependencyError
 
-    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    # the module require() imports: earlier tests may leave another object in sys.modules than this file's
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.3")
     with pytest.raises(MissingDependencyError, match=r"lightllm.models.load_model needs transformers >= 4.57, this is "
                                                      r"transformers 4.46.3"):
         load_model()
