@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_check.sh [--quick] [--only AREA]...
 #
-# --quick fits 8 minutes on an H100/H200 including the build. Areas, each under its own timeout:
+# --quick fits 9 minutes on an H100/H200 including the build. Areas, each under its own timeout:
 #   build       pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=nproc)
 #   info        python -m lightllm info; fails if the CUDA kernels did not load on a GPU machine
 #   selftest    python -m lightllm selftest: every op and backend with a kernel on the card against the
@@ -14,13 +14,14 @@
 #   smem        the shared memory of every Triton config the wrappers can pick here, compiled ahead of time
 #   jit         first-call compile and autotune time of each Triton kernel family (empty cache)
 #   speed       one figure per op family against its baseline: GPTQ GEMV vs cuBLAS fp16, AdamW8bit vs
-#               torch's fused AdamW, LoRA decode vs F.linear + matmuls, block-wise quantize vs a copy
+#               torch's fused AdamW, LoRA decode vs F.linear + matmuls, block-wise quantize vs a copy,
+#               NF4 GEMV vs cuBLAS bf16 and bitsandbytes, LLM.int8 threshold 6 vs 0 and vs cuBLAS fp16
 #   candidates  GPU_VERIFIED entries from the selftest record: JSON, and lines to paste into backends.py
 # (blockwise to candidates: benchmarks/device_check_quick.py --area NAME, which runs one by hand.) The
 # budgets are in QUICK_BUDGET below; selftest gets what the deadline leaves after the areas after it.
 # An area that runs out is marked TIMEOUT and the next one starts.
 # Without --quick: build, info, tests (pytest -m gpu), selftest, the benchmark scripts (blockwise, quant,
-# gptq, optim, lora, adapter), smem, jit, candidates, with no timeouts.
+# gptq, bnb, optim, lora, adapter), smem, jit, candidates, with no timeouts.
 #
 # Ctrl-C or SIGTERM stops the running area and still prints the table. Exit status 0 only if every
 # area passed. The table is also in device_check_summary.txt, the candidates in
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
 done
 
 QUICK_AREAS="build info selftest blockwise smem jit speed candidates"
-FULL_AREAS="build info tests selftest blockwise quant gptq optim lora adapter smem jit candidates"
+FULL_AREAS="build info tests selftest blockwise quant gptq bnb optim lora adapter smem jit candidates"
 AREAS=$([ -n "$QUICK" ] && echo "$QUICK_AREAS" || echo "$FULL_AREAS")
 for a in ${ONLY[@]+"${ONLY[@]}"}; do
   case " $AREAS " in *" $a "*) ;; *) echo "--only $a: not an area of this mode (areas: $AREAS)" >&2; exit 2 ;; esac
@@ -53,10 +54,10 @@ done
 wants() { [ ${#ONLY[@]} -eq 0 ] && return 0; for a in "${ONLY[@]}"; do [ "$a" = "$1" ] && return 0; done; return 1; }
 
 # --quick: each area's timeout in seconds, estimates for an H100 (adjust from a run's table). With a
-# 2-3 minute build they leave the selftest about two minutes inside the deadline, which stays under 8 minutes
+# 2-3 minute build they leave the selftest about two minutes inside the deadline, which stays under 9 minutes
 # with room for timeout's 5 s grace and the summary.
-declare -A QUICK_BUDGET=([build]=180 [info]=20 [blockwise]=45 [smem]=35 [jit]=50 [speed]=50 [candidates]=10)
-DEADLINE="${DEVICE_CHECK_DEADLINE:-465}"
+declare -A QUICK_BUDGET=([build]=180 [info]=20 [blockwise]=45 [smem]=35 [jit]=50 [speed]=100 [candidates]=10)
+DEADLINE="${DEVICE_CHECK_DEADLINE:-515}"
 SELFTEST_OP_TIMEOUT="${SELFTEST_OP_TIMEOUT:-60}"  # per op, inside the selftest's own budget
 
 RESULTS="${OUT:-benchmarks/results}"
@@ -221,6 +222,10 @@ else
   if wants gptq; then
     area solver "$PY" benchmarks/bench_gptq_solver.py --device cuda --out "$BENCH_OUT/bench_gptq_solver.csv"
     area demo "$PY" -m lightllm demo --device cuda --json "$LOGDIR/demo.json"
+  fi
+  if wants bnb; then  # NF4 and LLM.int8 against cuBLAS and bitsandbytes (BNB_PATH), the shapes
+    area bnb "$PY" benchmarks/bench_bnb_layers.py --device cuda --sections nf4-matmul int8-linear \
+      --shapes 4096x11008 14336x4096 4096x4096 --out "$BENCH_OUT/bench_bnb_layers.csv"
   fi
   if wants optim; then
     area optim "$PY" benchmarks/bench_optim.py --device cuda --out "$BENCH_OUT/bench_optim.csv"

@@ -21,7 +21,10 @@ Areas:
               TRITON_CACHE_DIR is an empty folder
   speed       one figure per op family against its baseline timed in the same run: GPTQ 4-bit g128 GEMV
               (M=1) vs cuBLAS fp16 F.linear, AdamW8bit vs torch.optim.AdamW(fused=True) on 100M
-              parameters, LoRA (r 16) decode vs F.linear + two small matmuls, block-wise quantize vs a copy
+              parameters, LoRA (r 16) decode vs F.linear + two small matmuls, block-wise quantize vs a copy,
+              NF4 GEMV (M=1, bf16, float and double-quantized absmax) vs cuBLAS bf16 and bitsandbytes on
+              4096x11008 and 14336x4096, LLM.int8 threshold 6 vs threshold 0 (M=1) and int8 vs cuBLAS fp16
+              at M=1024 (bench_bnb_layers.py's cases, each checked against float64 before timing)
   candidates  GPU_VERIFIED candidates from the self-test record (a failure in the blockwise area vetoes
               that op's), as <out>/gpu_verified_candidates.json and as lines to paste into backends.py
 
@@ -692,6 +695,10 @@ def area_jit(area: Area, args, device) -> None:
 SPEED_OPTIM_SHAPES = [(4096, 4096)] * 6  # 100.7M float32 parameters
 SPEED_LORA = (4096, 4096, 16)  # in, out, rank
 SPEED_QUANTIZE = (2**26, 256)  # values, block size (the optimizers')
+# The bitsandbytes-layer targets (issue 18), N x K as bench_bnb_layers.py writes shapes: NF4 at M = 1
+# against cuBLAS bf16; LLM.int8 at threshold 6 against threshold 0 (M = 1), and at M = 1024 against fp16.
+SPEED_NF4_SHAPES = [(4096, 11008), (14336, 4096)]
+SPEED_INT8 = ((4096, 4096), (1, 1024))  # shape, rows of x
 
 
 def area_speed(area: Area, args, device) -> None:
@@ -707,8 +714,8 @@ def area_speed(area: Area, args, device) -> None:
     area.tags["copy_gbps"] = round(copy_bw / 1e9, 1)
     print(f"{area.tags['card']}: copy bandwidth (read + write) {copy_bw / 1e9:.0f} GB/s", flush=True)
     heads = []
-    for name, fn in (("gptq", _speed_gptq), ("optim", _speed_optim), ("lora", _speed_lora),
-                     ("blockwise", _speed_blockwise)):
+    for name, fn in (("gptq", _speed_gptq), ("nf4", _speed_nf4), ("int8", _speed_int8), ("optim", _speed_optim),
+                     ("lora", _speed_lora), ("blockwise", _speed_blockwise)):
         if area.left() < 8:
             area.fail(f"no time left for the {name} figure", "TIMEOUT")
             continue
@@ -776,6 +783,94 @@ def _speed_gptq(area: Area, args, device, copy_bw) -> str | None:
                 area.fail(f"{family} {impl.name}: {check}")
     best = _best(rows)
     return f"GEMV x{best['vs_baseline']:.2f} vs cuBLAS ({best['impl'].removeprefix(bq.OURS)})" if best else None
+
+
+def _bnb_rows(area: Area, cases, device, copy_bw, base: dict, baseline: str) -> list[dict]:
+    """Time bench_bnb_layers.py cases (each checked against float64 first); lightllm rows must have
+    run their backend's own kernel. Speedups over ``baseline`` (an impl among the cases)."""
+    import bench_bnb_layers as bb
+    from lightllm import backends
+
+    sched = bb.schedule_for(quick=True)
+    rows = []
+    for case in cases:
+        with backends.record_dispatches() as calls:
+            row = bb.run_case(case, sched, device, copy_bw, base)
+        if row is None:
+            area.fail(f"{case.section} {case.impl} {base['shape']} M={base['m']}: did not run (see the log)")
+            continue
+        backend = case.impl.removeprefix("lightllm-").split("-")[0] if case.impl.startswith("lightllm-") else None
+        if backend and backend != "torch" and _fallbacks(calls, backend):
+            row["check"] = "NOT ITS KERNEL: " + "; ".join(_fallbacks(calls, backend))
+        rows.append(row)
+    base_us = next((r["device_us"] for r in rows if r["impl"] == baseline), None)
+    for r in rows:
+        ours = r["impl"].startswith("lightllm-") and r["impl"] != "lightllm-torch"
+        r.update(family=f"{r['section']} {r['shape']} M{r['m']}" + (f" thr{r['threshold']}" if r["threshold"] != ""
+                                                                    else ""),
+                 baseline=baseline, vs_baseline=base_us / r["device_us"] if ours and base_us else None)
+        _speed_row(area, r)
+        if ours and r["check"] != "ok":
+            area.fail(f"{r['family']} {r['impl']}: {r['check']}")
+    return rows
+
+
+def _speed_nf4(area: Area, args, device, copy_bw) -> str | None:
+    """NF4 GEMV at M = 1, x in bf16, float and double-quantized absmax, against cuBLAS bf16 and bnb."""
+    import types
+
+    import torch
+
+    import bench_bnb_layers as bb
+
+    bnb = bb._import_bnb(skip=False)
+    heads = []
+    for n, k in SPEED_NF4_SHAPES:
+        if area.left() < 8:
+            area.fail(f"no time left for NF4 {n}x{k}", "TIMEOUT")
+            break
+        wt = bb.Weights(n, k, args.seed)
+        cases = [c for c in bb.nf4_gpu_cases(wt, 1, types.SimpleNamespace(reference_all_m=False), bnb, device)
+                 if c.dtype == torch.bfloat16 and c.impl != "lightllm-torch"]
+        rows = _bnb_rows(area, cases, device, copy_bw, {"shape": f"{n}x{k}", "m": 1}, "bfloat16-linear")
+        best = _best(rows)
+        if best:
+            heads.append(f"NF4 {n}x{k} x{best['vs_baseline']:.2f} vs bf16 ({best['impl'].removeprefix('lightllm-')})")
+        del wt
+        torch.cuda.empty_cache()
+    return "; ".join(heads) or None
+
+
+def _speed_int8(area: Area, args, device, copy_bw) -> str | None:
+    """LLM.int8 (fp16 x with outlier columns): threshold 6 against threshold 0 at M = 1, and the int8
+    product against cuBLAS fp16 at M = 1024."""
+    import torch
+
+    import bench_bnb_layers as bb
+
+    bnb = bb._import_bnb(skip=False)
+    (n, k), (m_decode, m_prefill) = SPEED_INT8
+    wt = bb.Weights(n, k, args.seed)
+    heads = []
+    decode = {}
+    for threshold in bb.THRESHOLDS:
+        cases = bb.int8_cases(wt, m_decode, threshold, bnb, device)
+        rows = _bnb_rows(area, cases, device, copy_bw, {"shape": f"{n}x{k}", "m": m_decode}, "f16-linear")
+        decode[threshold] = next((r for r in rows if r["impl"] == "lightllm-triton" and r["check"] == "ok"), None)
+    if decode.get(0.0) and decode.get(6.0):  # the issue's bar: threshold 6 within 15% of threshold 0
+        cost = decode[6.0]["device_us"] / decode[0.0]["device_us"]
+        _speed_row(area, {"family": f"int8 {n}x{k} M{m_decode} thr6", "impl": "lightllm-triton",
+                          "device_us": decode[6.0]["device_us"], "baseline": "thr 0", "vs_baseline": 1 / cost,
+                          "check": "ok"})
+        heads.append(f"int8 thr6 costs {cost:.2f}x thr0")
+    if area.left() >= 8:
+        cases = [c for c in bb.int8_cases(wt, m_prefill, 0.0, bnb, device) if c.impl != "bnb-Linear8bitLt"]
+        best = _best(_bnb_rows(area, cases, device, copy_bw, {"shape": f"{n}x{k}", "m": m_prefill}, "f16-linear"))
+        if best:
+            heads.append(f"int8 M{m_prefill} x{best['vs_baseline']:.2f} vs fp16 ({best['impl'].removeprefix('lightllm-')})")
+    else:
+        area.fail("no time left for int8 at M = 1024", "TIMEOUT")
+    return "; ".join(heads) or None
 
 
 def _speed_optim(area: Area, args, device, copy_bw) -> str | None:

@@ -149,6 +149,50 @@ at::Tensor bias_as_float(const char* op, const c10::optional<at::Tensor>& bias, 
   return bias->reshape({-1}).to(dtype).to(at::kFloat).contiguous();
 }
 
+// The LoRA epilogue's operands (lora_s [M, r] = x A^T and lora_b [N, r], both or neither), checked
+// and held as float32 contiguous tensors for the kernel's lifetime.
+struct LoraOperands {
+  at::Tensor s, b, addend;
+  double scale = 0.0;
+  bool present() const { return s.defined(); }
+  // The kernel's epilogue adds scale * S B^T [M, N] (float32, torch's GEMM: small next to the layer)
+  LoraEpilogue epilogue() {
+    LoraEpilogue e;
+    if (present()) {
+      addend = at::mm(s, b.t()).mul_(scale).contiguous();
+      e.addend = addend.data_ptr<float>();
+      e.ld = b.size(0);
+    }
+    return e;
+  }
+  // y [M, N] in x's dtype plus the rank-r term: the reference's arithmetic (float32, one rounding)
+  at::Tensor add_to(const at::Tensor& y) const {
+    if (!present()) return y;
+    return at::addmm(y.to(at::kFloat), s, b.t(), 1.0, scale).to(y.scalar_type());
+  }
+};
+
+LoraOperands lora_operands(const char* op, const c10::optional<at::Tensor>& lora_s,
+                           const c10::optional<at::Tensor>& lora_b, double lora_scale, int64_t m, int64_t n_out) {
+  LoraOperands l;
+  TORCH_CHECK_VALUE(lora_s.has_value() == lora_b.has_value(), op,
+                    ": lora_s and lora_b go together (the rank-r term needs both factors)");
+  if (!lora_s.has_value()) return l;
+  check_cpu(op, *lora_s, "lora_s");
+  check_cpu(op, *lora_b, "lora_b");
+  float_type_value(lora_s->scalar_type(), op, "lora_s");
+  float_type_value(lora_b->scalar_type(), op, "lora_b");
+  const int64_t r = lora_b->dim() == 2 ? lora_b->size(1) : -1;
+  TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->size(0) == n_out && r >= 1, op, ": lora_b must be [N, r] = [",
+                    n_out, ", r] with r >= 1, got ", lora_b->sizes());
+  TORCH_CHECK_VALUE(lora_s->dim() == 2 && lora_s->size(0) == m && lora_s->size(1) == r, op,
+                    ": lora_s must be [M, r] = [", m, ", ", r, "], got ", lora_s->sizes());
+  l.s = lora_s->to(at::kFloat).contiguous();
+  l.b = lora_b->to(at::kFloat).contiguous();
+  l.scale = lora_scale;
+  return l;
+}
+
 std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n_out) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(n_out);
@@ -157,7 +201,8 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n_out) {
 
 at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                        const at::Tensor& code, int64_t blocksize, int64_t out_features,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_s,
+                       const c10::optional<at::Tensor>& lora_b, double lora_scale) {
   constexpr const char* op = "matmul_4bit";
   check_cpu(op, x, "x");
   const FloatType x_type = float_type_value(x.scalar_type(), op, "x");
@@ -171,12 +216,13 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   const at::Tensor bias_f = bias_as_float(op, bias, n_out, x.scalar_type());
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
+  LoraOperands lora = lora_operands(op, lora_s, lora_b, lora_scale, m, n_out);
   if (m > kMaxGemvRows || k == 0) {
     // Prefill: the weight is read once either way and the matmul is compute-bound, so dequantize
     // (this file's kernel, the reference's bits) and let torch's GEMM run it.
     const at::Tensor w = dequantize_4bit_into(op, packed, absmax, code, blocksize, n_out * k, x.scalar_type());
     const at::Tensor b = bias.has_value() ? bias->reshape({-1}).to(x.scalar_type()) : at::Tensor();
-    return at::linear(x2, w.view({n_out, k}), b).view(output_shape(x, n_out));
+    return lora.add_to(at::linear(x2, w.view({n_out, k}), b)).view(output_shape(x, n_out));
   }
   at::Tensor out = at::empty({m, n_out}, x.options());
   if (m == 0 || n_out == 0) return out.view(output_shape(x, n_out));
@@ -197,6 +243,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   a.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   a.out = out.data_ptr();
   a.out_type = x_type;
+  a.lora = lora.epilogue();
   parallel_chunks(n_out, chunk_for(n_out, 4, 256), n_out * k * m, [&](int64_t n0, int64_t n1) { gemv_4bit_cpu(a, n0, n1); });
   return out.view(output_shape(x, n_out));
 }
@@ -204,7 +251,9 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
 // ---- LLM.int8 -----------------------------------------------------------------------------------
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& scb,
-                       const c10::optional<at::Tensor>& bias, double threshold) {
+                       const c10::optional<at::Tensor>& bias, double threshold,
+                       const c10::optional<at::Tensor>& lora_s, const c10::optional<at::Tensor>& lora_b,
+                       double lora_scale) {
   constexpr const char* op = "int8_linear";
   check_cpu(op, x, "x");
   check_cpu(op, cb, "CB");
@@ -223,6 +272,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tens
   const at::Tensor bias_f = bias_as_float(op, bias, n_out, x.scalar_type());
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0);
+  LoraOperands lora = lora_operands(op, lora_s, lora_b, lora_scale, m, n_out);
   at::Tensor out = at::empty({m, n_out}, x.options());
   if (m == 0 || n_out == 0) return out.view(output_shape(x, n_out));
   at::Tensor scratch = at::empty({int8_scratch_bytes(m, k)}, x.options().dtype(at::kByte));
@@ -237,6 +287,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tens
   a.acts = &acts;
   a.out = out.data_ptr();
   a.out_type = x_type;
+  a.lora = lora.epilogue();
   parallel_chunks(n_out, chunk_for(n_out, 4, 256), n_out * k * m, [&](int64_t n0, int64_t n1) { int8_linear_cpu(a, n0, n1); });
   return out.view(output_shape(x, n_out));
 }
@@ -248,11 +299,14 @@ void bind_bnb_cpu(pybind11::module_& m) {
         py::arg("x"), py::arg("code"), py::arg("blocksize"));
   m.def("dequantize_4bit", &dequantize_4bit, "4-bit NF4/FP4 dequantization of n values (CPU)", py::arg("packed"),
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("n"), py::arg("dtype"));
-  m.def("matmul_4bit", &matmul_4bit, "x @ W^T + bias for a 4-bit W [out_features, K] (CPU; GEMV up to 16 rows)",
+  m.def("matmul_4bit", &matmul_4bit,
+        "x @ W^T + bias (+ lora_scale * lora_s @ lora_b^T) for a 4-bit W [out_features, K] (CPU; GEMV up to 16 rows)",
         py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"),
-        py::arg("out_features"), py::arg("bias"));
-  m.def("int8_linear", &int8_linear, "LLM.int8 forward x @ W^T + bias, W = CB * SCB / 127 (CPU)", py::arg("x"),
-        py::arg("cb"), py::arg("scb"), py::arg("bias"), py::arg("threshold"));
+        py::arg("out_features"), py::arg("bias"), py::arg("lora_s") = py::none(), py::arg("lora_b") = py::none(),
+        py::arg("lora_scale") = 0.0);
+  m.def("int8_linear", &int8_linear, "LLM.int8 forward x @ W^T + bias (+ lora_scale * lora_s @ lora_b^T), W = CB * SCB / 127 (CPU)", py::arg("x"),
+        py::arg("cb"), py::arg("scb"), py::arg("bias"), py::arg("threshold"), py::arg("lora_s") = py::none(),
+        py::arg("lora_b") = py::none(), py::arg("lora_scale") = 0.0);
   m.def("bnb_cpu_isa", [] { return std::string(bnb_cpu_isa()); },
         "instruction set of the 4-bit / int8 CPU kernels: avx512-vnni, avx512 or portable");
   m.def("bnb_cpu_force_portable", &bnb_cpu_force_portable,

@@ -14,6 +14,19 @@
 
 namespace lightllm {
 
+// ---- LoRA on these layers --------------------------------------------------------------------------
+
+// The rank-r term of LoRA on a 4-bit or int8 base, added in the GEMV's epilogue so that the layer
+// with its adapter reads the packed weight once: out[m, n] += addend[m, n], addend = scale * S B^T
+// (float32 [M, N], from torch's GEMM before the call: S = x A^T [M, r] is kept for the backward pass,
+// and M x N x r multiply-adds are few next to the M x N x K of the layer). null: no adapter.
+struct LoraEpilogue {
+  const float* addend = nullptr;
+  int64_t ld = 0;  // N
+
+  inline float term(int64_t m, int64_t n) const { return addend[m * ld + n]; }
+};
+
 // ---- 4-bit ------------------------------------------------------------------------------------
 
 // The 16 code values (float32, indexed by code) in the form the kernels search: the codes sorted
@@ -60,6 +73,7 @@ struct Gemv4Args {
   const float* bias;   // float32 [N] (already rounded to x's dtype) or nullptr
   void* out;           // [M, N] in out_type
   FloatType out_type;
+  LoraEpilogue lora;   // added with the bias, before the one rounding
 };
 // Output rows [n0, n1).
 void gemv_4bit_cpu(const Gemv4Args& a, int64_t n0, int64_t n1);
@@ -90,6 +104,7 @@ struct Int8LinearArgs {
   const Int8Activations* acts;
   void* out;            // [M, N] in out_type (x's dtype)
   FloatType out_type;
+  LoraEpilogue lora;    // added after the base output is rounded to x's dtype (the reference's order)
 };
 // Output rows [n0, n1), every row of x.
 void int8_linear_cpu(const Int8LinearArgs& a, int64_t n0, int64_t n1);

@@ -141,6 +141,16 @@ void dequantize_portable(const uint8_t* packed, const float* absmax, const float
   }
 }
 
+// Output column n for every row of x: bias and the LoRA term added in float32, one rounding (one
+// value per row of x, N apart in the output).
+inline void store_gemv_outputs(const Gemv4Args& a, int64_t n, const float* sums) {
+  for (int64_t m = 0; m < a.m; ++m) {
+    float v = a.bias ? sums[m] + a.bias[n] : sums[m];
+    if (a.lora.addend) v += a.lora.term(m, n);
+    store_as(a.out, a.out_type, m * a.n_rows + n, v);
+  }
+}
+
 void gemv_portable(const Gemv4Args& a, int64_t n0, int64_t n1) {
   const int64_t k = a.k;
   std::vector<float> row(static_cast<size_t>(k));
@@ -165,8 +175,7 @@ void gemv_portable(const Gemv4Args& a, int64_t n0, int64_t n1) {
       }
       sums[m] = total;
     }
-    for (int64_t m = 0; m < a.m; ++m)
-      store_as(a.out, a.out_type, m * a.n_rows + n, a.bias ? sums[m] + a.bias[n] : sums[m]);
+    store_gemv_outputs(a, n, sums);
   }
 }
 
@@ -492,11 +501,7 @@ constexpr FastRows kRowsF32[9] = {nullptr,     rows_f32<1>, rows_f32<2>, rows_f3
 constexpr FastRows kRowsBf16[9] = {nullptr,      rows_bf16<1>, rows_bf16<2>, rows_bf16<3>, rows_bf16<4>,
                                    rows_bf16<5>, rows_bf16<6>, rows_bf16<7>, rows_bf16<8>};
 
-LL_AVX512 void store_outputs(const Gemv4Args& a, int64_t n, const float* sums) {
-  // one value per row of x, N apart in the output
-  for (int64_t m = 0; m < a.m; ++m)
-    store_as(a.out, a.out_type, m * a.n_rows + n, a.bias ? sums[m] + a.bias[n] : sums[m]);
-}
+LL_AVX512 void store_outputs(const Gemv4Args& a, int64_t n, const float* sums) { store_gemv_outputs(a, n, sums); }
 
 LL_AVX512 void gemv_avx512(const Gemv4Args& a, int64_t n0, int64_t n1) {
   float sums[16];

@@ -112,6 +112,7 @@ inline void finish(const Int8LinearArgs& a, int64_t m, int64_t n, int32_t c) {
     }
     y = y + extra;
   }
+  if (a.lora.addend) y = round_to(a.out_type, y) + a.lora.term(m, n);  // the reference adds it to the rounded layer
   store_as(a.out, a.out_type, m * a.n_rows + n, y);
 }
 

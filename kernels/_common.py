@@ -259,3 +259,15 @@ def launch_tiled(kernel, tuned, m: int, n: int, args: tuple, flags: dict, interp
 
             tuned[grid](*args, **flags)
 
+
+@triton.jit
+def lora_term(s_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """S[offs_m] B[offs_n]^T in float32 ([BLOCK_M, BLOCK_N]) for S [M, R] and B [N, R] (LoRA's rank-R
+    term in a quantized GEMM's epilogue): R outer products, a few flops per output next to the
+    weight bytes each output reads."""
+    term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, R):
+        s = tl.load(s_ptr + offs_m * R + j, mask=m_ok, other=0.0)
+        b = tl.load(b_ptr + offs_n.to(tl.int64) * R + j, mask=n_ok, other=0.0)
+        term += s[:, None] * b[None, :]
+    return term

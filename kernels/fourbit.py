@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import arrive, device_guard, interpreted, sm_count, split_counters, split_launch, sum_partials
+from ._common import arrive, lora_term, device_guard, interpreted, sm_count, split_counters, split_launch, sum_partials
 
 GEMV_MAX_ROWS = 16
 # no fused multiply-add: the nested absmax decode must give QuantState.float_absmax's bits
@@ -71,13 +71,16 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
 @triton.jit
 def _matmul_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, code_ptr, bias_ptr,
-    out_ptr, ws_ptr, counter_ptr,
-    M, N, K, stride_xm, blocksize, nested_blocksize,
-    NESTED: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    out_ptr, ws_ptr, counter_ptr, lora_s_ptr, lora_b_ptr, lora_scale,
+    M, N, K, stride_xm, blocksize, nested_blocksize, R,
+    NESTED: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    USE_DOT: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """out [M, N] = x [M, K] @ W^T (+ bias); K even; program (column tile, K slice)."""
+    """out [M, N] = x [M, K] @ W^T (+ bias) (+ lora_scale * S B^T, S [M, R] and B [N, R] float32:
+    LoRA's rank-R term in the epilogue, so the layer with its adapter reads W once); K even;
+    program (column tile, K slice)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,6 +125,8 @@ def _matmul_4bit_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            acc += lora_scale * lora_term(lora_s_ptr, lora_b_ptr, offs_m, offs_n, m_ok, n_ok, R, BLOCK_M, BLOCK_N)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]  # [SPLIT_K, M, N]
@@ -130,6 +135,9 @@ def _matmul_4bit_kernel(
             total = sum_partials(ws, M * N, out_mask, SPLIT_K)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_LORA:
+                total += lora_scale * lora_term(lora_s_ptr, lora_b_ptr, offs_m, offs_n, m_ok, n_ok, R, BLOCK_M,
+                                                 BLOCK_N)
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.store(counter_ptr + pid_n, 0)
 
@@ -192,8 +200,10 @@ def gemv_blocks(m: int, k: int, blocksize: int) -> tuple[int, int, int, bool]:
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                 out_features: int, bias: torch.Tensor | None, nested: tuple | None = None,
-                split_k: int | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T + bias`` in x's dtype for M <= 16 and even K (the caller routes the rest)."""
+                split_k: int | None = None, lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                lora_scale: float = 0.0) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias`` in x's dtype for M <= 16 and even K (the caller routes the rest),
+    plus ``lora_scale * lora_s @ lora_b^T`` (LoRA's rank-r term, float32) when given."""
     m, k = x.shape
     n = out_features
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -207,13 +217,18 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blo
         split_k = _split_k(x.device, tiles_n, triton.cdiv(k // 2, block_kb))
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     nabs, ncode, noff, nbs, is_nested = _nested_pointers(absmax, nested)
+    has_lora = lora_s is not None
+    if has_lora:
+        lora_s = lora_s.float().contiguous()
+        lora_b = lora_b.float().contiguous()
     with split_launch(x.device):
         counters = split_counters(x.device, tiles_n) if split_k > 1 else out
         _matmul_4bit_kernel[(tiles_n, split_k)](
             x, packed.reshape(-1).contiguous(), absmax.reshape(-1).contiguous(), nabs, ncode, noff,
             _code_on(quant_type, x.device), bias.reshape(-1).to(x.dtype).contiguous() if bias is not None else x, out, ws,
-            counters, m, n, k, x.stride(0), blocksize, nbs,
-            NESTED=is_nested, ALIGNED=aligned, HAS_BIAS=bias is not None, USE_DOT=block_m > 1,
+            counters, lora_s if has_lora else out, lora_b if has_lora else out, float(lora_scale),
+            m, n, k, x.stride(0), blocksize, nbs, lora_b.shape[1] if has_lora else 0,
+            NESTED=is_nested, ALIGNED=aligned, HAS_BIAS=bias is not None, HAS_LORA=has_lora, USE_DOT=block_m > 1,
             FP32_DOT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KB=block_kb,
             SPLIT_K=split_k, num_warps=4, num_stages=3, **_LAUNCH_OPTIONS)
     return out

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, first_fitting, grouped_tile, interpreted, shared_memory_limit, sm_count
+from ._common import device_guard, lora_term, first_fitting, grouped_tile, interpreted, shared_memory_limit, sm_count
 
 #: No FMA contraction: ``C * s * (1/127^2) + bias`` must round each product and the sum as torch does.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -126,14 +126,17 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, codes_ptr, stats_ptr, K, stride_xm, t
 
 @triton.jit
 def _int8_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, row_ptr, col_ptr, bias_ptr, x_ptr, idx_ptr, count_ptr, out_ptr,
-    M, N, K, stride_xm, stride_cm,
+    a_ptr, b_ptr, c_ptr, row_ptr, col_ptr, bias_ptr, x_ptr, idx_ptr, count_ptr, out_ptr, lora_s_ptr, lora_b_ptr,
+    lora_scale, M, N, K, stride_xm, stride_cm, R,
     HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, PRODUCT_GIVEN: tl.constexpr, IEEE_OUTLIERS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """out[M, N] (x's dtype) for the codes ``a`` [M, K] and CB ``b`` [N, K], int8, contiguous; the
-    int32 product from ``c`` [M, N] (row stride ``stride_cm``) with PRODUCT_GIVEN."""
+    int32 product from ``c`` [M, N] (row stride ``stride_cm``) with PRODUCT_GIVEN. HAS_LORA: plus
+    ``lora_scale * S B^T`` (S [M, R], B [N, R], float32), added to the layer's output rounded to x's
+    dtype, as the reference adds it: LoRA on the int8 base without a second pass over CB."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,6 +179,9 @@ def _int8_matmul_kernel(
             else:
                 extra = tl.dot(xo, w, extra)
         y = y + extra
+    if HAS_LORA:
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + lora_scale * lora_term(
+            lora_s_ptr, lora_b_ptr, offs_m, offs_n, m_ok, n_ok, R, BLOCK_M, BLOCK_N)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=out_mask)
 
@@ -267,10 +273,16 @@ def use_int_mm(m: int, n: int, k: int, device: torch.device) -> bool:
 
 
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                product: str = "auto") -> torch.Tensor:
+                product: str = "auto", lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                lora_scale: float = 0.0) -> torch.Tensor:
     """The op ``lightllm::int8_linear`` (see the module docstring). ``product``: "auto", "triton"
-    (the kernel's int8 tl.dot) or "int_mm" (torch._int_mm's int32 product, then the same epilogue)."""
+    (the kernel's int8 tl.dot) or "int_mm" (torch._int_mm's int32 product, then the same epilogue).
+    ``lora_s`` [M, r] and ``lora_b`` [N, r]: LoRA's rank-r term added in the epilogue."""
     check_inputs(x, cb, scb, bias)
+    has_lora = lora_s is not None
+    if has_lora:
+        lora_s = lora_s.float().contiguous()
+        lora_b = lora_b.float().contiguous()
     n, k = cb.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -281,6 +293,8 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
         return out.view(*x.shape[:-1], n)
     if k == 0:
         out.copy_((bias if bias is not None else out.new_zeros(n)).to(x.dtype).expand(m, n))
+        if has_lora:
+            out = torch.addmm(out.float(), lora_s, lora_b.t(), alpha=lora_scale).to(x.dtype)
         return out.view(*x.shape[:-1], n)
     codes, stats, idx, count = quantize_rows(x2, threshold)
     cb = cb.contiguous()
@@ -299,8 +313,9 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
     with device_guard(x.device):
         _int8_matmul_kernel[grid](
             codes, cb, c if c is not None else codes, stats, scb, bias if bias is not None else stats, x2,
-            idx if outliers else codes, count if outliers else codes, out,
-            m, n, k, x2.stride(0), c.stride(0) if c is not None else 0,
+            idx if outliers else codes, count if outliers else codes, out, lora_s if has_lora else stats,
+            lora_b if has_lora else stats, float(lora_scale),
+            m, n, k, x2.stride(0), c.stride(0) if c is not None else 0, lora_b.shape[1] if has_lora else 0,
             HAS_BIAS=bias is not None, OUTLIERS=outliers, PRODUCT_GIVEN=c is not None,
-            IEEE_OUTLIERS=x.dtype == torch.float32, **blocks, **LAUNCH_OPTIONS)
+            IEEE_OUTLIERS=x.dtype == torch.float32, HAS_LORA=has_lora, **blocks, **LAUNCH_OPTIONS)
     return out.view(*x.shape[:-1], n)

@@ -178,3 +178,11 @@ def test_bench_bnb_layers_runs(tmp_path):
     assert {("nf4-matmul", "lightllm-cpp"), ("nf4-matmul", "f32-linear"), ("nf4-quantize", "lightllm-cpp"),
             ("int8-linear", "lightllm-cpp")} <= impls
     assert all(row["check"] == "ok" for row in rows), [(r["impl"], r["check"]) for r in rows if r["check"] != "ok"]
+
+
+def test_bench_qlora_bnb_runs(tmp_path):
+    rows = run_script("bench_qlora_bnb.py", tmp_path / "qlora.csv", "--quick", "--quant", "nf4", "int8", "--tokens", "1",
+                      "17", "--modes", "fwd+bwd")
+    assert {row["impl"] for row in rows} == {"base", "fused", "unfused"}
+    fused = [row for row in rows if row["impl"] == "fused"]
+    assert len(fused) == 2 * 2 and all(row["check"] == "ok" for row in fused)

@@ -106,8 +106,12 @@ def test_our_checkpoint_loads_in_transformers_and_back(method, tmp_path):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "bitsandbytes" and config[f"load_in_{8 if method == 'int8' else 4}bit"]
     assert not (tmp_path / "ckpt" / "quantize_config.json").exists()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="cpu",
-                                                               dtype=torch.float32).eval()
+    # transformers' own bitsandbytes path (lightllm's integration, once imported, would take the file)
+    from lightllm.integrations.transformers import without_lightllm
+
+    with without_lightllm():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="cpu",
+                                                                   dtype=torch.float32).eval()
     assert type(theirs.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
     assert_same_model(model, theirs, method)
     again = load_quantized(tmp_path / "ckpt")

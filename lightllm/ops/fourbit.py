@@ -1,4 +1,5 @@
-"""Ops ``lightllm::quantize_4bit``, ``lightllm::dequantize_4bit`` and ``lightllm::matmul_4bit``:
+"""Ops ``lightllm::quantize_4bit``, ``lightllm::dequantize_4bit``, ``lightllm::matmul_4bit`` and
+``lightllm::fourbit_lora_linear`` (LoRA on a 4-bit base, QLoRA: see the end of this file):
 bitsandbytes' 4-bit NF4 / FP4 format (QLoRA's), defined here by the reference and followed bit for
 bit by every backend.
 
@@ -389,3 +390,138 @@ def nested_args(state) -> tuple:
     if not state.nested:
         return ()
     return (state.state2.absmax, state.state2.code, state.state2.blocksize, state.offset.float().reshape(()))
+
+
+# ---- LoRA on a 4-bit base (QLoRA): ``lightllm::fourbit_lora_linear`` -----------------------------------
+# ``(y, S)`` with S = x A^T (float32, kept for the backward pass) and
+# ``y = x W^T + bias + lora_scale * S B^T``: the packed weight is read once, the rank-r term added in
+# the GEMV's epilogue before the one rounding to x's dtype (C++ and Triton, up to 16 rows of x;
+# above, dequantize once and a GEMM whose epilogue adds it: the Triton lora_matmul kernel, or torch on
+# the CPU). Backward: dX = dY W + s (dY B) A with W dequantized only when dX is needed, dA and dB from
+# S and dY (ops/lora.py's adapter_backward, shared with QLoRA on GPTQ). No CUDA kernel of its own yet:
+# on a GPU the reference (dequantize + cuBLAS) or the Triton kernels serve.
+
+LORA_LINEAR = "fourbit_lora_linear"
+
+
+def fourbit_lora_linear_reference(x, packed, absmax, blocksize: int, quant_type: str, out_features: int, bias,
+                                  lora_a, lora_b, lora_scale: float, nested_absmax=None, nested_code=None,
+                                  nested_blocksize: int = 256, nested_offset=None):
+    """Dequantize (the reference's bits), ``F.linear`` in x's dtype, then the rank-r term added in
+    float32 (PEFT's arithmetic on bitsandbytes' layer)."""
+    from . import lora as ops_lora
+
+    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    k = x.shape[-1]
+    weight = dequantize_4bit_reference(packed, absmax, blocksize, quant_type, out_features * k, x.dtype)
+    s = ops_lora.lora_shrink_reference(x, lora_a)
+    return ops_lora.lora_matmul_reference(x, weight.view(out_features, k), bias, s, lora_b, lora_scale), s
+
+
+register(LORA_LINEAR, "torch", ("cpu", "cuda"))(fourbit_lora_linear_reference)
+
+
+@register(LORA_LINEAR, "cpp", ("cpu",))
+def _lora_linear_cpp(x, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale,
+                     nested_absmax=None, nested_code=None, nested_blocksize=256, nested_offset=None):
+    # S by torch (an [M, K] x [K, r] product, small next to the weight), then csrc/fourbit_cpu.cpp's
+    # GEMV with S B^T in its epilogue (above 16 rows: its dequantization, torch's GEMM, S B^T added)
+    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    s = x.float() @ lora_a.float().t()
+    y = _native.cpp_module().matmul_4bit(x, packed.reshape(-1), absmax, _code_cpu(quant_type), blocksize, out_features,
+                                         bias, s, lora_b, float(lora_scale))
+    return y, s
+
+
+@register(LORA_LINEAR, "triton", ("cuda", "cpu"))
+def _lora_linear_triton(x, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale,
+                        nested_absmax=None, nested_code=None, nested_blocksize=256, nested_offset=None):
+    from ..kernels import fourbit as triton_fourbit
+    from ..kernels import lora as triton_lora
+
+    nested = _nested(nested_absmax, nested_code, nested_blocksize, nested_offset)
+    check_matmul_args(x, packed, absmax, blocksize, quant_type, out_features, bias, nested)
+    k = x.shape[-1]
+    s = triton_lora.lora_shrink(x, lora_a)
+    if x.shape[0] <= triton_fourbit.GEMV_MAX_ROWS and k % 2 == 0 and k > 0:
+        y = triton_fourbit.matmul_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias, nested,
+                                       lora_s=s, lora_b=lora_b, lora_scale=lora_scale)
+        return y, s
+    weight = triton_fourbit.dequantize_4bit(packed, absmax, blocksize, quant_type, out_features * k, x.dtype, nested)
+    return triton_lora.lora_matmul(x, weight.view(out_features, k), bias, s, lora_b, lora_scale), s
+
+
+@torch.library.custom_op("lightllm::fourbit_lora_linear", mutates_args=())
+def fourbit_lora_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                           quant_type: str, out_features: int, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                           lora_b: torch.Tensor, lora_scale: float, nested_absmax: torch.Tensor | None = None,
+                           nested_code: torch.Tensor | None = None, nested_blocksize: int = 256,
+                           nested_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, S)`` for x [M, K]: ``y = x W^T + bias + lora_scale * S lora_b^T``, S = x lora_a^T in
+    float32; W the 4-bit weight [out_features, K] (double quantization as in ``matmul_4bit``)."""
+    _, impl = resolve(LORA_LINEAR, x.device)
+    return impl(x, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale,
+                nested_absmax, nested_code, nested_blocksize, nested_offset)
+
+
+@fourbit_lora_linear_op.register_fake
+def _(x, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale, nested_absmax=None,
+      nested_code=None, nested_blocksize=256, nested_offset=None):
+    return (x.new_empty((x.shape[0], out_features)),
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
+
+
+def _lora_setup(ctx, inputs, output):
+    (x, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale, nested_absmax,
+     nested_code, nested_blocksize, nested_offset) = inputs
+    ctx.mark_non_differentiable(output[1])
+    nested = nested_absmax is not None
+    ctx.save_for_backward(x, lora_a, lora_b, output[1], packed, absmax,
+                          *((nested_absmax, nested_code, nested_offset) if nested else ()))
+    ctx.meta = (blocksize, quant_type, out_features, nested_blocksize, lora_scale,
+                bias.dtype if bias is not None else None)
+
+
+def _lora_backward(ctx, grad_y, _grad_s):
+    from . import lora as ops_lora
+
+    x, lora_a, lora_b, s, packed, absmax, *nested = ctx.saved_tensors
+    blocksize, quant_type, out_features, nested_blocksize, scale, bias_dtype = ctx.meta
+    need = ctx.needs_input_grad
+    k = x.shape[-1]
+
+    def dense_weight():  # only for dX: the one pass over the packed weight the backward makes
+        scales = absmax if not nested else decode_nested_absmax(absmax, nested[0], nested[1], nested_blocksize,
+                                                                nested[2])
+        w = torch.ops.lightllm.dequantize_4bit(packed, scales, blocksize, quant_type, out_features * k, grad_y.dtype)
+        return w.view(out_features, k)
+
+    dx, da, db = ops_lora.adapter_backward(grad_y, x, dense_weight, lora_a, lora_b, s, scale, need[0], need[7],
+                                           need[8])
+    if dx is not None:
+        dx = dx.to(x.dtype)
+    dbias = grad_y.sum(0, dtype=torch.float32).to(bias_dtype) if need[6] else None
+    return dx, None, None, None, None, None, dbias, da, db, None, None, None, None, None
+
+
+fourbit_lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def fourbit_lora_linear(x, packed, absmax, blocksize: int, quant_type: str, out_features: int, bias, lora_a, lora_b,
+                        lora_scale: float, *nested) -> torch.Tensor:
+    """y of ``torch.ops.lightllm.fourbit_lora_linear`` for x [..., K] after the adapter's checks,
+    minus the custom op's Python dispatch when nothing needs the op boundary (eager inference)."""
+    from . import lora as ops_lora
+    from ._dispatch import op_boundary_needed
+
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    ops_lora.check_adapter(LORA_LINEAR, x2, out_features, lora_a, lora_b)
+    check_matmul_args(x2, packed, absmax, blocksize, quant_type, out_features, bias, _nested(*nested) if nested else None)
+    if op_boundary_needed(x2, bias, lora_a, lora_b):
+        y = torch.ops.lightllm.fourbit_lora_linear(x2, packed, absmax, blocksize, quant_type, out_features, bias,
+                                                   lora_a, lora_b, lora_scale, *nested)[0]
+    else:
+        _, impl = resolve(LORA_LINEAR, x.device)
+        y = impl(x2, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale, *nested)[0]
+    return y.view(*x.shape[:-1], out_features)

@@ -6,6 +6,8 @@ the dequantized weight's same columns), the int8 product is exact in int32, scal
 ``row * col / 127^2``, plus the bias, in x's dtype. One op so that a kernel can fuse all of it.
 Backends: the reference ("torch"), the C++ CPU kernel ("cpp") and the Triton kernels ("triton",
 kernels/int8.py: GPU, or CPU under TRITON_INTERPRET=1; no host synchronization at any threshold).
+``lightllm::int8_lora_linear`` is LoRA on that layer, the rank-r term in the same kernels' epilogue
+(see the end of this file).
 """
 
 from __future__ import annotations
@@ -87,3 +89,95 @@ def _backward(ctx, grad_y):
 
 
 int8_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- LoRA on an LLM.int8 base: ``lightllm::int8_lora_linear`` ----------------------------------------
+# ``(y, S)``, S = x A^T in float32 (kept for the backward pass), y = int8_linear(x) + lora_scale * S B^T:
+# the rank-r term is added in the int8 kernels' epilogue (C++ and Triton), to the layer's output
+# rounded to x's dtype as the reference adds it, so the int8 weight is read once. Backward: dX =
+# dY W + s (dY B) A with W = CB * SCB / 127 (bitsandbytes' backward), dA and dB from S and dY
+# (ops/lora.py's adapter_backward, shared with QLoRA on GPTQ and 4-bit).
+
+LORA_LINEAR = "int8_lora_linear"
+
+
+def int8_lora_linear_reference(x, cb, scb, bias, threshold: float, lora_a, lora_b, lora_scale: float):
+    s = x.float() @ lora_a.float().t()
+    y = int8_linear_reference(x, cb, scb, bias, threshold)
+    return torch.addmm(y.float(), s, lora_b.float().t(), alpha=lora_scale).to(x.dtype), s
+
+
+register(LORA_LINEAR, "torch", ("cpu", "cuda"))(int8_lora_linear_reference)
+
+
+@register(LORA_LINEAR, "cpp", ("cpu",))
+def _int8_lora_linear_cpp(x, cb, scb, bias, threshold, lora_a, lora_b, lora_scale):
+    s = x.float() @ lora_a.float().t()
+    return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold), s, lora_b, float(lora_scale)), s
+
+
+@register(LORA_LINEAR, "triton", ("cuda", "cpu"))
+def _int8_lora_linear_triton(x, cb, scb, bias, threshold, lora_a, lora_b, lora_scale):
+    from ..kernels import int8 as triton_int8
+    from ..kernels import lora as triton_lora
+
+    s = triton_lora.lora_shrink(x, lora_a)
+    return triton_int8.int8_linear(x, cb, scb, bias, float(threshold), lora_s=s, lora_b=lora_b,
+                                   lora_scale=lora_scale), s
+
+
+@torch.library.custom_op("lightllm::int8_lora_linear", mutates_args=())
+def int8_lora_linear_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                        threshold: float, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                        lora_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, S)`` for x [M, K]: ``y = int8_linear(x) + lora_scale * S lora_b^T``, S = x lora_a^T (float32)."""
+    _, impl = resolve(LORA_LINEAR, x.device)
+    return impl(x, cb, scb, bias, threshold, lora_a, lora_b, lora_scale)
+
+
+@int8_lora_linear_op.register_fake
+def _(x, cb, scb, bias, threshold, lora_a, lora_b, lora_scale):
+    return x.new_empty((x.shape[0], cb.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
+
+
+def _lora_setup(ctx, inputs, output):
+    x, cb, scb, bias, threshold, lora_a, lora_b, lora_scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, cb, scb, lora_a, lora_b, output[1])
+    ctx.scale = lora_scale
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _lora_backward(ctx, grad_y, _grad_s):
+    from . import lora as ops_lora
+
+    x, cb, scb, lora_a, lora_b, s = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db = ops_lora.adapter_backward(grad_y, x, lambda: dequantized_weight(cb, scb, grad_y.dtype), lora_a,
+                                           lora_b, s, ctx.scale, need[0], need[5], need[6])
+    if dx is not None:
+        dx = dx.to(x.dtype)
+    dbias = grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need[3] else None
+    return dx, None, None, dbias, None, da, db, None
+
+
+int8_lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def int8_lora_linear(x, cb, scb, bias, threshold: float, lora_a, lora_b, lora_scale: float) -> torch.Tensor:
+    """y of ``torch.ops.lightllm.int8_lora_linear`` for x [..., K] after the adapter's checks, minus
+    the custom op's Python dispatch when nothing needs the op boundary (eager inference)."""
+    from . import lora as ops_lora
+    from ._dispatch import op_boundary_needed
+
+    n, k = cb.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{LORA_LINEAR}: x has {x.shape[-1]} features, CB of shape {tuple(cb.shape)} takes {k}")
+    x2 = x.reshape(-1, k)
+    ops_lora.check_adapter(LORA_LINEAR, x2, n, lora_a, lora_b)
+    if op_boundary_needed(x2, bias, lora_a, lora_b):
+        y = torch.ops.lightllm.int8_lora_linear(x2, cb, scb, bias, threshold, lora_a, lora_b, lora_scale)[0]
+    else:
+        _, impl = resolve(LORA_LINEAR, x.device)
+        y = impl(x2, cb, scb, bias, threshold, lora_a, lora_b, lora_scale)[0]
+    return y.view(*x.shape[:-1], n)

@@ -262,22 +262,14 @@ def _load_file(path: pathlib.Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read weight file {path}: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Create modules' parameters on the meta device (buffers stay real: rotary tables and the like
-    are computed in __init__ and are not in checkpoints)."""
-    original = nn.Module.register_parameter
+def _empty_model_context():
+    """Build modules with their parameters on the meta device, through accelerate's own context
+    (``init_empty_weights``): no dense weight is allocated. Buffers stay real (include_buffers=False):
+    rotary tables and the like are computed in __init__ and are not in checkpoints."""
+    from .._extras import require
 
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+    accelerate = require("accelerate", "lightllm.quantization.load_quantized")
+    return accelerate.init_empty_weights(include_buffers=False)
 
 
 def load_quantized(directory, device=None, dtype: torch.dtype | None = None, model_class=None, *,
@@ -296,6 +288,9 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     from ..hub import resolve_folder
 
     transformers = require("transformers", "lightllm.quantization.load_quantized")
+    # transformers is imported now anyway: register lightllm with its quantizer registry, so that
+    # from_pretrained of lightllm's checkpoints builds these same layers (lightllm.integrations.transformers)
+    from ..integrations import transformers as _registration  # noqa: F401
     try:
         directory = resolve_folder(directory, revision, subfolder, what="checkpoint")
     except FileNotFoundError as exc:  # one error type for every unusable checkpoint, as below
@@ -311,7 +306,7 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     state: dict[str, torch.Tensor] = {}
     for path in files:
         state.update(_load_file(path))
-    with _parameters_on_meta():
+    with _empty_model_context():
         if model_class is None:
             try:
                 model = transformers.AutoModelForCausalLM.from_config(config)
@@ -352,8 +347,10 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     return model
 
 
-def _install_quant_linears(model: nn.Module, state: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
-    """Replace every module that has a ``qweight`` in the checkpoint by a QuantLinear of its shape."""
+def _install_quant_linears(model: nn.Module, state: dict[str, torch.Tensor], quant: dict[str, Any],
+                           device=None) -> None:
+    """Replace every module that has a ``qweight`` in the checkpoint by a QuantLinear of its shape
+    (on ``device``: "meta" when a loader fills it later; only the tensors' shapes are read)."""
     bits, group_size = quant["bits"], quant.get("group_size", -1)
     fmt = quant.get("checkpoint_format", "gptq")
     prefixes = [key[: -len(".qweight")] for key in state if key.endswith(".qweight")]
@@ -371,7 +368,8 @@ def _install_quant_linears(model: nn.Module, state: dict[str, torch.Tensor], qua
         has_bias = prefix + ".bias" in state
         if getattr(old, "bias", None) is not None and not has_bias:
             raise CheckpointError(f"the checkpoint lacks {prefix}.bias (the model's layer has a bias)")
-        new = QuantLinear(in_features, out_features, bits, group_size, bias=has_bias, checkpoint_format=fmt)
+        new = QuantLinear(in_features, out_features, bits, group_size, bias=has_bias, checkpoint_format=fmt,
+                          device=device)
         old_shape = getattr(old, "weight", None)
         if old_shape is not None and sorted(old.weight.shape) != sorted((out_features, in_features)):
             raise CheckpointError(f"{prefix}: the checkpoint holds a {out_features} x {in_features} quantized weight "
@@ -390,7 +388,10 @@ def _fix_zero_convention(model: nn.Module, state: dict[str, torch.Tensor], quant
     for name, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
-        detected = gptq_format.detect_zero_convention(state[name + ".qzeros"], bits)
+        zeros = state.get(name + ".qzeros")
+        if zeros is None:  # offloaded by a device_map: read when it is loaded
+            continue
+        detected = gptq_format.detect_zero_convention(zeros, bits)
         if detected is not None and detected != labelled:
             logger.warning("%s: zeros say checkpoint_format=%r though the config says %r; reading them as %r",
                            name, detected, labelled, detected)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals  # where the global forward hooks live
 
 from ..nn.linear4bit import Linear4bit, LinearFP4, LinearNF4
+from ..nn.linear4bit import _as_bytes as _linear4bit_bytes
 from ..nn.linear8bit import Linear8bitLt
 from ..nn.quant_linear import QuantLinear
 
@@ -40,7 +41,8 @@ class BaseLayerKind:
         add_to_weight: ``fn(layer, delta [out, in] float32)`` adds delta to the weight (a
             quantized layer quantizes the sum again).
         lora_forward: ``fn(layer, x, a, b, scale, training) -> y`` for a base with its own fused
-            LoRA path (QuantLinear's dequant-matmul epilogue), else None.
+            LoRA path (the rank-r term in the quantized GEMM's epilogue: QuantLinear, Linear4bit,
+            Linear8bitLt), else None; it may return None for a call the plain path must serve.
     """
 
     name: str
@@ -149,6 +151,35 @@ register_base_layer(BaseLayerKind(
 ))
 
 
+def _linear4bit_lora_forward(layer: Linear4bit, x, a, b, scale, training: bool):
+    # lightllm::fourbit_lora_linear: the packed weight read once with the rank-r term in the GEMV's
+    # epilogue; differentiable in x, A, B (and a trainable bias) whether training or not
+    from ..ops import fourbit as ops_fourbit
+
+    layer.quantize_()
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"Linear4bit: input has {x.shape[-1]} features, the layer takes {layer.in_features}")
+    state = layer.quant_state
+    dtype = layer._compute_dtype(x)
+    y = ops_fourbit.fourbit_lora_linear(x.to(dtype), _linear4bit_bytes(layer.weight.data), state.absmax,
+                                        state.blocksize, state.quant_type, layer.out_features, layer.bias, a, b,
+                                        scale, *ops_fourbit.nested_args(state))
+    return y.to(x.dtype)
+
+
+def _linear8bit_lora_forward(layer: Linear8bitLt, x, a, b, scale, training: bool):
+    # lightllm::int8_lora_linear: the rank-r term in the int8 kernel's epilogue. A layer that keeps a
+    # trainable dense weight (has_fp16_weights) runs the plain path: its weight needs its own gradient.
+    from ..ops import int8 as ops_int8
+
+    if layer.has_fp16_weights:
+        return None
+    layer.quantize_()
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"Linear8bitLt: input has {x.shape[-1]} features, the layer takes {layer.in_features}")
+    return ops_int8.int8_lora_linear(x, layer.weight.data, layer.weight.SCB, layer.bias, layer.threshold, a, b, scale)
+
+
 def _linear4bit_reference(layer: Linear4bit) -> torch.Tensor:
     layer.quantize_()  # the dtype it dequantizes to is known once quantized
     return torch.empty(0, device=layer.weight.device, dtype=layer.compute_dtype or layer.quant_state.dtype)
@@ -164,6 +195,7 @@ register_base_layer(BaseLayerKind(
     quantized=True,
     logical_weight_numel=lambda m: m.in_features * m.out_features + (m.out_features if m.bias is not None else 0),
     add_to_weight=lambda m, delta: m.requantize_(m.dequantize(torch.float32) + delta.to(m.weight.device)),
+    lora_forward=_linear4bit_lora_forward,
 ))
 
 register_base_layer(BaseLayerKind(
@@ -176,6 +208,7 @@ register_base_layer(BaseLayerKind(
     quantized=True,
     logical_weight_numel=lambda m: m.in_features * m.out_features + (m.out_features if m.bias is not None else 0),
     add_to_weight=lambda m, delta: m.requantize_(m.dequantize(torch.float32) + delta.to(m.weight.device)),
+    lora_forward=_linear8bit_lora_forward,
 ))
 
 

@@ -86,6 +86,9 @@ class BnbConfig(QuantizationConfig):
         d["bnb_4bit_compute_dtype"] = self.bnb_4bit_compute_dtype or "float32"
         d.update(quant_method="bitsandbytes", _load_in_4bit=self.load_in_4bit, _load_in_8bit=self.load_in_8bit,
                  llm_int8_enable_fp32_cpu_offload=False)
+        # the writer's mark: lightllm's transformers integration loads files carrying it into lightllm's
+        # layers (transformers' BitsAndBytesConfig ignores keys it does not know)
+        d["lightllm"] = {"method": self.method}
         return d
 
     @classmethod

@@ -1,13 +1,14 @@
-"""LoraLinear: a base layer (any registered kind: nn.Linear, GPT-2's Conv1D, QuantLinear) plus named
-LoRA adapters.
+"""LoraLinear: a base layer (any registered kind: nn.Linear, GPT-2's Conv1D, QuantLinear, Linear4bit,
+Linear8bitLt) plus named LoRA adapters.
 
 ``y = base(x) + scaling * lora_B(lora_A(dropout(x)))`` with PEFT's module layout (``base_layer``,
 ``lora_A.<name>``, ``lora_B.<name>``, ``lora_dropout.<name>``), so state dicts and PEFT's files
 line up. Adapters are float32 by default (as PEFT keeps them on a half-precision base).
 
 With one active adapter the layer runs fused (lightllm/ops/lora.py): S = x A^T in float32 and the
-rank-r term added in the base GEMM's epilogue, one launch at decode sizes; on a QuantLinear base
-the dequant-matmul kernel takes the epilogue, so the packed weight is read once, in training too.
+rank-r term added in the base GEMM's epilogue, one launch at decode sizes; on a quantized base
+(QuantLinear, Linear4bit, a frozen Linear8bitLt) the quantized kernel takes the epilogue, so the
+packed weight is read once, in training too.
 The plain PyTorch path (PEFT's arithmetic) serves several active adapters, dropout while
 training, autocast, and bases whose weight is not x's dtype; the results agree either way.
 """
