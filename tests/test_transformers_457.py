@@ -12,8 +12,8 @@ through 4.57's Cache classes, its generate() and its gradient checkpointing, the
 gradient checkpointing) and fails with their output if any fails.
 
 pip needs the package index (as the README's install command does). Measured on a 2-core machine
-shared with other jobs: 4 min 15 s (install about 1.5 min), and up to 12.6 min under a load
-average of about 9.
+shared with other jobs: 1 min 46 s and 4 min 15 s in two runs, and 12.6 min (with fewer tests)
+under a load average of about 9.
 """
 
 import os
