@@ -98,7 +98,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def _model_help() -> str:
     from lightllm.models import default_model_dir
-    return f"Hugging Face model directory (default: the embedded model, {default_model_dir()})"
+    return (f"Hugging Face model directory or hub id (org/name: from the local cache under HF_HUB_OFFLINE=1, "
+            f"else downloaded; default: the embedded model, {default_model_dir()})")
 
 
 def _needs(command: str, modules: tuple[str, ...], extra: str) -> None:
@@ -136,7 +137,7 @@ def _quantize(args: argparse.Namespace) -> int:
     text = data.load_text(args.calib, split="train") if config.needs_calibration else None
     if args.offload:
         return _quantize_offload(args, config, text, what)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, revision=args.revision, subfolder=args.subfolder)
     calib = None
     if text is not None:
         ids = tokenize_stream(tokenizer, text)
@@ -156,7 +157,11 @@ def _quantize_offload(args: argparse.Namespace, config, text, what: str) -> int:
     from lightllm.models import default_model_dir, resolve_device
     from lightllm.quantization import quantize_checkpoint
 
-    src = args.model or default_model_dir()
+    if args.model is None:
+        src = default_model_dir()
+    else:  # a folder or a hub id, as load_model takes it
+        from lightllm.hub import resolve_folder
+        src = resolve_folder(args.model, args.revision, args.subfolder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
     calib = None
     if text is not None:
@@ -184,7 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
     from lightllm.models import load_model
 
     text = data.load_text(args.data or "shakespeare", split="heldout")  # a bad path fails before the model loads
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, revision=args.revision, subfolder=args.subfolder)
     ids = tokenize_stream(tokenizer, text)
     windows = eval_windows(ids, args.seqlen)
     ppl = perplexity(model, tokenizer, ids, args.seqlen)
@@ -202,11 +207,11 @@ def _eval_math(args: argparse.Namespace) -> int:
 
     template = get_template(args.template)  # bad inputs fail before the model loads
     records = math_task("test") if args.data in (None, "shakespeare", "math") else read_records([args.data])
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, revision=args.revision, subfolder=args.subfolder)
     if args.adapter:
         from lightllm.tuning import from_pretrained
 
-        model = from_pretrained(model, args.adapter)
+        model = from_pretrained(model, args.adapter, revision=args.adapter_revision)
     result = evaluate_math(model, tokenizer, records, template, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, jsonl_path=args.out_jsonl)
     kinds = "".join(f", {k} {100 * v:.1f}%" for k, v in sorted(result["by_type"].items()))
@@ -272,6 +277,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help=_model_help())
+    _add_device(p)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    """--model (a folder or a hub id) with the hub's --revision and --subfolder."""
+    p.add_argument("--model", default=None, metavar="DIR|ORG/NAME", help=_model_help())
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="--model as a hub id: the branch, tag or commit (default: main)")
+    p.add_argument("--subfolder", default=None, metavar="PATH",
+                   help="the model's folder inside --model (a folder or a hub repository)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -316,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     "transformers and `lightllm eval` read; nf4, fp4 (4-bit, blocks of 64, NF4 with double "
                     "quantization as QLoRA) or int8 (LLM.int8, outlier threshold 6.0) in the bitsandbytes format "
                     "transformers reads.")
-    _add_common(quantize)
+    _add_model(quantize)
+    _add_device(quantize)
     quantize.add_argument("--bits", type=int, choices=(2, 3, 4, 8), help="gptq and rtn: bits per weight")
     quantize.add_argument("--group-size", type=int, metavar="N",
                           help="gptq and rtn: input columns per quantization group (128 is usual; -1: one group per "
@@ -349,14 +368,18 @@ def main(argv: list[str] | None = None) -> int:
                     "(GPTQ-for-LLaMa's wikitext2 method). --task math: greedy generation on word problems and "
                     "exact-match accuracy of the last number of each response (LLM-Adapters' scoring); works on a "
                     "dense model, a GPTQ checkpoint (--model DIR) and a model with an adapter (--adapter DIR).")
-    _add_common(evaluate)
+    _add_model(evaluate)
+    _add_device(evaluate)
     evaluate.add_argument("--task", choices=("perplexity", "math"), default="perplexity", help="default: perplexity")
     evaluate.add_argument("--data", default=None, metavar="FILE",
                           help="perplexity: the built-in held-out plays (default) or a UTF-8 text file; math: the "
                                "embedded task's test split (default) or an LLM-Adapters-format JSON/JSONL file")
     evaluate.add_argument("--seqlen", type=int, default=256, help="perplexity window length in tokens (default 256)")
-    evaluate.add_argument("--adapter", metavar="DIR", help="math: an adapter folder to load onto the model (LoRA, "
-                                                           "bottleneck adapters, prefix / prompt tuning)")
+    evaluate.add_argument("--adapter", metavar="DIR|ORG/NAME", help="math: an adapter folder or hub id to load onto "
+                                                                   "the model (LoRA, bottleneck adapters, prefix / "
+                                                                   "prompt tuning)")
+    evaluate.add_argument("--adapter-revision", default=None, metavar="REV",
+                          help="--adapter as a hub id: the branch, tag or commit (default: main)")
     evaluate.add_argument("--template", default="qa", metavar="NAME|FILE",
                           help="math: the prompt template the model was tuned with: alpaca, qa (default) or a JSON "
                                "file")
@@ -386,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     "newest), the trained adapter in its method's format (OUT/adapter), a JSON log and a loss curve.",
         epilog="Example: python -m lightllm finetune --method lora --template qa --lr 3e-3 --batch-size 8 --max-steps 900 "
                "--output-dir runs/lora && python -m lightllm eval --task math --template qa --adapter runs/lora/adapter")
-    ft.add_argument("--model", default=None, metavar="DIR", help=_model_help())
+    _add_model(ft)
     ft.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu forces the CPU (default: the GPU if any)")
     ft.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, the adapter, log.json, loss.png")
     ft.add_argument("--method", choices=("lora", "qlora", "adapter", "prefix", "prompt", "p-tuning", "full"),

@@ -27,6 +27,11 @@ EXTRA_OF = {
 }
 
 
+#: the oldest release of a dependency that lightllm's code and tests cover (README, "Supported
+#: transformers versions"); older ones fail in require() with a message saying so
+MIN_VERSIONS = {"transformers": "4.57"}
+
+
 class MissingDependencyError(ImportError):
     """An optional dependency of what was called is not installed; the message says which extra of
     lightllm brings it."""
@@ -50,11 +55,20 @@ def require(module: str, feature: str, extra: str | None = None) -> ModuleType:
     fails to import (a dependency of its own missing, a version without that submodule) raises its
     own error unchanged."""
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name != module.split(".")[0]:
             raise
         raise missing(module, feature, extra) from exc
+    top = module.split(".")[0]
+    if top in MIN_VERSIONS:
+        from packaging.version import Version
+
+        found = getattr(importlib.import_module(top), "__version__", None)
+        if found is not None and Version(found) < Version(MIN_VERSIONS[top]):
+            raise MissingDependencyError(f"{feature} needs {top} >= {MIN_VERSIONS[top]}, this is {top} {found}: "
+                                         f'pip install -U "{top}>={MIN_VERSIONS[top]}"', name=top)
+    return imported
 
 
 def check(modules, feature: str, extra: str | None = None) -> None:

@@ -85,8 +85,9 @@ CONFIGS = {
 def test_a_checkpoint_transformers_writes_loads_with_the_same_logits(method, tmp_path):
     their_config, _, layer_class = CONFIGS[method]
     tiny_llama().save_pretrained(tmp_path / "dense")
+    # dtype: transformers 4.x's bitsandbytes loading casts to float16 unless told (5.x keeps the file's)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=their_config(),
-                                                               device_map="cpu").eval()
+                                                               device_map="cpu", dtype=torch.float32).eval()
     theirs.save_pretrained(tmp_path / "quantized")
     ours = load_quantized(tmp_path / "quantized")
     layer = ours.model.layers[1].mlp.down_proj
@@ -109,7 +110,8 @@ def test_our_checkpoint_loads_in_transformers_and_back(method, tmp_path):
     from lightllm.integrations.transformers import without_lightllm
 
     with without_lightllm():
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="cpu").eval()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="cpu",
+                                                                   dtype=torch.float32).eval()
     assert type(theirs.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
     assert_same_model(model, theirs, method)
     again = load_quantized(tmp_path / "ckpt")

@@ -11,6 +11,9 @@ import pathlib
 
 DEFAULT_MODEL_NAME = "shakespeare"
 
+# a folder holding any of these has a tokenizer of its own
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 def default_model_dir() -> pathlib.Path:
     return pathlib.Path(__file__).parent / DEFAULT_MODEL_NAME
@@ -28,8 +31,11 @@ def resolve_device(device: str | None):
     return device
 
 
-def load_model(path=None, device=None, dtype=None):
-    """(model, tokenizer) from a Hugging Face model directory (default: the embedded model).
+def load_model(path=None, device=None, dtype=None, revision: str | None = None, subfolder: str | None = None):
+    """(model, tokenizer) from a Hugging Face model directory (default: the embedded model) or a
+    Hugging Face hub id (``org/name``, at ``revision``; ``subfolder`` inside the folder or repository),
+    resolved through :func:`lightllm.hub.resolve_folder` (the local cache under ``HF_HUB_OFFLINE=1``).
+    A model in a subfolder takes its tokenizer from there, or else from the folder above it.
 
     A GPTQ checkpoint (a ``quantization_config`` in config.json, or a quantize_config.json) loads
     with QuantLinear layers through :func:`lightllm.quantization.load_quantized`; anything else
@@ -38,16 +44,20 @@ def load_model(path=None, device=None, dtype=None):
     import torch
 
     from .._extras import require
+    from ..hub import repo_root, resolve_folder
     from ..quantization.checkpoint import load_quantized
 
     transformers = require("transformers", "lightllm.models.load_model")
 
-    directory = pathlib.Path(path) if path is not None else default_model_dir()
+    directory = resolve_folder(path if path is not None else default_model_dir(), revision, subfolder)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
     device = resolve_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    tokenizer_dir = directory
+    if subfolder is not None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer_dir = repo_root(directory, subfolder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     if is_quantized_checkpoint(directory):
         model = load_quantized(directory, device=device, dtype=dtype)
     else:

@@ -272,7 +272,8 @@ def _empty_model_context():
     return accelerate.init_empty_weights(include_buffers=False)
 
 
-def load_quantized(directory, device=None, dtype: torch.dtype | None = None, model_class=None) -> nn.Module:
+def load_quantized(directory, device=None, dtype: torch.dtype | None = None, model_class=None, *,
+                   revision: str | None = None, subfolder: str | None = None) -> nn.Module:
     """Load a GPTQ checkpoint directory as a transformers model whose quantized Linears are
     :class:`~lightllm.nn.QuantLinear`, or a bitsandbytes one (``quant_method: "bitsandbytes"``, as
     transformers writes with ``load_in_4bit`` / ``load_in_8bit``) with lightllm's
@@ -280,15 +281,20 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
 
     ``dtype``: of the dense parameters (embeddings, norms, output head); default float16 on a GPU,
     float32 on the CPU. ``model_class``: default ``AutoModelForCausalLM`` (falling back to
-    ``AutoModel`` for architectures without a causal-LM head).
+    ``AutoModel`` for architectures without a causal-LM head). ``directory`` may be a Hugging Face
+    hub id instead, at ``revision``, with ``subfolder`` (:func:`lightllm.hub.resolve_folder`).
     """
     from .._extras import require
+    from ..hub import resolve_folder
 
     transformers = require("transformers", "lightllm.quantization.load_quantized")
     # transformers is imported now anyway: register lightllm with its quantizer registry, so that
     # from_pretrained of lightllm's checkpoints builds these same layers (lightllm.integrations.transformers)
     from ..integrations import transformers as _registration  # noqa: F401
-    directory = pathlib.Path(directory)
+    try:
+        directory = resolve_folder(directory, revision, subfolder, what="checkpoint")
+    except FileNotFoundError as exc:  # one error type for every unusable checkpoint, as below
+        raise CheckpointError(str(exc)) from exc
     quant = read_quant_config(directory)
     files = weight_files(directory, quant)
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -64,7 +64,9 @@ class FinetuneConfig:
     """Everything a run needs; the CLI's flags have the same names."""
 
     output_dir: str
-    model: str | None = None  # a Hugging Face folder or GPTQ checkpoint (default: the embedded model)
+    model: str | None = None  # a Hugging Face folder or GPTQ checkpoint, or a hub id (default: the embedded model)
+    revision: str | None = None  # model as a hub id: branch, tag or commit (default main)
+    subfolder: str | None = None  # the model's folder inside model
     method: str = "lora"
     data: list[str] | None = None  # JSON/JSONL files (default: the embedded math task's training split)
     template: str | None = None  # alpaca (default), qa, or a JSON file
@@ -439,7 +441,8 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, device=accelerator.device, dtype=torch.float32)
+    model, tokenizer = load_model(config.model, device=accelerator.device, dtype=torch.float32,
+                                  revision=config.revision, subfolder=config.subfolder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     items = [tokenize_record(r, tokenizer, template, config.cutoff_len, config.train_on_inputs) for r in records]
@@ -657,7 +660,7 @@ def _fsync_tree(path: pathlib.Path) -> None:
 
 
 #: Settings that must match for a resumed run to continue the same run.
-SAME_RUN_FIELDS = ("model", "method", "data", "template", "cutoff_len", "train_on_inputs", "batch_size",
+SAME_RUN_FIELDS = ("model", "revision", "subfolder", "method", "data", "template", "cutoff_len", "train_on_inputs", "batch_size",
                    "micro_batch_size", "max_steps", "seed", "group_by_length", "optimizer", "schedule", "lr",
                    "warmup_steps", "lora_r", "adapter", "bottleneck_size", "num_virtual_tokens", "quant_bits",
                    "quant_method", "quant_group_size", "fsdp")
@@ -727,7 +730,8 @@ def _save_outputs(output_dir: pathlib.Path, model, tokenizer, log, config, whole
             from ..models import load_model
             from ..tuning import from_pretrained
 
-            base, _ = load_model(config.model, device=torch.device("cpu"), dtype=torch.float32)
+            base, _ = load_model(config.model, device=torch.device("cpu"), dtype=torch.float32,
+                                 revision=config.revision, subfolder=config.subfolder)
             merged = from_pretrained(base, out).merge_and_unload(requantize=config.method == "qlora")
         else:
             merged = copy.deepcopy(model).merge_and_unload(requantize=config.method == "qlora")

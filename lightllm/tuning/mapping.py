@@ -55,10 +55,15 @@ def read_adapter_folder(directory) -> tuple[type[TunerModel], TunerConfig, dict[
     return MODEL_TYPES[config.PEFT_TYPE], config, tensors, weights
 
 
-def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False) -> TunerModel:
+def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False, *,
+                    revision: str | None = None, subfolder: str | None = None) -> TunerModel:
     """Load an adapter saved by lightllm, PEFT (LoRA), LLM-Adapters or AdapterHub (bottleneck
     adapters) onto ``model``, frozen unless ``is_trainable`` (PEFT's ``PeftModel.from_pretrained``).
-    The file is checked against the model before the model is wrapped: a file that does not fit
-    leaves the model as it was."""
-    model_type, config, tensors, path = read_adapter_folder(directory)
+    ``directory`` may be a Hugging Face hub id instead, at ``revision``, with ``subfolder`` (as PEFT's
+    keywords; :func:`lightllm.hub.resolve_folder`). The file is checked against the model before the
+    model is wrapped: a file that does not fit leaves the model as it was."""
+    from ..hub import resolve_folder
+
+    model_type, config, tensors, path = read_adapter_folder(
+        resolve_folder(directory, revision, subfolder, what="adapter"))
     return model_type.from_pretrained(model, config, tensors, path, adapter_name, is_trainable)

@@ -216,6 +216,16 @@ class TunerModel(AdapterStateDict, nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.model
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """The base model's, and (unless ``use_reentrant=False``) its input embeddings' output made to
+        require grad, as peft does: reentrant checkpointing (transformers 4.x's default, which the
+        Trainer passes on) gives a checkpointed block whose inputs do not require grad no backward,
+        so adapters on a frozen base would get no gradient."""
+        base = self.base_model.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", True) and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
     def adapter_tensor_ids(self) -> set[int]:
         """Every adapter's tensors (all named adapters), modules_to_save copies and trained biases;
         a wrapper stacked inside (prompt learning over LoRA and the like) adds its own."""
@@ -557,10 +567,14 @@ class TunerModel(AdapterStateDict, nn.Module):
                 self._copy_layer_tensor(layers[target], kind, adapter_name, value)
 
     @torch.no_grad()
-    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Load an adapter folder as ``adapter_name``, frozen unless ``is_trainable`` (as in PEFT).
-        Every tensor is checked against the model first; a file that does not fit changes nothing."""
-        config, tensors, path = self.read_adapter(directory)
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False, *,
+                     revision: str | None = None, subfolder: str | None = None) -> None:
+        """Load an adapter folder (or hub id, at ``revision``, with ``subfolder``) as ``adapter_name``,
+        frozen unless ``is_trainable`` (as in PEFT). Every tensor is checked against the model first;
+        a file that does not fit changes nothing."""
+        from ..hub import resolve_folder
+
+        config, tensors, path = self.read_adapter(resolve_folder(directory, revision, subfolder, what="adapter"))
         config.inference_mode = not is_trainable
         existing = adapter_name in self.peft_config
         config = self._prepare_config(config)

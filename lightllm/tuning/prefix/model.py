@@ -94,6 +94,17 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _layers_drop_caches_when_checkpointed(model: nn.Module) -> bool:
+    """transformers 4.x: every GradientCheckpointingLayer sets its cache argument to None under
+    gradient checkpointing; 5.x added ``_can_checkpoint_with_cache`` to let a cache through."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return (not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+            and any(isinstance(m, GradientCheckpointingLayer) for m in model.modules()))
+
+
 @contextlib.contextmanager
 def _cache_survives_checkpointing(model: nn.Module, on: bool):
     """Tell transformers' checkpointed layers that they may keep the cache under gradient
@@ -440,6 +451,13 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
             dropped = (f"{type(hf).__name__} drops its key/value cache under gradient checkpointing in its own code, so "
                        "prefix tuning cannot train with checkpointing on this model (LLaMA, Qwen, Gemma, Mistral can); "
                        "turn gradient checkpointing off, or use prompt tuning / P-tuning")
+            if checkpointing and _layers_drop_caches_when_checkpointed(hf):
+                import transformers
+
+                dropped = (f"transformers {transformers.__version__} drops the key/value cache of every checkpointed "
+                           "layer under gradient checkpointing (transformers 5 keeps a cache the layers only read), so "
+                           "prefix tuning cannot train with checkpointing here: turn gradient checkpointing off, use "
+                           "transformers >= 5.17, or use prompt tuning / P-tuning")
             with _cache_survives_checkpointing(hf, checkpointing):
                 try:
                     out = self._call_model(backbone, input_ids=input_ids, attention_mask=attention_mask,
@@ -488,14 +506,19 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
         config, encoder = active
         p = config.num_virtual_tokens
         gen = copy.deepcopy(kwargs.pop("generation_config", None) or hf.generation_config)
+        explicit_max_length = kwargs.get("max_length") is not None
         kwargs = gen.update(**kwargs)  # what is not a generation setting stays a model argument
         if attention_mask is None:  # as transformers infers it: padding is where the pad token is (not EOS)
             eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
             pad = gen.pad_token_id
             attention_mask = (input_ids.ne(pad).long() if pad is not None and pad not in eos and (input_ids == pad).any()
                               else torch.ones_like(input_ids))
-        if gen.max_new_tokens is None and gen.max_length is not None:  # lengths of the whole sequence count P too
-            gen.max_length += p
+        # transformers 4.x reads the library's default max_length (20, not passed to generate) as 20 new
+        # tokens and adds the input's length itself, placeholders included: that one is left as it is
+        library_default = (not explicit_max_length and gen.max_length is not None
+                           and gen.max_length == type(gen)().max_length)
+        if gen.max_new_tokens is None and gen.max_length is not None and not library_default:
+            gen.max_length += p  # lengths of the whole sequence count P too
         if gen.min_length:
             gen.min_length += p
         _hide_placeholders(gen, kwargs, p)
@@ -622,10 +645,13 @@ class PromptLearningModel(AdapterStateDict, nn.Module):
         self._mark_trainable()
 
     @torch.no_grad()
-    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False) -> None:
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool = False, *,
+                     revision: str | None = None, subfolder: str | None = None) -> None:
+        from ...hub import resolve_folder
+
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; load under a new name")
-        config, tensors, path = self.read_adapter(directory)
+        config, tensors, path = self.read_adapter(resolve_folder(directory, revision, subfolder, what="adapter"))
         self._load(config, tensors, path, adapter_name, is_trainable)
 
     @classmethod
