@@ -154,15 +154,13 @@ def _quantize_offload(args: argparse.Namespace, config, text, what: str) -> int:
 
     from lightllm import data
     from lightllm.eval import tokenize_stream
-    from lightllm.models import default_model_dir, resolve_device
+    from lightllm.hub import resolve_folder
+    from lightllm.models import default_model_dir, resolve_device, tokenizer_folder
     from lightllm.quantization import quantize_checkpoint
 
-    if args.model is None:
-        src = default_model_dir()
-    else:  # a folder or a hub id, as load_model takes it
-        from lightllm.hub import resolve_folder
-        src = resolve_folder(args.model, args.revision, args.subfolder)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    # a folder or a hub id, its tokenizer found as load_model finds it
+    src = resolve_folder(args.model or default_model_dir(), args.revision, args.subfolder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(src, args.subfolder))
     calib = None
     if text is not None:
         calib = data.calibration_samples(tokenize_stream(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)

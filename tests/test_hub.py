@@ -194,6 +194,9 @@ def test_cli_quantize_and_eval_take_hub_ids(offline, tmp_path, capsys):
     model = load_quantized(tmp_path / "hub")
     assert model.config.hidden_size == 32  # revision v1 is model A
     assert torch.equal(logits(model), logits(load_quantized(tmp_path / "folder")))
+    # streamed block by block (--offload): the same hub id and revision, the same checkpoint
+    assert main([*args, str(tmp_path / "offload"), "--model", REPO, "--revision", "v1", "--offload"]) == 0
+    assert torch.equal(logits(load_quantized(tmp_path / "offload")), logits(model))
     capsys.readouterr()
     assert main(["eval", "--device", "cpu", "--model", "lightllm-test/missing", "--seqlen", "16"]) == 2
     err = capsys.readouterr().err

@@ -279,6 +279,8 @@ def test_bad_configs_name_the_problem(tmp_path):
         LightllmConfig(method="nf4", threshold=3.0)
     with pytest.raises(ValueError, match="bits must be one of"):
         LightllmConfig(method="rtn", bits=5)
+    with pytest.raises(TypeError, match="unknown settings bit, groupsize"):
+        LightllmConfig(method="rtn", bit=8, groupsize=64)
     with pytest.raises(ValueError, match="calibration or dataset|calibration .token ids. or dataset"):
         LightllmConfig(method="gptq", calibration=CALIB, dataset="shakespeare")
     with pytest.raises(ValueError, match="needs calibration data"):

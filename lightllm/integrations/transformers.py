@@ -129,8 +129,9 @@ class LightllmConfig(QuantizationConfigMixin):
                                 skip_modules=skip_modules))
         elif not isinstance(config, QuantizationConfig):
             raise TypeError(f"LightllmConfig: config must be a lightllm quantization config, got {type(config).__name__}")
-        if unused:
-            logger.info("LightllmConfig: ignoring %s", ", ".join(sorted(unused)))
+        if unused:  # a misspelt setting (bit=, groupsize=) must not quantize with the defaults
+            raise TypeError(f"LightllmConfig: unknown settings {', '.join(sorted(unused))} (see help(LightllmConfig) "
+                            "for the settings of each method)")
         self.lightllm_config = config
         self.method = config.method
         if calibration is not None and dataset is not None:
@@ -434,7 +435,11 @@ def _read_tensors(files, wanted) -> dict[str, torch.Tensor]:
 
 def _hold_bnb_layers(model: nn.Module, files, config: BnbConfig) -> dict[str, nn.Module]:
     """Fill every bitsandbytes-format layer from the checkpoint (as load_quantized does) and put a
-    placeholder in its place until the loader has run; {name: filled layer}."""
+    placeholder in its place until the loader has run; {name: filled layer}.
+
+    These layers are read into host memory whatever the ``device_map`` says: a block mapped to
+    "disk" keeps its packed NF4 / int8 weights in RAM (transformers' loader cannot set a packed
+    weight's quantization state, so it never sees them). GPTQ-format layers do follow "disk"."""
     import re
 
     from ..quantization.checkpoint import CheckpointError

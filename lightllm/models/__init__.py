@@ -44,7 +44,7 @@ def load_model(path=None, device=None, dtype=None, revision: str | None = None, 
     import torch
 
     from .._extras import require
-    from ..hub import repo_root, resolve_folder
+    from ..hub import resolve_folder
     from ..quantization.checkpoint import load_quantized
 
     transformers = require("transformers", "lightllm.models.load_model")
@@ -54,16 +54,23 @@ def load_model(path=None, device=None, dtype=None, revision: str | None = None, 
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
     device = resolve_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    tokenizer_dir = directory
-    if subfolder is not None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        tokenizer_dir = repo_root(directory, subfolder)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(directory, subfolder))
     if is_quantized_checkpoint(directory):
         model = load_quantized(directory, device=device, dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
     model.eval()
     return model, tokenizer
+
+
+def tokenizer_folder(directory: pathlib.Path, subfolder: str | None = None) -> pathlib.Path:
+    """Where the tokenizer of the model in ``directory`` is: there, or, for a model in ``subfolder``
+    without tokenizer files of its own, the folder (or repository snapshot) above it."""
+    from ..hub import repo_root
+
+    if subfolder is not None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return repo_root(directory, subfolder)
+    return directory
 
 
 def is_quantized_checkpoint(directory) -> bool:

@@ -1,7 +1,8 @@
 """Ops ``lightllm::quantize_4bit``, ``lightllm::dequantize_4bit``, ``lightllm::matmul_4bit`` and
 ``lightllm::fourbit_lora_linear`` (LoRA on a 4-bit base, QLoRA: see the end of this file):
-bitsandbytes' 4-bit NF4 / FP4 format (QLoRA's), defined here by the reference and followed bit for
-bit by every backend.
+bitsandbytes' 4-bit NF4 / FP4 format (QLoRA's), defined here by the reference; every backend
+quantizes and dequantizes bit for bit as it does (the matmuls agree within rounding: the fused LoRA
+GEMV up to 16 rows rounds y once, the reference rounds the base product before adding the LoRA term).
 
 Format (bitsandbytes 0.50, its CPU path):
 

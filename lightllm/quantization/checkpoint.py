@@ -290,7 +290,13 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     transformers = require("transformers", "lightllm.quantization.load_quantized")
     # transformers is imported now anyway: register lightllm with its quantizer registry, so that
     # from_pretrained of lightllm's checkpoints builds these same layers (lightllm.integrations.transformers)
-    from ..integrations import transformers as _registration  # noqa: F401
+    # (load_quantized itself does not need it: a transformers whose registry moved only loses that)
+    try:
+        from ..integrations import transformers as _registration  # noqa: F401
+    except (ImportError, AttributeError) as exc:
+        logger.warning("lightllm is not registered with transformers %s's quantizers (%s: %s); load_quantized "
+                       "works, from_pretrained of lightllm's checkpoints does not", transformers.__version__,
+                       type(exc).__name__, exc)
     try:
         directory = resolve_folder(directory, revision, subfolder, what="checkpoint")
     except FileNotFoundError as exc:  # one error type for every unusable checkpoint, as below
