@@ -150,3 +150,24 @@ def test_bad_input():
     with pytest.raises(ValueError, match="checkpoint_format"):
         unpack_gptq(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8),
                     torch.zeros(32, dtype=torch.int32), 4, "marlin")
+
+
+@pytest.mark.parametrize("n, k, bits, group_size, sym, checkpoint_format", [
+    (1000, 776, 4, 64, False, "gptq"), (96, 4128, 3, 128, False, "gptq_v2"), (528, 3008, 2, -1, True, "gptq"),
+    (4100, 300, 8, 32, False, "gptq_v2"), (33 * 32 + 8, 1024, 4, 128, True, "gptq")])
+def test_pack_rtn_in_slices_equals_the_whole_weight_at_once(monkeypatch, n, k, bits, group_size, sym,
+                                                            checkpoint_format):
+    """pack_rtn quantizes a slice of rows at a time (bounded temporaries): the same tensors as
+    quantize_rtn + pack_gptq of the whole weight, with slices that end mid-way through N."""
+    from lightllm.quantization.gptq import format as gptq_format
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
+    zero_min = 1 if checkpoint_format == "gptq" and not sym else 0
+    rtn = gptq_format.quantize_rtn(w, bits, group_size, sym=sym, zero_min=zero_min)
+    whole = gptq_format.pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, checkpoint_format)
+    monkeypatch.setattr(gptq_format, "RTN_SLICE_VALUES", 1 << 14)  # several slices at these sizes
+    sliced = gptq_format.pack_rtn(w, bits, group_size, sym=sym, zero_min=zero_min,
+                                  checkpoint_format=checkpoint_format)
+    assert sliced.keys() == whole.keys()
+    for key in whole:
+        assert sliced[key].dtype == whole[key].dtype and torch.equal(sliced[key], whole[key]), key

@@ -68,10 +68,11 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of ``linear`` (the baseline GPTQ improves on)."""
         weight = linear.weight.detach()
         # v1 cannot store a zero of 0: asymmetric grids written as v1 keep z >= 1
-        rtn = gptq_format.quantize_rtn(weight, bits, group_size, sym=sym,
-                                       zero_min=1 if checkpoint_format == "gptq" and not sym else 0)
-        return cls.from_quantized(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, group_size,
-                                  linear.bias, checkpoint_format)
+        packed = gptq_format.pack_rtn(weight, bits, group_size, sym=sym,
+                                      zero_min=1 if checkpoint_format == "gptq" and not sym else 0,
+                                      checkpoint_format=checkpoint_format)
+        n, k = weight.shape
+        return cls._from_packed(packed, k, n, bits, group_size, linear.bias, checkpoint_format)
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
@@ -80,9 +81,14 @@ class QuantLinear(nn.Module):
         """A layer from unpacked codes q [K, N], true zeros and scales [G, N] and g_idx [K] (what
         quantize_rtn and the GPTQ solver return), packed into the checkpoint format."""
         k, n = q.shape
-        module = cls(k, n, bits, group_size, bias=bias is not None, checkpoint_format=checkpoint_format,
-                     device=q.device)
         packed = gptq_format.pack_gptq(q, zeros, scales, g_idx, bits, checkpoint_format)
+        return cls._from_packed(packed, k, n, bits, group_size, bias, checkpoint_format)
+
+    @classmethod
+    def _from_packed(cls, packed: dict[str, torch.Tensor], k: int, n: int, bits: int, group_size: int,
+                     bias: torch.Tensor | None, checkpoint_format: str) -> "QuantLinear":
+        module = cls(k, n, bits, group_size, bias=bias is not None, checkpoint_format=checkpoint_format,
+                     device=packed["qweight"].device)
         for name, tensor in packed.items():
             getattr(module, name).copy_(tensor)
         if bias is not None:
@@ -162,10 +168,8 @@ class QuantLinear(nn.Module):
         v1 = self.checkpoint_format == "gptq"
         zeros = gptq_format.unpack_int(self.qzeros, self.bits, dim=1) + (1 if v1 else 0)
         sym = bool((zeros == 2 ** (self.bits - 1)).all())
-        rtn = gptq_format.quantize_rtn(weight.to(self.qweight.device).float(), self.bits, self.group_size, sym=sym,
-                                       zero_min=1 if v1 and not sym else 0)
-        packed = gptq_format.pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], self.bits,
-                                       self.checkpoint_format)
+        packed = gptq_format.pack_rtn(weight.to(self.qweight.device), self.bits, self.group_size, sym=sym,
+                                      zero_min=1 if v1 and not sym else 0, checkpoint_format=self.checkpoint_format)
         for name, tensor in packed.items():
             getattr(self, name).copy_(tensor)
         self._to_kernel_layout()

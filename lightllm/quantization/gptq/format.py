@@ -210,6 +210,38 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+#: values of W quantized at a time by pack_rtn: the float and integer temporaries are a few copies of
+#: one slice of rows, not of the whole weight (a model quantized block by block keeps its peak low)
+RTN_SLICE_VALUES = 1 << 20
+
+
+def pack_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True, zero_min: int = 0,
+             checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """:func:`pack_gptq` of :func:`quantize_rtn` of a dense weight [N, K], the same tensors bit for
+    bit, computed a slice of output rows at a time (every row's groups are its own). Slices are
+    multiples of 32 rows, so each one's zero points fill whole int32 words at any width."""
+    if weight.dim() != 2:
+        raise ValueError(f"pack_rtn: weight must be [out_features, in_features], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    rows = max(32, RTN_SLICE_VALUES // max(k, 1) // 32 * 32)
+    out: dict[str, torch.Tensor] = {}
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        rtn = quantize_rtn(weight[n0:n1], bits, group_size, sym=sym, zero_min=zero_min)
+        part = pack_gptq(rtn["q"], rtn["zeros"], rtn["scales"], rtn["g_idx"], bits, checkpoint_format)
+        if n1 - n0 == n:
+            return part
+        if not out:
+            out = {"qweight": part["qweight"].new_empty(part["qweight"].shape[0], n),
+                   "qzeros": part["qzeros"].new_empty(part["qzeros"].shape[0], n * bits // 32),
+                   "scales": part["scales"].new_empty(part["scales"].shape[0], n), "g_idx": part["g_idx"]}
+        word0 = n0 * bits // 32
+        out["qweight"][:, n0:n1] = part["qweight"]
+        out["qzeros"][:, word0:word0 + part["qzeros"].shape[1]] = part["qzeros"]
+        out["scales"][:, n0:n1] = part["scales"]
+    return out
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True,
                  zero_min: int = 0) -> dict[str, torch.Tensor]:
     """Round-to-nearest quantization of a dense weight [N, K] (the baseline GPTQ improves on).
