@@ -173,7 +173,11 @@ def exact_forward(layer, x):
 def test_linear4bit_forward_and_backward(cls, quant_type, dtype):
     torch.manual_seed(0)
     lin = torch.nn.Linear(200, 72).to(dtype)
-    layer = Linear4bit.from_linear(lin, quant_type=quant_type)
+    layer = cls.from_linear(lin)  # the subclass's own code (its constructor takes no quant_type)
+    assert type(layer) is cls and layer.quant_state.quant_type == quant_type
+    assert torch.equal(layer.weight, Linear4bit.from_linear(lin, quant_type=quant_type).weight)
+    with pytest.raises(ValueError, match=f"{cls.__name__}.from_linear: quant_type must be '{quant_type}'"):
+        cls.from_linear(lin, quant_type="fp4" if quant_type == "nf4" else "nf4")
     assert layer.weight.dtype == torch.uint8 and layer.quant_state.dtype == dtype
     x = torch.randn(2, 5, 200).to(dtype).requires_grad_()
     y = layer(x)
@@ -188,7 +192,7 @@ def test_linear4bit_forward_and_backward(cls, quant_type, dtype):
     assert layer.bias.grad is not None and torch.allclose(layer.bias.grad.double(), grad.double().sum((0, 1)),
                                                           rtol=1e-2, atol=1e-2)
     assert not layer.weight.requires_grad
-    assert type(layer).__name__ == "Linear4bit" and cls(200, 72).weight.quant_type == quant_type
+    assert cls(200, 72).weight.quant_type == quant_type
 
 
 def test_state_dicts_load_in_bitsandbytes_and_back_with_the_same_outputs():

@@ -90,12 +90,21 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         self._warned_fp32_compute = False
 
+    #: the code LinearNF4 / LinearFP4 are made for (their constructors take no quant_type)
+    fixed_quant_type: str | None = None
+
     @classmethod
-    def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", compress_statistics: bool = True,
+    def from_linear(cls, linear: nn.Module, quant_type: str | None = None, compress_statistics: bool = True,
                     compute_dtype=None, blocksize: int = 64, quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
-        """Quantize a dense ``nn.Linear`` (its weight's dtype is recorded as the dequantized dtype)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
-                    compress_statistics, quant_type, quant_storage, device="meta", blocksize=blocksize)
+        """Quantize a dense ``nn.Linear`` (its weight's dtype is recorded as the dequantized dtype).
+        ``quant_type``: default nf4 (LinearNF4, LinearFP4: their own, and no other)."""
+        if quant_type is None:
+            quant_type = cls.fixed_quant_type or "nf4"
+        elif cls.fixed_quant_type is not None and quant_type != cls.fixed_quant_type:
+            raise ValueError(f"{cls.__name__}.from_linear: quant_type must be {cls.fixed_quant_type!r}, got {quant_type!r}")
+        layer = cls.__new__(cls)  # Linear4bit's constructor: the subclasses' fix quant_type and drop it
+        Linear4bit.__init__(layer, linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                            compress_statistics, quant_type, quant_storage, device="meta", blocksize=blocksize)
         weight = linear.weight.detach()
         layer.weight = Params4bit(weight.clone(), False, None, blocksize, compress_statistics, quant_type,
                                   quant_storage)
@@ -263,6 +272,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 class LinearNF4(Linear4bit):
     """:class:`Linear4bit` with NF4 codes (what QLoRA uses)."""
 
+    fixed_quant_type = "nf4"
+
     def __init__(self, input_features: int, output_features: int, bias: bool = True, compute_dtype=None,
                  compress_statistics: bool = True, quant_storage: torch.dtype = torch.uint8, device=None,
                  blocksize: int = 64):
@@ -272,6 +283,8 @@ class LinearNF4(Linear4bit):
 
 class LinearFP4(Linear4bit):
     """:class:`Linear4bit` with FP4 (e2m1) codes."""
+
+    fixed_quant_type = "fp4"
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True, compute_dtype=None,
                  compress_statistics: bool = True, quant_storage: torch.dtype = torch.uint8, device=None,
