@@ -251,3 +251,22 @@ def test_bad_int8_input_is_a_value_error_naming_it(backend):
             op(x, cb, scb, torch.randn(3), 0.0)
         with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16, got Int"):
             op(torch.ones(2, 64, dtype=torch.int32), cb, scb, None, 0.0)
+
+
+@pytest.mark.parametrize("n_codes, nested_blocksize", [(1000, 256), (4097, 64), (300, 4096), (513, 32)])
+def test_cpp_backends_decode_the_nested_absmax_as_the_reference(n_codes, nested_blocksize):
+    """The C++ 4-bit backends decode a double-quantized absmax with csrc's block-wise dequantization
+    (not torch's gather): bit for bit decode_nested_absmax, with short last blocks; a nested
+    blocksize that kernel does not take (32) goes through the reference."""
+    from lightllm import functional as LF
+    from lightllm.ops import fourbit
+    from lightllm.ops.blockwise import quantize_blockwise_reference
+
+    gen = torch.Generator().manual_seed(n_codes)
+    absmax = torch.rand(n_codes, generator=gen) * 3 + 0.01
+    offset = absmax.mean()
+    code = LF.create_dynamic_map(signed=True)
+    codes, nested_absmax = quantize_blockwise_reference(absmax - offset, code, nested_blocksize)  # any blocksize
+    want = fourbit.decode_nested_absmax(codes, nested_absmax, code, nested_blocksize, offset)
+    got = fourbit._decode_nested_absmax_cpp(codes, nested_absmax, code, nested_blocksize, offset)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

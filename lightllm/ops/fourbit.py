@@ -129,6 +129,22 @@ def decode_nested_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | Non
     return decoded + nested_offset.to(decoded.device)
 
 
+def _decode_nested_absmax_cpp(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset):
+    """:func:`decode_nested_absmax` for the C++ backends: the codes decoded by csrc's block-wise
+    dequantization (the reference's ``code[c] * absmax`` in float32, bit for bit: its tests) instead
+    of torch's gather, whose int64 index copy made the decode cost several times the 4-bit GEMV of a
+    double-quantized layer at M = 1. Settings that kernel does not take go through the reference."""
+    if nested_absmax is None:
+        return absmax
+    nb = nested_blocksize
+    if (64 <= nb <= 4096 and nb & (nb - 1) == 0 and absmax.dtype == torch.uint8 and nested_code.dtype == torch.float32
+            and nested_code.numel() == 256 and nested_absmax.dtype == torch.float32):
+        decoded = _native.cpp_module().dequantize_blockwise(absmax.reshape(-1), nested_absmax.reshape(-1),
+                                                           nested_code.reshape(-1), nb, torch.float32)
+        return decoded + nested_offset.to(decoded.device)
+    return decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
+
+
 def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                           quant_type: str, out_features: int, bias: torch.Tensor | None,
                           nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
@@ -165,8 +181,8 @@ def _dequantize_cpp(packed, absmax, blocksize, quant_type, n, dtype):
 @register(MATMUL, "cpp", ("cpu",))
 def _matmul_cpp(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None,
                 nested_blocksize=256, nested_offset=None):
-    # double quantization: the absmax decoded by torch first (the reference's bits), then the kernel
-    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    # double quantization: the absmax decoded first (the reference's bits), then the kernel
+    absmax = _decode_nested_absmax_cpp(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
     return _native.cpp_module().matmul_4bit(x, packed.reshape(-1), absmax, _code_cpu(quant_type), blocksize,
                                             out_features, bias)
 
@@ -427,7 +443,7 @@ def _lora_linear_cpp(x, packed, absmax, blocksize, quant_type, out_features, bia
                      nested_absmax=None, nested_code=None, nested_blocksize=256, nested_offset=None):
     # S by torch (an [M, K] x [K, r] product, small next to the weight), then csrc/fourbit_cpu.cpp's
     # GEMV with S B^T in its epilogue (above 16 rows: its dequantization, torch's GEMM, S B^T added)
-    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    absmax = _decode_nested_absmax_cpp(absmax, nested_absmax, nested_code, nested_blocksize, nested_offset)
     s = x.float() @ lora_a.float().t()
     y = _native.cpp_module().matmul_4bit(x, packed.reshape(-1), absmax, _code_cpu(quant_type), blocksize, out_features,
                                          bias, s, lora_b, float(lora_scale))
