@@ -161,20 +161,22 @@ def git_commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-mb", type=float, default=512)
-    p.add_argument("--layers", type=int, default=36)
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--nsamples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget-mb", type=float, default=512,
+                   help="the memory budget in MiB the streamed peak is checked against (default 512)")
+    p.add_argument("--layers", type=int, default=36, help="decoder blocks of the random LLaMA (default 36)")
+    p.add_argument("--hidden", type=int, default=1536, help="hidden size (default 1536)")
+    p.add_argument("--intermediate", type=int, default=4096, help="MLP intermediate size (default 4096)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration sequences for GPTQ (default 8)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--method", default="gptq", help="gptq (default), rtn, nf4, fp4, int8; 4-bit groups of 128")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="what the blocks are computed in (default float32: half-precision matmuls are slow on CPUs)")
-    p.add_argument("--shard-mb", type=float, default=500)
+    p.add_argument("--shard-mb", type=float, default=500,
+                   help="size of the random model's safetensors shards in MiB (default 500)")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed path")
     p.add_argument("--quick", action="store_true", help="a tiny model (a smoke run, not a measurement)")
     p.add_argument("--dir", help="work directory (default: a temporary one, removed afterwards)")
