@@ -165,7 +165,7 @@ def test_device_check_candidates_and_script(tmp_path):
     script = BENCH / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert usage.returncode == 0 and "--quick fits 8 minutes" in usage.stdout
+    assert usage.returncode == 0 and "--quick fits 9 minutes" in usage.stdout
     bad = subprocess.run(["bash", str(script), "--quick", "--only", "tests"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "not an area of this mode" in bad.stderr

@@ -287,15 +287,23 @@ def compile(name, fn, signature, constants, warps, stages=3):
     found[name] = {"fma": ptx.count("fma.rn.f32"), "int8_mma": len(re.findall(r"(?:mma|wgmma)[\\w.]*s8", ptx)),
                    "rounded_mul": len(re.findall(r"\\bmul\\.rn\\.f32\\b", ptx))}
 
-ptrs = ["a_ptr", "b_ptr", "c_ptr", "row_ptr", "col_ptr", "bias_ptr", "x_ptr", "idx_ptr", "count_ptr", "out_ptr"]
-for m, given, dtype in ((1, False, "fp16"), (32, False, "fp16"), (1024, False, "fp16"), (1024, True, "fp16"),
-                        (1024, False, "bf16"), (1, False, "fp32")):
-    types = ["*i8", "*i8", "*i32", "*fp32", "*fp32", "*" + dtype, "*" + dtype, "*i32", "*i32", "*" + dtype]
-    sig = dict(zip(ptrs, types), M="i32", N="i32", K="i32", stride_xm="i32", stride_cm="i32")
+ptrs = ["a_ptr", "b_ptr", "c_ptr", "row_ptr", "col_ptr", "bias_ptr", "x_ptr", "idx_ptr", "count_ptr", "out_ptr",
+        "lora_s_ptr", "lora_b_ptr"]
+for m, given, dtype, lora in ((1, False, "fp16", False), (32, False, "fp16", False), (1024, False, "fp16", False),
+                              (1024, True, "fp16", False), (1024, False, "bf16", False), (1, False, "fp32", False),
+                              (1, False, "fp16", True), (1024, True, "bf16", True)):
+    types = ["*i8", "*i8", "*i32", "*fp32", "*fp32", "*" + dtype, "*" + dtype, "*i32", "*i32", "*" + dtype,
+             "*fp32", "*fp32"]
+    sig = dict(zip(ptrs, types), lora_scale="fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_cm="i32",
+               R="i32")
     config = k._matmul_config(m)
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
-    consts = dict(HAS_BIAS=True, OUTLIERS=True, PRODUCT_GIVEN=given, IEEE_OUTLIERS=dtype == "fp32", **config)
-    compile(f"matmul m={m} {'int_mm' if given else 'dot'} {dtype}", k._int8_matmul_kernel, sig, consts, warps, stages)
+    consts = dict(HAS_BIAS=True, OUTLIERS=True, PRODUCT_GIVEN=given, IEEE_OUTLIERS=dtype == "fp32", HAS_LORA=lora,
+                  **config)
+    # the LoRA epilogue's S B^T is a float32 product (FMAs by design): compiled, not counted
+    name = (f"lora epilogue (fp32) m={m} {dtype}" if lora
+            else f"matmul m={m} {'int_mm' if given else 'dot'} {dtype}")
+    compile(name, k._int8_matmul_kernel, sig, consts, warps, stages)
 sig = dict(x_ptr="*fp16", mask_ptr="*i32", codes_ptr="*i8", stats_ptr="*fp32", K="i32", stride_xm="i32",
            threshold="fp32")
 compile("quantize", k._quantize_rows_kernel, sig, dict(THRESHOLD=True, BLOCK_K=1024), 4)
