@@ -155,7 +155,7 @@ def _quantize_offload(args: argparse.Namespace, config, text, what: str) -> int:
     from lightllm import data
     from lightllm.eval import tokenize_stream
     from lightllm.hub import resolve_folder
-    from lightllm.models import default_model_dir, resolve_device, tokenizer_folder
+    from lightllm.models import default_dtype, default_model_dir, resolve_device, tokenizer_folder
     from lightllm.quantization import quantize_checkpoint
 
     # a folder or a hub id, its tokenizer found as load_model finds it
@@ -166,16 +166,9 @@ def _quantize_offload(args: argparse.Namespace, config, text, what: str) -> int:
         calib = data.calibration_samples(tokenize_stream(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)
     device = resolve_device(args.device)
     out = quantize_checkpoint(src, args.out, config, calib, device=device,
-                              dtype=torch_dtype_for(device), tokenizer=tokenizer)
+                              dtype=default_dtype(device), tokenizer=tokenizer)
     print(f"wrote {out} ({what}; streamed block by block)")
     return 0
-
-
-def torch_dtype_for(device):
-    """What ``load_model`` computes in: float16 on a GPU, float32 on the CPU."""
-    import torch
-
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def _eval(args: argparse.Namespace) -> int:

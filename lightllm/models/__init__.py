@@ -31,6 +31,14 @@ def resolve_device(device: str | None):
     return device
 
 
+def default_dtype(device):
+    """What models compute in unless told: float16 on a GPU, float32 on the CPU (half-precision
+    matmuls are slow there)."""
+    import torch
+
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_model(path=None, device=None, dtype=None, revision: str | None = None, subfolder: str | None = None):
     """(model, tokenizer) from a Hugging Face model directory (default: the embedded model) or a
     Hugging Face hub id (``org/name``, at ``revision``; ``subfolder`` inside the folder or repository),
@@ -41,8 +49,6 @@ def load_model(path=None, device=None, dtype=None, revision: str | None = None, 
     with QuantLinear layers through :func:`lightllm.quantization.load_quantized`; anything else
     through transformers. ``dtype`` defaults to float16 on a GPU and float32 on the CPU.
     """
-    import torch
-
     from .._extras import require
     from ..hub import resolve_folder
     from ..quantization.checkpoint import load_quantized
@@ -53,7 +59,7 @@ def load_model(path=None, device=None, dtype=None, revision: str | None = None, 
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
     device = resolve_device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(directory, subfolder))
     if is_quantized_checkpoint(directory):
         model = load_quantized(directory, device=device, dtype=dtype)

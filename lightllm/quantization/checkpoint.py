@@ -304,7 +304,9 @@ def load_quantized(directory, device=None, dtype: torch.dtype | None = None, mod
     quant = read_quant_config(directory)
     files = weight_files(directory, quant)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if dtype is None:
+        from ..models import default_dtype
+        dtype = default_dtype(device)
 
     config = transformers.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
