@@ -253,7 +253,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tensor& scb,
                        const c10::optional<at::Tensor>& bias, double threshold,
                        const c10::optional<at::Tensor>& lora_s, const c10::optional<at::Tensor>& lora_b,
-                       double lora_scale) {
+                       double lora_scale, int64_t gemm_min_rows) {
   constexpr const char* op = "int8_linear";
   check_cpu(op, x, "x");
   check_cpu(op, cb, "CB");
@@ -277,7 +277,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tens
   if (m == 0 || n_out == 0) return out.view(output_shape(x, n_out));
   at::Tensor scratch = at::empty({int8_scratch_bytes(m, k)}, x.options().dtype(at::kByte));
   Int8Activations acts;
-  int8_prepare_activations(x2.data_ptr(), x_type, m, k, threshold, scratch.data_ptr(), &acts);
+  // rows in parallel once there are many (the GEMV's few rows: one thread, the weight dominates)
+  const RowRunner run_rows = [&](int64_t rows, const std::function<void(int64_t, int64_t)>& body) {
+    parallel_chunks(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), rows * k * 8, body);
+  };
+  int8_prepare_activations(x2.data_ptr(), x_type, m, k, threshold, scratch.data_ptr(), &acts, run_rows);
   const at::Tensor cbc = cb.contiguous(), scbc = scb.contiguous();
   Int8LinearArgs a{};
   a.cb = cbc.data_ptr<int8_t>();
@@ -288,7 +292,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& cb, const at::Tens
   a.out = out.data_ptr();
   a.out_type = x_type;
   a.lora = lora.epilogue();
-  parallel_chunks(n_out, chunk_for(n_out, 4, 256), n_out * k * m, [&](int64_t n0, int64_t n1) { int8_linear_cpu(a, n0, n1); });
+  if (gemm_min_rows > 0 && m >= gemm_min_rows) {
+    // Many rows of x: the exact int32 product from torch._int_mm (oneDNN: AMX tiles or VNNI, far
+    // ahead of a GEMV once the weight is reused across rows), then the same epilogue.
+    const at::Tensor codes = at::from_blob(acts.codes, {m, k}, {acts.k_padded, 1}, x.options().dtype(at::kChar));
+    const at::Tensor c = at::_int_mm(codes, cbc.t()).contiguous();
+    const int32_t* c_ptr = c.data_ptr<int32_t>();
+    parallel_chunks(n_out, chunk_for(n_out, 64, 256), n_out * m * 16,
+                    [&](int64_t n0, int64_t n1) { int8_linear_epilogue_cpu(a, c_ptr, n0, n1); });
+  } else {
+    parallel_chunks(n_out, chunk_for(n_out, 4, 256), n_out * k * m, [&](int64_t n0, int64_t n1) { int8_linear_cpu(a, n0, n1); });
+  }
   return out.view(output_shape(x, n_out));
 }
 
@@ -306,7 +320,7 @@ void bind_bnb_cpu(pybind11::module_& m) {
         py::arg("lora_scale") = 0.0);
   m.def("int8_linear", &int8_linear, "LLM.int8 forward x @ W^T + bias (+ lora_scale * lora_s @ lora_b^T), W = CB * SCB / 127 (CPU)", py::arg("x"),
         py::arg("cb"), py::arg("scb"), py::arg("bias"), py::arg("threshold"), py::arg("lora_s") = py::none(),
-        py::arg("lora_b") = py::none(), py::arg("lora_scale") = 0.0);
+        py::arg("lora_b") = py::none(), py::arg("lora_scale") = 0.0, py::arg("gemm_min_rows") = 0);
   m.def("bnb_cpu_isa", [] { return std::string(bnb_cpu_isa()); },
         "instruction set of the 4-bit / int8 CPU kernels: avx512-vnni, avx512 or portable");
   m.def("bnb_cpu_force_portable", &bnb_cpu_force_portable,

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "blockwise.h"  // FloatType
 
@@ -93,8 +94,10 @@ struct Int8Activations {
 };
 // Bytes of scratch Int8Activations needs (caller allocates; prepare carves it up).
 int64_t int8_scratch_bytes(int64_t m, int64_t k);
+// Runs body(r0, r1) over the rows [0, n), on one thread or many (the bindings pass torch's pool).
+using RowRunner = std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& body)>;
 void int8_prepare_activations(const void* x, FloatType x_type, int64_t m, int64_t k, double threshold, void* scratch,
-                              Int8Activations* acts);
+                              Int8Activations* acts, const RowRunner& run_rows = {});
 
 struct Int8LinearArgs {
   const int8_t* cb;     // [N, K]
@@ -108,6 +111,9 @@ struct Int8LinearArgs {
 };
 // Output rows [n0, n1), every row of x.
 void int8_linear_cpu(const Int8LinearArgs& a, int64_t n0, int64_t n1);
+// The same outputs from a product computed elsewhere: c [M, N] = codes . CB^T, exact int32 (the
+// bindings take it from torch._int_mm, oneDNN's AMX / VNNI GEMM, when x has many rows).
+void int8_linear_epilogue_cpu(const Int8LinearArgs& a, const int32_t* c, int64_t n0, int64_t n1);
 
 // Which instruction set the kernels use: "avx512" (AVX-512 F/BW/VL, + VNNI for int8) where the CPU
 // has it, else "portable". force_portable(true) makes every kernel take the portable path (tests).

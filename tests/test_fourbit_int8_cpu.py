@@ -32,6 +32,16 @@ def isa(request):
     module.bnb_cpu_force_portable(False)
 
 
+@pytest.fixture(params=["gemv", "int_mm"])
+def product(request, monkeypatch):
+    """Where the int8 product comes from: csrc's VNNI GEMV, or torch._int_mm (oneDNN) from the
+    first row on, whatever this CPU would choose (ops/int8.cpu_gemm_min_rows)."""
+    from lightllm.ops import int8 as ops_int8
+
+    monkeypatch.setattr(ops_int8, "CPU_GEMM_MIN_ROWS", 0 if request.param == "gemv" else 1)
+    return request.param
+
+
 def ops(backend, fn, *args):
     with lightllm.use_backend(backend):
         return fn(*args)
@@ -182,7 +192,7 @@ def exact_int8(x, cb, scb, bias, threshold):
 
 @pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_linear_is_the_references_bits_at_threshold_zero(backend, dtype, isa):
+def test_int8_linear_is_the_references_bits_at_threshold_zero(backend, dtype, isa, product):
     op = torch.ops.lightllm.int8_linear
     for n, k in [(33, 4096), (40, 96), (24, 200), (17, 64), (9, 1000)]:
         cb, scb = int8_weight(n, k, n + k)
@@ -198,7 +208,7 @@ def test_int8_linear_is_the_references_bits_at_threshold_zero(backend, dtype, is
 
 @pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_linear_with_outlier_columns(backend, dtype, isa):
+def test_int8_linear_with_outlier_columns(backend, dtype, isa, product):
     """threshold > 0: outlier columns found per call, their 16-bit product added; the reference's
     bits when a call finds none."""
     op = torch.ops.lightllm.int8_linear
@@ -214,6 +224,36 @@ def test_int8_linear_with_outlier_columns(backend, dtype, isa):
                 within_reference_error(got, ref, exact_int8(x, cb, scb, bias, threshold))
             calm = x.clamp(-5, 5)
             assert torch.equal(ops(backend, op, calm, cb, scb, bias, 6.0), ops("torch", op, calm, cb, scb, bias, 6.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_gemv_and_int_mm_products_give_the_same_bits(dtype, isa, monkeypatch):
+    """The two sources of the exact int32 product share one epilogue: equal outputs bit for bit,
+    with outlier columns, a bias, NaN and inf in x and LoRA's rank-r term, on awkward shapes."""
+    from lightllm.ops import int8 as ops_int8
+
+    module = _native.cpp_module()
+    for n, k in [(33, 4096), (40, 96), (24, 200), (130, 77)]:
+        cb, scb = int8_weight(n, k, 7 * n + k)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        s = torch.randn(40, 4, generator=torch.Generator().manual_seed(k))
+        lora_b = torch.randn(n, 4, generator=torch.Generator().manual_seed(n + 1)).to(dtype)
+        for m in (1, 5, 16, 40):
+            x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k * m)) * 2).to(dtype)
+            x[::3, 1] = 12.0
+            if m > 4:
+                x[3, 2], x[4, 0] = float("inf"), float("nan")
+            for threshold in (0.0, 6.0):
+                for lora in (False, True):
+                    extra = (s[:m], lora_b, 0.5) if lora else ()
+                    outs = [module.int8_linear(x, cb, scb, bias, threshold, *extra, gemm_min_rows=rows)
+                            for rows in (0, 1)]
+                    assert torch.equal(outs[0], outs[1]) or (
+                        torch.equal(outs[0].isnan(), outs[1].isnan())
+                        and torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num())), (n, k, m, threshold, lora)
+                    # and the automatic choice is one of the two
+                    monkeypatch.setattr(ops_int8, "CPU_GEMM_MIN_ROWS", None)
+                    assert ops_int8.cpu_gemm_min_rows() in (0, 2, 17)
 
 
 @pytest.mark.parametrize("backend", ["cpp"])

@@ -41,11 +41,30 @@ def dequantized_weight(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) 
 register(LINEAR, "torch", ("cpu", "cuda"))(int8_linear_reference)
 
 
+# Rows of x from which the C++ backend takes the int8 product from torch._int_mm (oneDNN's GEMM)
+# instead of its own GEMV; None: decided from the CPU (cpu_gemm_min_rows). Tests set it.
+CPU_GEMM_MIN_ROWS: int | None = None
+
+
+def cpu_gemm_min_rows() -> int:
+    """Where oneDNN's int8 GEMM beats the VNNI GEMV (csrc/int8_cpu.cpp). With AMX tiles from two rows
+    (measured on a 2-core Sapphire Rapids: 4096x4096 at 2 rows 0.65 vs 0.89 ms, at 16 rows 0.80 vs
+    5.9 ms; level at one row); with VNNI alone above the GEMV's 16 rows; never without VNNI, where
+    oneDNN's u8 x s8 products go through 16-bit sums that can saturate (0 = never)."""
+    if CPU_GEMM_MIN_ROWS is not None:
+        return CPU_GEMM_MIN_ROWS
+    cpu = getattr(torch, "cpu", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    vnni = getattr(cpu, "_is_vnni_supported", lambda: False)()
+    return 2 if amx else 17 if vnni else 0
+
+
 @register(LINEAR, "cpp", ("cpu",))
 def _int8_linear_cpp(x, cb, scb, bias, threshold):
     """csrc/int8_cpu.cpp: the reference's bits at threshold 0 and wherever a call finds no outlier;
-    with outliers, their 16-bit product is summed in float32 (the reference's up to summation order)."""
-    return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold))
+    with outliers, their 16-bit product is summed in float32 (the reference's up to summation order).
+    The exact int32 product is the GEMV's up to cpu_gemm_min_rows() rows of x, torch._int_mm's above."""
+    return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold), gemm_min_rows=cpu_gemm_min_rows())
 
 
 @register(LINEAR, "triton", ("cuda", "cpu"))
@@ -113,7 +132,8 @@ register(LORA_LINEAR, "torch", ("cpu", "cuda"))(int8_lora_linear_reference)
 @register(LORA_LINEAR, "cpp", ("cpu",))
 def _int8_lora_linear_cpp(x, cb, scb, bias, threshold, lora_a, lora_b, lora_scale):
     s = x.float() @ lora_a.float().t()
-    return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold), s, lora_b, float(lora_scale)), s
+    return _native.cpp_module().int8_linear(x, cb, scb, bias, float(threshold), s, lora_b, float(lora_scale),
+                                            gemm_min_rows=cpu_gemm_min_rows()), s
 
 
 @register(LORA_LINEAR, "triton", ("cuda", "cpu"))
