@@ -35,7 +35,7 @@ namespace {
 const float kInv127Squared = static_cast<float>(6.200124e-05);
 const float kInv127 = static_cast<float>(7.874015718698502e-3);
 
-inline float load_as_float(const void* x, FloatType t, int64_t i) {
+__attribute__((always_inline)) inline float load_as_float(const void* x, FloatType t, int64_t i) {
   switch (t) {
     case FloatType::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(x)[i]);
     case FloatType::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(x)[i]);
@@ -44,7 +44,7 @@ inline float load_as_float(const void* x, FloatType t, int64_t i) {
 }
 
 // v rounded to the output dtype, as float32 again.
-inline float round_to(FloatType t, float v) {
+__attribute__((always_inline)) inline float round_to(FloatType t, float v) {
   switch (t) {
     case FloatType::kFloat16: return static_cast<float>(static_cast<c10::Half>(v));
     case FloatType::kBFloat16: return static_cast<float>(static_cast<c10::BFloat16>(v));
@@ -52,7 +52,7 @@ inline float round_to(FloatType t, float v) {
   }
 }
 
-inline void store_as(void* out, FloatType t, int64_t i, float v) {
+__attribute__((always_inline)) inline void store_as(void* out, FloatType t, int64_t i, float v) {
   switch (t) {
     case FloatType::kFloat16: static_cast<c10::Half*>(out)[i] = static_cast<c10::Half>(v); break;
     case FloatType::kBFloat16: static_cast<c10::BFloat16*>(out)[i] = static_cast<c10::BFloat16>(v); break;
@@ -97,14 +97,18 @@ ScratchLayout scratch_layout(int64_t m, int64_t k) {
 
 // Row n of the dequantized int8 weight at the outlier columns, rounded to x's dtype as the
 // reference's int8_vectorwise_dequant(...).to(A.dtype) rounds it.
-inline float outlier_weight(const Int8LinearArgs& a, int64_t n, int64_t j) {
+__attribute__((always_inline)) inline float outlier_weight(const Int8LinearArgs& a, int64_t n, int64_t j) {
   const Int8Activations& x = *a.acts;
   return round_to(a.out_type, (static_cast<float>(a.cb[n * x.k + x.outlier_cols[j]]) * a.scb[n]) * kInv127);
 }
 
 // One output value from the exact int32 product C of row m of x and row n of W. w_dq: that row's
 // outlier_weight(n, j) for every j, precomputed (the GEMM epilogue), or null to compute them here.
-inline void finish(const Int8LinearArgs& a, int64_t m, int64_t n, int32_t c, const float* w_dq = nullptr) {
+// Always inlined: inside the AVX-512 kernel it must be compiled with VEX encodings too, as legacy SSE
+// instructions after 512-bit ones (dirty upper state) stalled every call (the int8 GEMV at K = 64
+// took 10x the portable loop's time, 4096 x 256 at M = 1: 305 -> see RESULTS).
+__attribute__((always_inline)) inline void finish(const Int8LinearArgs& a, int64_t m, int64_t n, int32_t c,
+                                                  const float* w_dq = nullptr) {
   const Int8Activations& x = *a.acts;
   const float scb = a.scb[n];
   float y = static_cast<float>(c) * (x.row_stats[m] * scb);

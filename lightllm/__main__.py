@@ -454,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                     "with LoRA, Adapter (series and parallel), prefix tuning and QLoRA (LoRA on the GPTQ 4-bit base), "
                     "the same steps each with AdamW8bit, and print trainable parameters, peak memory, training time "
                     "and held-out accuracy, then merge the LoRA and quantize it to 4 bits; (2) quantize the model with "
-                    "round-to-nearest and GPTQ at 4 and 3 bits (group size 128) and print held-out perplexity, size "
-                    "and time (decoding speed too on a GPU). About 12 minutes on a 2-core CPU; --part picks one half.")
+                    "round-to-nearest and GPTQ at 4 and 3 bits (group size 128) and to bitsandbytes' NF4 and LLM.int8, "
+                    "and print held-out perplexity, size on disk, time and batch-1 decoding speed. About 12 minutes on a 2-core CPU; --part picks one half.")
     _add_common(demo)
     demo.add_argument("--part", choices=("all", "finetune", "quantize"), default="all",
                       help="finetune, quantize, or all (default: both, fine-tuning first)")

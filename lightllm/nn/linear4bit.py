@@ -254,9 +254,9 @@ class Linear4bit(nn.Module):
         dtype = self._compute_dtype(x)
         state = self.quant_state
         # double quantization: the raw nested state goes to the op; its kernels decode the absmax codes
-        y = torch.ops.lightllm.matmul_4bit(x.reshape(-1, self.in_features).to(dtype), _as_bytes(self.weight.data),
-                                           state.absmax, state.blocksize, state.quant_type, self.out_features,
-                                           self.bias, *_fourbit_ops.nested_args(state))
+        y = _fourbit_ops.matmul_4bit(x.reshape(-1, self.in_features).to(dtype), _as_bytes(self.weight.data),
+                                     state.absmax, state.blocksize, state.quant_type, self.out_features, self.bias,
+                                     *_fourbit_ops.nested_args(state))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

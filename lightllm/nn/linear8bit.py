@@ -217,7 +217,7 @@ class Linear8bitLt(nn.Module):
         if self.has_fp16_weights:
             return _QuantizedEveryForward.apply(x, self.weight, self.bias, self.threshold)
         self.quantize_()
-        return torch.ops.lightllm.int8_linear(x, self.weight.data, self.weight.SCB, self.bias, self.threshold)
+        return _ops.int8_linear(x, self.weight.data, self.weight.SCB, self.bias, self.threshold)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

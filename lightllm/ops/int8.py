@@ -47,16 +47,17 @@ CPU_GEMM_MIN_ROWS: int | None = None
 
 
 def cpu_gemm_min_rows() -> int:
-    """Where oneDNN's int8 GEMM beats the VNNI GEMV (csrc/int8_cpu.cpp). With AMX tiles from two rows
-    (measured on a 2-core Sapphire Rapids: 4096x4096 at 2 rows 0.65 vs 0.89 ms, at 16 rows 0.80 vs
-    5.9 ms; level at one row); with VNNI alone above the GEMV's 16 rows; never without VNNI, where
+    """Where oneDNN's int8 GEMM beats the VNNI GEMV (csrc/int8_cpu.cpp), whose passes over W take 8
+    rows of x each. With AMX tiles from 9 rows: up to 8 the GEMV reads W once and wins on the large
+    layers (2-core Sapphire Rapids, 4096x4096, warm: 1 row 0.34 vs 0.69 ms, 8 rows 0.56 vs 0.85 ms,
+    16 rows 1.32 vs 0.94 ms); with VNNI alone above the GEMV's 16 rows; never without VNNI, where
     oneDNN's u8 x s8 products go through 16-bit sums that can saturate (0 = never)."""
     if CPU_GEMM_MIN_ROWS is not None:
         return CPU_GEMM_MIN_ROWS
     cpu = getattr(torch, "cpu", None)
     amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     vnni = getattr(cpu, "_is_vnni_supported", lambda: False)()
-    return 2 if amx else 17 if vnni else 0
+    return 9 if amx else 17 if vnni else 0
 
 
 @register(LINEAR, "cpp", ("cpu",))
@@ -201,3 +202,15 @@ def int8_lora_linear(x, cb, scb, bias, threshold: float, lora_a, lora_b, lora_sc
         _, impl = resolve(LORA_LINEAR, x.device)
         y = impl(x2, cb, scb, bias, threshold, lora_a, lora_b, lora_scale)[0]
     return y.view(*x.shape[:-1], n)
+
+
+def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float) -> torch.Tensor:
+    """``torch.ops.lightllm.int8_linear``, minus the custom op's Python dispatch when nothing needs the
+    op boundary (eager inference: decoding); autograd, torch.compile and dispatch modes get the op."""
+    from ._dispatch import op_boundary_needed
+
+    if op_boundary_needed(x, bias):
+        return torch.ops.lightllm.int8_linear(x, cb, scb, bias, threshold)
+    _, impl = resolve(LINEAR, x.device)
+    return impl(x, cb, scb, bias, threshold)
