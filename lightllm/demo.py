@@ -93,7 +93,9 @@ def run_demo(model_dir=None, device=None, n_samples: int = 128, seqlen: int = 25
             ppl = perplexity(quantized, tokenizer, heldout_ids, eval_seqlen, progress=progress)
             eval_s = time.perf_counter() - start
             out = pathlib.Path(tmp) / label.replace(" ", "_")
-            save_quantized(quantized, out, tokenizer=None)
+            # dense parameters (embeddings, norms, head) in float16 in every row, as in the full-precision
+            # row and the GPTQ files: the sizes then differ by the quantized layers only
+            save_quantized(quantized, out, tokenizer=None, dtype=torch.float16)
             rows.append(DemoRow(label, ppl, _weights_size(out), quantize_s, eval_s, _decode_speed(quantized, prompt)))
             del quantized
     return {
