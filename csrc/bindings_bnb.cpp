@@ -227,7 +227,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor out = at::empty({m, n_out}, x.options());
   if (m == 0 || n_out == 0) return out.view(output_shape(x, n_out));
   Gemv4Args a{};
-  a.layout = gemv4_layout(x_type, k, blocksize);
+  a.layout = gemv4_layout(x_type, m, k, blocksize);
   at::Tensor xf = at::empty({gemv4_x_bytes(a.layout, m, k)}, x.options().dtype(at::kByte));
   a.tile = gemv4_tile(a.layout, m, k);
   gemv4_prepare_x(x2.data_ptr(), x_type, m, k, a.layout, a.tile, xf.data_ptr());
@@ -323,6 +323,9 @@ void bind_bnb_cpu(pybind11::module_& m) {
         py::arg("lora_b") = py::none(), py::arg("lora_scale") = 0.0, py::arg("gemm_min_rows") = 0);
   m.def("bnb_cpu_isa", [] { return std::string(bnb_cpu_isa()); },
         "instruction set of the 4-bit / int8 CPU kernels: avx512-vnni, avx512 or portable");
+  m.def("bnb_cpu_set_bf16_kernel_min_rows", &bnb_cpu_set_bf16_kernel_min_rows,
+        "rows of bfloat16 x from which the 4-bit GEMV uses its vdpbf16ps kernel (-1: by CPU, the default; for "
+        "tests); returns the previous setting", py::arg("rows"));
   m.def("bnb_cpu_force_portable", &bnb_cpu_force_portable,
         "make the 4-bit / int8 CPU kernels take their portable path (for tests)", py::arg("on"));
 }

@@ -52,7 +52,10 @@ void dequantize_4bit_cpu(const uint8_t* packed, const float* absmax, const float
 // AVX-512), kFloat32 (float32 in the fused kernel's value order), kBFloat16 (x's own bfloat16 values,
 // for the vdpbf16ps kernel).
 enum class Gemv4Layout : int { kGeneral = 0, kFloat32 = 1, kBFloat16 = 2 };
-Gemv4Layout gemv4_layout(FloatType x_type, int64_t k, int64_t blocksize);
+Gemv4Layout gemv4_layout(FloatType x_type, int64_t m, int64_t k, int64_t blocksize);
+// Rows of bfloat16 x from which kBFloat16 is chosen (-1: by CPU, the default); returns the previous
+// setting (tests run both kernels at every M).
+int64_t bnb_cpu_set_bf16_kernel_min_rows(int64_t rows);
 int64_t gemv4_x_bytes(Gemv4Layout layout, int64_t m, int64_t k);
 // The K tile of the fused kernels (x is read per tile of K; k when one tile does).
 int64_t gemv4_tile(Gemv4Layout layout, int64_t m, int64_t k);

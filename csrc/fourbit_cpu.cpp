@@ -623,9 +623,33 @@ void dequantize_4bit_cpu(const uint8_t* packed, const float* absmax, const float
   dequantize_portable(packed, absmax, code, n, blocksize, out, out_type, c0, c1);
 }
 
-Gemv4Layout gemv4_layout(FloatType x_type, int64_t k, int64_t blocksize) {
+namespace {
+// Rows of bfloat16 x from which the vdpbf16ps kernel runs; below, x is widened to float32 for the
+// float32 kernel (exact: every bfloat16 is a float32; the sum is then of code * x, scaled once per
+// block, instead of bf16(code * absmax) * x). Measured with the weight from memory: on a 2-core AMD
+// EPYC (Zen 4) the bf16 kernel was faster from one row (425 vs 526 us, 4096 x 4096); on a 2-core
+// Intel Xeon (Sapphire Rapids class) the float32 one is at 1 and 2 rows (4096 x 4096 and 11008 x 4096:
+// 625 vs 779 us and 1309 vs 1791 us at one row), level at 4, behind from 8.
+std::atomic<int64_t> g_bf16_kernel_min_rows{-1};  // -1: by CPU vendor, as measured
+
+int64_t bf16_kernel_min_rows() {
+  const int64_t forced = g_bf16_kernel_min_rows.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced;
+#if defined(__x86_64__)
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel ? 3 : 1;
+#else
+  return 1;
+#endif
+}
+}  // namespace
+
+int64_t bnb_cpu_set_bf16_kernel_min_rows(int64_t rows) { return g_bf16_kernel_min_rows.exchange(rows); }
+
+Gemv4Layout gemv4_layout(FloatType x_type, int64_t m, int64_t k, int64_t blocksize) {
   if (!bnb_use_avx512() || k % blocksize != 0) return Gemv4Layout::kGeneral;
-  if (x_type == FloatType::kBFloat16 && blocksize >= 64 && bnb_use_avx512_bf16()) return Gemv4Layout::kBFloat16;
+  if (x_type == FloatType::kBFloat16 && blocksize >= 64 && bnb_use_avx512_bf16() && m >= bf16_kernel_min_rows())
+    return Gemv4Layout::kBFloat16;
   return Gemv4Layout::kFloat32;
 }
 

@@ -107,6 +107,18 @@ def exact_matmul(x, w64, bias):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_4bit_within_the_references_error(backend, quant_type, dtype, isa):
+    """bfloat16 x runs twice: its vdpbf16ps kernel at every M, and x widened for the float32 kernel
+    at every M (the CPU picks between them by M; csrc/fourbit_cpu.cpp bf16_kernel_min_rows)."""
+    module = _native.cpp_module()
+    for bf16_kernel_min_rows in ((1, 17) if dtype == torch.bfloat16 else (-1,)):
+        previous = module.bnb_cpu_set_bf16_kernel_min_rows(bf16_kernel_min_rows)
+        try:
+            check_matmul_4bit(backend, quant_type, dtype)
+        finally:
+            module.bnb_cpu_set_bf16_kernel_min_rows(previous)
+
+
+def check_matmul_4bit(backend, quant_type, dtype):
     q, dq, mm = torch.ops.lightllm.quantize_4bit, torch.ops.lightllm.dequantize_4bit, torch.ops.lightllm.matmul_4bit
     for blocksize in BLOCKSIZES:
         for n, k in MATMUL_SHAPES:
