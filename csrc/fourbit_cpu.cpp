@@ -626,10 +626,10 @@ void dequantize_4bit_cpu(const uint8_t* packed, const float* absmax, const float
 namespace {
 // Rows of bfloat16 x from which the vdpbf16ps kernel runs; below, x is widened to float32 for the
 // float32 kernel (exact: every bfloat16 is a float32; the sum is then of code * x, scaled once per
-// block, instead of bf16(code * absmax) * x). Measured with the weight from memory: on a 2-core AMD
-// EPYC (Zen 4) the bf16 kernel was faster from one row (425 vs 526 us, 4096 x 4096); on a 2-core
-// Intel Xeon (Sapphire Rapids class) the float32 one is at 1 and 2 rows (4096 x 4096 and 11008 x 4096:
-// 625 vs 779 us and 1309 vs 1791 us at one row), level at 4, behind from 8.
+// block, instead of bf16(code * absmax) * x). On a 2-core AMD EPYC (Zen 4) the bf16 kernel was the
+// faster from one row (425 vs 526 us on 4096 x 4096, cache flushed); on a 2-core Intel Xeon (Sapphire
+// Rapids class) the float32 one is at 1 and 2 rows (weights from memory, one row, 4096 x 4096 and
+// 11008 x 4096: 625 vs 779 us and 1309 vs 1791 us), level at 4, behind from 8 (benchmarks/RESULTS.md).
 std::atomic<int64_t> g_bf16_kernel_min_rows{-1};  // -1: by CPU vendor, as measured
 
 int64_t bf16_kernel_min_rows() {
