@@ -533,18 +533,15 @@ def fourbit_lora_linear(x, packed, absmax, blocksize: int, quant_type: str, out_
     """y of ``torch.ops.lightllm.fourbit_lora_linear`` for x [..., K] after the adapter's checks,
     minus the custom op's Python dispatch when nothing needs the op boundary (eager inference)."""
     from . import lora as ops_lora
-    from ._dispatch import op_boundary_needed
+    from ._dispatch import call_op
 
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ops_lora.check_adapter(LORA_LINEAR, x2, out_features, lora_a, lora_b)
     check_matmul_args(x2, packed, absmax, blocksize, quant_type, out_features, bias, _nested(*nested) if nested else None)
-    if op_boundary_needed(x2, bias, lora_a, lora_b):
-        y = torch.ops.lightllm.fourbit_lora_linear(x2, packed, absmax, blocksize, quant_type, out_features, bias,
-                                                   lora_a, lora_b, lora_scale, *nested)[0]
-    else:
-        _, impl = resolve(LORA_LINEAR, x.device)
-        y = impl(x2, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale, *nested)[0]
+    y = call_op(torch.ops.lightllm.fourbit_lora_linear, LORA_LINEAR,
+                (x2, packed, absmax, blocksize, quant_type, out_features, bias, lora_a, lora_b, lora_scale, *nested),
+                x2, bias, lora_a, lora_b)[0]
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -553,9 +550,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blo
     """``torch.ops.lightllm.matmul_4bit`` for x [M, K], minus the custom op's Python dispatch (tens of
     microseconds, more than the kernel of a small layer at M = 1) when nothing needs the op boundary:
     eager inference, what decoding runs. Autograd, torch.compile and dispatch modes get the op."""
-    from ._dispatch import op_boundary_needed
+    from ._dispatch import call_op
 
-    if op_boundary_needed(x, bias):
-        return torch.ops.lightllm.matmul_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias, *nested)
-    _, impl = resolve(MATMUL, x.device)
-    return impl(x, packed, absmax, blocksize, quant_type, out_features, bias, *nested)
+    return call_op(torch.ops.lightllm.matmul_4bit, MATMUL,
+                   (x, packed, absmax, blocksize, quant_type, out_features, bias, *nested), x, bias)

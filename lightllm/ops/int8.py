@@ -189,18 +189,15 @@ def int8_lora_linear(x, cb, scb, bias, threshold: float, lora_a, lora_b, lora_sc
     """y of ``torch.ops.lightllm.int8_lora_linear`` for x [..., K] after the adapter's checks, minus
     the custom op's Python dispatch when nothing needs the op boundary (eager inference)."""
     from . import lora as ops_lora
-    from ._dispatch import op_boundary_needed
+    from ._dispatch import call_op
 
     n, k = cb.shape
     if x.shape[-1] != k:
         raise ValueError(f"{LORA_LINEAR}: x has {x.shape[-1]} features, CB of shape {tuple(cb.shape)} takes {k}")
     x2 = x.reshape(-1, k)
     ops_lora.check_adapter(LORA_LINEAR, x2, n, lora_a, lora_b)
-    if op_boundary_needed(x2, bias, lora_a, lora_b):
-        y = torch.ops.lightllm.int8_lora_linear(x2, cb, scb, bias, threshold, lora_a, lora_b, lora_scale)[0]
-    else:
-        _, impl = resolve(LORA_LINEAR, x.device)
-        y = impl(x2, cb, scb, bias, threshold, lora_a, lora_b, lora_scale)[0]
+    y = call_op(torch.ops.lightllm.int8_lora_linear, LORA_LINEAR,
+                (x2, cb, scb, bias, threshold, lora_a, lora_b, lora_scale), x2, bias, lora_a, lora_b)[0]
     return y.view(*x.shape[:-1], n)
 
 
@@ -208,9 +205,6 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
                 threshold: float) -> torch.Tensor:
     """``torch.ops.lightllm.int8_linear``, minus the custom op's Python dispatch when nothing needs the
     op boundary (eager inference: decoding); autograd, torch.compile and dispatch modes get the op."""
-    from ._dispatch import op_boundary_needed
+    from ._dispatch import call_op
 
-    if op_boundary_needed(x, bias):
-        return torch.ops.lightllm.int8_linear(x, cb, scb, bias, threshold)
-    _, impl = resolve(LINEAR, x.device)
-    return impl(x, cb, scb, bias, threshold)
+    return call_op(torch.ops.lightllm.int8_linear, LINEAR, (x, cb, scb, bias, threshold), x, bias)
